@@ -123,7 +123,9 @@ class ModelArgs:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
 
@@ -138,7 +140,7 @@ class RMSNorm(nn.Module):
     RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight
 
     Unlike LayerNorm it does not subtract the mean and has no bias. The mean of squares is computed in
-    float32 even when x is bf16/fp16: summing many small squares in 8 mantissa bits loses precision.
+    float32 (at least) even when x is bf16/fp16: summing many squares in 8 mantissa bits loses precision.
     The result is cast back to x's dtype before the learned per-channel scale, as in Meta's code.
     """
 
@@ -148,8 +150,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> float32; float64 stays
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -222,16 +224,16 @@ class KVCache(nn.Module):
     torch.compile want); `update` writes the new positions in place and returns the filled prefix.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None
+    ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store xk, xv (B, H_kv, T, D) at positions start_pos.. and return keys, values for 0..start_pos+T."""
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write xk, xv (B, H_kv, T, D) at start_pos.. and return the keys, values of 0..start_pos+T."""
         batch, _, seq_len, _ = xk.shape
         end = start_pos + seq_len
         self.k_cache[:batch, :, start_pos:end] = xk
@@ -282,7 +284,8 @@ class Attention(nn.Module):
         # read every key, so needs no mask.
         mask = None
         if start_pos > 0 and seq_len > 1:
-            mask = torch.ones(seq_len, keys.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            allowed = torch.ones(seq_len, keys.shape[2], dtype=torch.bool, device=x.device)
+            mask = allowed.tril(diagonal=start_pos)  # (T, start_pos + T): True where attention may look
         out = F.scaled_dot_product_attention(
             xq,
             keys,
@@ -419,7 +422,9 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, vocab_size)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Mean next-token cross-entropy in nats: logits (B, T, V), targets (B, T) -> scalar float32.
 
     The log-softmax runs in float32 even under bf16 autocast: over a large vocabulary the normaliser

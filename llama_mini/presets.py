@@ -18,17 +18,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64),
     # Karpathy's llama2.c models trained on TinyStories (its model.py ties the embeddings).
     "stories260k": dict(
-        dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512,
+        dim=64,
+        n_layers=5,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=512,
+        multiple_of=4,
+        max_seq_len=512,
         tie_embeddings=True,
     ),
     "stories15m": dict(
         dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256, tie_embeddings=True
     ),
     "stories42m": dict(
-        dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=32, max_seq_len=1024, tie_embeddings=True
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        vocab_size=32000,
+        multiple_of=32,
+        max_seq_len=1024,
+        tie_embeddings=True,
     ),
     "stories110m": dict(
-        dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32, max_seq_len=1024, tie_embeddings=True
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        vocab_size=32000,
+        multiple_of=32,
+        max_seq_len=1024,
+        tie_embeddings=True,
     ),
     # Meta's releases, as in their params.json (max_seq_len is the context length they were trained at).
     "llama-7b": dict(
@@ -38,14 +56,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096
     ),
     "llama3-8b": dict(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=8192,
     ),
     # Llama 3.2 1B was trained to 128K positions with Llama 3.1's RoPE frequency scaling, which llama_mini
     # does not implement yet; up to its original 8192 positions, plain RoPE is what it computes.
     "llama3.2-1b": dict(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-        ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+        tie_embeddings=True,
     ),
 }
 

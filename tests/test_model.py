@@ -1,0 +1,397 @@
+"""The model's parts against their formulas and independent recomputations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_mini.errors import ConfigError
+from llama_mini.model import (
+    IGNORE_INDEX,
+    Attention,
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    apply_rotary_emb,
+    count_parameters,
+    cross_entropy,
+    precompute_freqs_cis,
+    repeat_kv,
+    training_flops_per_token,
+)
+from llama_mini.presets import PRESETS, get_preset
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return get_preset("tiny", **overrides)
+
+
+def perturbed_model(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> Transformer:
+    """A model whose weights are all random, norms included (a fresh model's norms are all ones)."""
+    torch.manual_seed(seed)
+    model = Transformer(args).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(dim=100, n_heads=3), "dim (100) must be divisible by n_heads (3)"),
+        (dict(n_heads=4, n_kv_heads=3), "n_heads (4) must be divisible by n_kv_heads (3)"),
+        (dict(ffn="swigloo"), "ffn must be one of relu, gelu, swish, glu, bilinear, reglu, geglu, swiglu"),
+        (dict(n_layers=0), "n_layers must be a positive integer, got 0"),
+        (dict(vocab_size=-5), "vocab_size must be a positive integer, got -5"),
+        (dict(dim=24, n_heads=8), "head_dim = dim / n_heads = 3 must be even"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError, match="invalid model config") as excinfo:
+        ModelArgs(**overrides)
+    assert message in str(excinfo.value)
+
+
+def test_config_round_trips_through_dict_and_rejects_unknown_fields():
+    args = tiny_args(ffn="geglu", tie_embeddings=True)
+    assert ModelArgs.from_dict(args.to_dict()) == args
+    with pytest.raises(ConfigError, match="unknown model config field.*n_experts"):
+        ModelArgs.from_dict({**args.to_dict(), "n_experts": 8})
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'llama9'.*stories15m"):
+        get_preset("llama9")
+
+
+# Published totals of real checkpoints, counted on the meta device (no weights allocated).
+PUBLISHED_PARAMETER_COUNTS = {
+    "llama-7b": 6_738_415_616,
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "llama3.2-1b": 1_235_814_400,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETER_COUNTS))
+def test_preset_matches_published_parameter_count(name):
+    with torch.device("meta"):
+        model = Transformer(get_preset(name))
+    assert count_parameters(model)["total"] == PUBLISHED_PARAMETER_COUNTS[name]
+
+
+def test_stories_presets_have_llama2c_sizes():
+    hidden = {"stories260k": 172, "stories15m": 768, "stories42m": 1376, "stories110m": 2048}
+    for name, expected in hidden.items():
+        with torch.device("meta"):
+            model = Transformer(get_preset(name))
+        assert model.layers[0].feed_forward.hidden_dim == expected
+    with torch.device("meta"):
+        model = Transformer(get_preset("stories15m"))
+    assert round(count_parameters(model)["total"] / 1e6) == 15
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        with torch.device("meta"):
+            Transformer(get_preset(name))
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+
+
+def test_rmsnorm_equals_formula():
+    norm = RMSNorm(32, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rmsnorm_of_bf16_input_is_computed_in_float32():
+    norm = RMSNorm(512).bfloat16()
+    x = (torch.randn(4, 512) * 30).bfloat16()
+    # Reference: normalise in float64, round once to bf16. Squaring and summing 512 values in bf16 would be
+    # off by far more than one bf16 rounding.
+    x64 = x.double()
+    expected = (x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+
+
+def complex_rope_reference(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Meta's complex-number RoPE, in float64: pairs (2i, 2i+1) as complex numbers times e^(i m theta_i)."""
+    _, seq_len, _, head_dim = x.shape
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    rotation = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]  # (1, T, 1, D/2)
+    as_complex = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(as_complex * rotation).flatten(-2)
+
+
+def test_rope_equals_complex_number_reference():
+    xq, xk = torch.randn(2, 50, 4, 16, dtype=torch.float64), torch.randn(2, 50, 2, 16, dtype=torch.float64)
+    freqs_cis = precompute_freqs_cis(16, 50, theta=500.0)
+    rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
+    # our angles are float32 (as in training), the reference's float64: agreement to float32 precision
+    torch.testing.assert_close(rq, complex_rope_reference(xq, 500.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rk, complex_rope_reference(xk, 500.0), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norms():
+    xq, xk = torch.randn(1, 40, 4, 32), torch.randn(1, 40, 4, 32)
+    rq, rk = apply_rotary_emb(xq, xk, precompute_freqs_cis(32, 40))
+    torch.testing.assert_close(rq.norm(dim=-1), xq.norm(dim=-1))
+    torch.testing.assert_close(rk.norm(dim=-1), xk.norm(dim=-1))
+    assert not torch.allclose(rq[:, 1:], xq[:, 1:])  # it did rotate (position 0 is the identity)
+
+
+def test_rope_dot_product_depends_only_on_relative_offset():
+    # The same q and k placed at positions (m, n) and (m + s, n + s) give the same q . k.
+    head_dim, length = 32, 64
+    freqs_cis = precompute_freqs_cis(head_dim, length)
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+    xq = q.expand(1, length, 1, head_dim)
+    xk = k.expand(1, length, 1, head_dim)
+    rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
+    dots = rq[0, :, 0] @ rk[0, :, 0].T  # dots[m, n] = rotated q at m . rotated k at n
+    for m, n in [(10, 3), (5, 5), (2, 20)]:
+        for shift in (1, 7, 30):
+            assert dots[m + shift, n + shift].item() == pytest.approx(dots[m, n].item(), abs=1e-4)
+    assert abs(dots[10, 3].item() - dots[10, 4].item()) > 1e-3  # and it does depend on the offset
+
+
+def test_rope_table_stays_float32_when_model_is_cast_to_bf16():
+    model = Transformer(tiny_args())
+    reference = model.freqs_cis.clone()
+    model.to(torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.freqs_cis.dtype == torch.float32
+    assert torch.equal(model.freqs_cis, reference)
+
+
+def test_rope_table_is_rebuilt_after_meta_to_empty():
+    with torch.device("meta"):
+        model = Transformer(tiny_args())
+    model.to_empty(device="cpu")
+    expected = precompute_freqs_cis(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
+    assert torch.equal(model.freqs_cis, expected)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def test_repeat_kv_is_interleaved_not_tiled():
+    x = torch.arange(3).float().view(1, 3, 1, 1)  # kv heads 0, 1, 2
+    assert repeat_kv(x, 2).flatten().tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_gqa_equals_multi_head_attention_with_kv_heads_repeated_by_hand():
+    torch.manual_seed(0)
+    gqa_args = ModelArgs(dim=64, n_heads=8, n_kv_heads=2, max_seq_len=32)
+    mha_args = ModelArgs(dim=64, n_heads=8, n_kv_heads=8, max_seq_len=32)
+    gqa, mha = Attention(gqa_args).double(), Attention(mha_args).double()
+    head_dim, n_rep = 8, 4
+    with torch.no_grad():
+        for name in ("wq", "wo"):
+            getattr(mha, name).weight.copy_(getattr(gqa, name).weight)
+        for name in ("wk", "wv"):
+            # kv head g's rows, copied to query heads g*n_rep .. g*n_rep + n_rep - 1
+            per_head = getattr(gqa, name).weight.view(2, head_dim, 64)
+            repeated = torch.cat([per_head[h // n_rep] for h in range(8)])
+            getattr(mha, name).weight.copy_(repeated)
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    freqs_cis = precompute_freqs_cis(head_dim, 10)
+    torch.testing.assert_close(gqa(x, freqs_cis), mha(x, freqs_cis), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_equals_softmax_formula():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    attn = Attention(args).double()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    freqs_cis = precompute_freqs_cis(8, 6)
+    q = (x @ attn.wq.weight.T).view(1, 6, 4, 8)
+    k = (x @ attn.wk.weight.T).view(1, 6, 2, 8)
+    v = (x @ attn.wv.weight.T).view(1, 6, 2, 8)
+    q, k = apply_rotary_emb(q, k, freqs_cis)
+    heads = []
+    for h in range(4):
+        g = h // 2  # the kv head that query head h reads
+        scores = q[0, :, h] @ k[0, :, g].T / math.sqrt(8)
+        scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+        heads.append(torch.softmax(scores, dim=-1) @ v[0, :, g])
+    expected = torch.cat(heads, dim=-1) @ attn.wo.weight.T
+    torch.testing.assert_close(attn(x, freqs_cis)[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    model = perturbed_model(tiny_args())
+    tokens = torch.randint(0, 256, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 256
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # MHA, GQA, multi-query
+def test_kv_cache_decoding_equals_full_recomputation(n_kv_heads):
+    model = perturbed_model(tiny_args(n_kv_heads=n_kv_heads))
+    tokens = torch.randint(0, 256, (3, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(max_batch_size=3)
+        steps = [model(tokens[:, :8], start_pos=0)]  # prefill 8 positions
+        steps.append(model(tokens[:, 8:13], start_pos=8))  # a chunk of 5 after the cache (needs the mask)
+        for pos in range(13, 24):  # then one token at a time
+            steps.append(model(tokens[:, pos : pos + 1], start_pos=pos))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_longer_than_max_seq_len_is_a_clear_error():
+    model = Transformer(tiny_args(max_seq_len=16))
+    with pytest.raises(ConfigError, match="longer than max_seq_len \\(16\\)"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def test_forward_returns_logits_for_every_position():
+    model = Transformer(tiny_args())
+    logits = model(torch.randint(0, 256, (3, 11)))
+    assert logits.shape == (3, 11, 256)
+    assert logits.dtype == torch.float32
+
+
+def test_tied_embeddings_share_one_matrix_counted_once():
+    tied = Transformer(tiny_args(tie_embeddings=True))
+    untied = Transformer(tiny_args())
+    assert tied.output.weight is tied.tok_embeddings.weight
+    difference = count_parameters(untied)["total"] - count_parameters(tied)["total"]
+    assert difference == 256 * 64
+    assert count_parameters(tied)["total"] == sum(p.numel() for p in tied.parameters())
+
+
+def test_parameter_counts_by_part():
+    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads (head_dim 16), vocab 256, ffn hidden 192
+    counts = count_parameters(Transformer(args))
+    assert counts["embedding"] == 256 * 64
+    assert counts["output"] == 256 * 64
+    assert counts["attention"] == 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64)
+    assert counts["feed_forward"] == 2 * 3 * 64 * 192
+    assert counts["norms"] == (2 * 2 + 1) * 64
+    assert counts["total"] == sum(p.numel() for p in Transformer(args).parameters())
+    assert counts["non_embedding"] == counts["total"] - counts["embedding"]
+
+
+def test_training_flops_per_token_is_6n_plus_attention_term():
+    model = Transformer(tiny_args())
+    counts = count_parameters(model)
+    assert training_flops_per_token(model, seq_len=64) == 6 * counts["non_embedding"] + 12 * 2 * 64 * 64
+    tied = Transformer(tiny_args(tie_embeddings=True))
+    # the tied output projection is still a (dim x vocab) matmul per token
+    assert training_flops_per_token(tied, 64) == training_flops_per_token(model, 64)
+
+
+def test_initialisation_scales_residual_projections():
+    model = Transformer(get_preset("stories15m", vocab_size=512))
+    expected = 0.02 / math.sqrt(2 * 6)
+    for layer in model.layers:
+        assert layer.attention.wo.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert layer.feed_forward.w2.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert layer.attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert torch.equal(layer.ffn_norm.weight, torch.ones(288))
+
+
+def test_cross_entropy_is_float32_and_skips_ignored_targets():
+    logits = torch.randn(2, 5, 11).bfloat16()
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :2] = IGNORE_INDEX
+    loss = cross_entropy(logits, targets)
+    keep = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    expected = -log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "relu", "swish"])
+def test_every_parameter_receives_a_gradient(ffn):
+    model = Transformer(tiny_args(ffn=ffn, swish_beta_trainable=True))
+    tokens = torch.randint(0, 256, (2, 16))
+    cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_a_few_optimizer_steps_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens = torch.randint(0, 256, (4, 33))
+    losses = []
+    for _ in range(30):
+        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(256), abs=0.1)  # starts at chance: uniform over the vocab
+    assert losses[-1] < 0.5 * losses[0]  # memorises the fixed batch
+
+
+def test_dropout_is_active_only_in_training():
+    model = Transformer(tiny_args(dropout=0.5))
+    tokens = torch.randint(0, 256, (1, 8))
+    model.eval()
+    torch.testing.assert_close(model(tokens), model(tokens), rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+
+
+def test_float_model_under_cpu_bf16_autocast_keeps_loss_finite_and_close():
+    model = perturbed_model(tiny_args())
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        reference = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+            loss = cross_entropy(logits, tokens[:, 1:])
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+
+
+def test_whole_model_equals_recomputation_with_explicit_softmax_attention(monkeypatch):
+    # An independent reference for the full forward pass: swap SDPA for softmax(q k^T / sqrt(D) + mask) v.
+    model = perturbed_model(tiny_args()).double()
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(tokens)
+
+    def explicit_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if is_causal:
+            scores = scores.masked_fill(torch.ones_like(scores).triu(1).bool(), float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_attention)
+    with torch.no_grad():
+        recomputed = model(tokens)
+    torch.testing.assert_close(recomputed, expected, rtol=1e-10, atol=1e-10)
