@@ -402,11 +402,14 @@ class Transformer(nn.Module):
 
         return load_pretrained(path, device=device, dtype=dtype)
 
-    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
-        """Write a Hugging Face Llama folder (config.json, model.safetensors, ...) that transformers loads."""
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, tokenizer_path=None) -> None:
+        """Write a Hugging Face Llama folder (config.json, model.safetensors, ...) that transformers loads.
+
+        `tokenizer_path` (a SentencePiece tokenizer.model) is copied in, with the files transformers needs.
+        """
         from llama_mini.checkpoint import save_pretrained
 
-        save_pretrained(self, path, dtype=dtype)
+        save_pretrained(self, path, dtype=dtype, tokenizer_path=tokenizer_path)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         batch, seq_len = tokens.shape
