@@ -17,7 +17,7 @@ weights (optimizer, metrics) survives a new save; transformers ignores files it 
     llama_mini    config.json with a "llama_mini" section: its ModelArgs win over the Hugging Face fields
     Hugging Face  config.json (model_type "llama") + model.safetensors, or the shards listed in
                   model.safetensors.index.json; GQA, tied or untied embeddings, any rope_theta and
-                  rms_norm_eps, an explicit intermediate_size
+                  rms_norm_eps, Llama 3.1's RoPE scaling, an explicit intermediate_size
     Meta          params.json + consolidated.NN.pth (one file per model-parallel shard), Meta's names and
                   RoPE layout, which are ours: no renaming or permutation
 
@@ -29,9 +29,10 @@ Two choices a reader should know about:
   "hf_compatible": false, so `transformers.AutoModelForCausalLM` refuses the folder instead of filling in a
   random up_proj. `save_pretrained(..., require_hf=True)` (what `python -m llama_mini.convert` uses) refuses
   to write them at all.
-- Llama 3.1's RoPE frequency scaling (`rope_scaling` / `rope_parameters` with rope_type "llama3", Meta's
-  `use_scaled_rope`) changes the angles at every position and the model does not implement it, so such
-  checkpoints are refused with a CheckpointError rather than loaded with subtly wrong logits.
+- Llama 3.1's RoPE frequency scaling (rope_type "llama3" in `rope_scaling` / `rope_parameters`, Meta's
+  `use_scaled_rope`) becomes `ModelArgs.rope_scaling` and is written back in both transformers' forms.
+  Other scalings (linear, dynamic, yarn, longrope, ...) change the angles in ways the model does not
+  compute, so they are refused with a CheckpointError rather than loaded with subtly wrong logits.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from torch import nn
 
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.ffn import llama_hidden_dim
-from llama_mini.model import ModelArgs, Transformer, precompute_freqs_cis
+from llama_mini.model import ROPE_SCALING_KEYS, ModelArgs, Transformer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -256,10 +257,14 @@ def hf_config(
 
     `intermediate_size` is the feed-forward's actual hidden size (ModelArgs may only hold the rule that
     gives it). RoPE's base is written both as top-level `rope_theta` (what transformers 4.x reads) and in
-    `rope_parameters` (5.x), so either version loads the folder. Non-gated models get model_type
-    "llama_mini" and no `hidden_act`, so no Llama class claims them.
+    `rope_parameters` (5.x), so either version loads the folder; Llama 3.1's RoPE scaling likewise goes
+    into `rope_scaling` (4.x) and `rope_parameters` (5.x), with rope_type "llama3". Non-gated models get
+    model_type "llama_mini" and no `hidden_act`, so no Llama class claims them.
     """
     compatible = is_hf_compatible(args)
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        rope_parameters = {"rope_type": "llama3", "rope_theta": args.rope_theta, **args.rope_scaling}
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM" if compatible else "LlamaMiniForCausalLM"],
         "model_type": "llama" if compatible else "llama_mini",
@@ -273,7 +278,7 @@ def hf_config(
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_parameters": rope_parameters,
         "tie_word_embeddings": args.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -289,28 +294,44 @@ def hf_config(
             "model_args": args.to_dict(),
         },
     }
+    if args.rope_scaling is not None:
+        # 4.x's rope_scaling has no rope_theta (4.x warns about keys it does not expect there).
+        config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
     if compatible:
         config["hidden_act"] = HF_ACTIVATIONS[args.ffn]
     return config
 
 
-def _rope_theta_from_hf(config: dict[str, Any], where: Path) -> float:
-    """RoPE's base from a 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters) config; refuses scaling."""
-    theta = config.get("rope_theta")
-    rope_type = None
+def _rope_from_hf(config: dict[str, Any], where: Path) -> tuple[float, dict[str, Any] | None]:
+    """RoPE's base and Llama 3.1's scaling (or None) from a 4.x or 5.x config; other scalings are refused.
+
+    4.x writes `rope_theta` and `rope_scaling`, 5.x `rope_parameters`. A `rope_scaling` dict wins over
+    `rope_parameters`, as in both transformers versions (5.x turns a legacy rope_scaling into its
+    rope_parameters). A "llama3" scaling without original_max_position_embeddings uses
+    max_position_embeddings, as transformers does.
+    """
     parameters = config.get("rope_parameters")
-    if isinstance(parameters, dict):
-        theta = parameters.get("rope_theta", theta)
-        rope_type = parameters.get("rope_type", parameters.get("type"))
-    scaling = config.get("rope_scaling")
-    if isinstance(scaling, dict):
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default"):
+    parameters = parameters if isinstance(parameters, dict) else {}
+    theta = parameters.get("rope_theta", config.get("rope_theta"))
+    theta = 10000.0 if theta is None else float(theta)
+    field = "rope_scaling" if isinstance(config.get("rope_scaling"), dict) else "rope_parameters"
+    rope = config["rope_scaling"] if field == "rope_scaling" else parameters
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type != "llama3":
         raise CheckpointError(
             f"{where}: RoPE scaling {rope_type!r} is not supported: llama_mini computes plain RoPE and "
-            "scaling changes the angles at every position; use a model without rope_scaling"
+            "Llama 3.1's 'llama3' scaling only; use a model whose rope_type is 'default' or 'llama3'"
         )
-    return 10000.0 if theta is None else float(theta)
+    scaling = {"original_max_position_embeddings": config.get("max_position_embeddings", 2048)}
+    scaling.update({key: rope[key] for key in ROPE_SCALING_KEYS if key in rope})
+    missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+    if missing:
+        raise CheckpointError(
+            f"{where}: {field} has rope_type 'llama3' but no {', '.join(missing)}; the config is incomplete"
+        )
+    return theta, scaling
 
 
 def model_args_from_hf_config(config: dict[str, Any], where: Path | str = CONFIG_FILE) -> ModelArgs:
@@ -318,7 +339,8 @@ def model_args_from_hf_config(config: dict[str, Any], where: Path | str = CONFIG
 
     Hugging Face folders give the feed-forward's size as `intermediate_size`, which LLaMA's rule cannot
     always reproduce, so it becomes an explicit `hidden_dim`. Anything Llama-like that the model does not
-    compute (biases, a head_dim other than hidden_size / heads, RoPE scaling) is refused, not ignored.
+    compute (biases, a head_dim other than hidden_size / heads, RoPE scaling other than Llama 3.1's) is
+    refused, not ignored.
     """
     where = Path(where)
     section = config.get("llama_mini")
@@ -362,6 +384,7 @@ def model_args_from_hf_config(config: dict[str, Any], where: Path | str = CONFIG
             f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}; llama_mini needs "
             "head_dim = hidden_size / num_attention_heads"
         )
+    rope_theta, rope_scaling = _rope_from_hf(config, where)
     try:
         return ModelArgs(
             dim=dim,
@@ -371,7 +394,8 @@ def model_args_from_hf_config(config: dict[str, Any], where: Path | str = CONFIG
             vocab_size=config["vocab_size"],
             hidden_dim=config["intermediate_size"],
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),  # defaults are LlamaConfig's
-            rope_theta=_rope_theta_from_hf(config, where),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_seq_len=config.get("max_position_embeddings", 2048),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             ffn=_FFN_FROM_HF_ACTIVATION[hidden_act],
@@ -392,8 +416,19 @@ _META_FIELDS = {
     "norm_eps",
     "rope_theta",
     "use_scaled_rope",
+    "rope_scaling_factor",
+    "rope_high_freq_factor",
     "max_seq_len",
     "max_batch_size",
+}
+
+# What `use_scaled_rope` means in Meta's reference code for Llama 3 (llama-models' `apply_scaling`):
+# Llama 3.1's settings, hard-coded, since params.json names none.
+_META_ROPE_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 
@@ -407,6 +442,22 @@ def _meta_max_seq_len(params: dict[str, Any], vocab_size: int) -> int:
     return 4096 if params.get("norm_eps") == 1e-5 else 2048
 
 
+def _meta_rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:
+    # Llama 4's params.json format adds rope_scaling_factor and rope_high_freq_factor; read them if present.
+    # Llama 3.2 1B and 3B were trained with factor 32 (their config.json says so), but their params.json,
+    # like 3.1's, only says use_scaled_rope, and Meta's reference code applies 8 to them (llama-models
+    # issues #166 and #241). We compute what Meta's code computes; adding "rope_scaling_factor": 32 to
+    # their params.json gives the published model.
+    if not params.get("use_scaled_rope"):
+        return None
+    scaling = dict(_META_ROPE_SCALING)
+    if params.get("rope_scaling_factor") is not None:
+        scaling["factor"] = params["rope_scaling_factor"]
+    if params.get("rope_high_freq_factor") is not None:
+        scaling["high_freq_factor"] = params["rope_high_freq_factor"]
+    return scaling
+
+
 def model_args_from_meta_params(
     params: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: Path | str = META_PARAMS_FILE
 ) -> ModelArgs:
@@ -414,7 +465,8 @@ def model_args_from_meta_params(
 
     `vocab_size` is -1 in LLaMA 1 and 2's params.json: the embedding's row count gives it. The FFN size
     comes from LLaMA's rule; if w1's shape disagrees, w1 wins as an explicit hidden_dim. Embeddings are
-    tied when the file has no output.weight (as llama2.c's exports).
+    tied when the file has no output.weight (as llama2.c's exports). `use_scaled_rope` turns on Llama
+    3.1's RoPE scaling with the settings of Meta's code (factor 8, or params.json's rope_scaling_factor).
     """
     where = Path(where)
     unknown = sorted(set(params) - _META_FIELDS)
@@ -422,11 +474,6 @@ def model_args_from_meta_params(
         raise CheckpointError(
             f"{where}: unsupported field(s) {', '.join(unknown)} (not a plain Llama text model?); "
             f"llama_mini understands {', '.join(sorted(_META_FIELDS))}"
-        )
-    if params.get("use_scaled_rope"):
-        raise CheckpointError(
-            f"{where}: use_scaled_rope (Llama 3.1's RoPE scaling) is not supported: llama_mini computes "
-            "plain RoPE and scaling changes the angles at every position; use a model without it"
         )
     missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
     if missing:
@@ -456,6 +503,7 @@ def model_args_from_meta_params(
             hidden_dim=hidden_dim,
             norm_eps=float(params.get("norm_eps", 1e-5)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=_meta_rope_scaling(params),
             max_seq_len=_meta_max_seq_len(params, vocab_size),
             tie_embeddings="output.weight" not in shapes,
         )
@@ -811,8 +859,9 @@ def _assemble(
     model.load_state_dict(loaded, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter: re-tie
-    # freqs_cis is not in the state dict: still a meta tensor. Compute it for real, in float32.
-    model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
+    # freqs_cis is not in the state dict: still a meta tensor. Compute it for real, in float32, with the
+    # model's own table function, so that rope_scaling (and anything else it honours) applies.
+    model.freqs_cis = model._rope_table().to(device)
     return model.eval()
 
 

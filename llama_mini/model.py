@@ -30,6 +30,7 @@ from llama_mini.ffn import FEED_FORWARDS, FeedForward, build_feed_forward
 
 __all__ = [
     "IGNORE_INDEX",
+    "ROPE_SCALING_KEYS",
     "Attention",
     "FeedForward",
     "KVCache",
@@ -40,12 +41,16 @@ __all__ = [
     "apply_rotary_emb",
     "count_parameters",
     "cross_entropy",
+    "llama3_scaled_frequencies",
     "precompute_freqs_cis",
     "repeat_kv",
     "training_flops_per_token",
 ]
 
 IGNORE_INDEX = -100  # target id that the loss skips (padding); the same default as F.cross_entropy
+
+# Llama 3.1's RoPE frequency scaling settings, under Hugging Face's names (see llama3_scaled_frequencies).
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,6 +75,8 @@ class ModelArgs:
     hidden_dim: int | None = None  # exact FFN hidden size; None = derive it by LLaMA's rule
     norm_eps: float = 1e-5  # RMSNorm's epsilon
     rope_theta: float = 10000.0  # RoPE base: larger means slower-turning angles, longer reach
+    # Llama 3.1's RoPE frequency scaling: a dict with the ROPE_SCALING_KEYS, or None for plain RoPE
+    rope_scaling: dict[str, float] | None = None
     max_seq_len: int = 256  # longest sequence: size of the RoPE table and of the KV cache
     dropout: float = 0.0  # on attention probabilities and on each residual branch, in training only
     tie_embeddings: bool = False  # share one matrix between tok_embeddings and output
@@ -93,6 +100,8 @@ class ModelArgs:
             problems.append(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             problems.append(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            problems += _rope_scaling_problems(self.rope_scaling)
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.ffn not in FEED_FORWARDS:
@@ -109,6 +118,9 @@ class ModelArgs:
             problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
+        if self.rope_scaling is not None:
+            # Our own copy: a preset's dict is shared by every ModelArgs made from it, and must not change.
+            self.rope_scaling = dict(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -127,6 +139,31 @@ class ModelArgs:
                 f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+
+def _rope_scaling_problems(scaling: Any) -> list[str]:
+    """What is wrong with a `rope_scaling` value, one message per problem (empty if nothing)."""
+    keys = ", ".join(ROPE_SCALING_KEYS)
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be a dict with {keys}, or None; got {scaling!r}"]
+    problems = []
+    missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+    if missing:
+        problems.append(f"rope_scaling is missing {', '.join(missing)}; it needs all of {keys}")
+    unknown = sorted(set(scaling) - set(ROPE_SCALING_KEYS))
+    if unknown:
+        problems.append(f"rope_scaling has unknown key(s) {', '.join(map(str, unknown))}; known: {keys}")
+    for key in ROPE_SCALING_KEYS:
+        value = scaling.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in scaling and not (number and math.isfinite(value) and value > 0):
+            problems.append(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+    if not problems and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        problems.append(
+            f"rope_scaling's high_freq_factor ({scaling['high_freq_factor']}) must be greater than its "
+            f"low_freq_factor ({scaling['low_freq_factor']})"
+        )
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +197,9 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 10000.0, scaling: dict[str, float] | None = None
+) -> torch.Tensor:
     """The rotation table for RoPE: cos and sin of every (position, frequency) angle, (end, dim/2, 2).
 
     RoPE splits each head's `dim` features into dim/2 pairs and turns pair i at position m by the angle
@@ -168,12 +207,52 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
     stores cis(angle) = cos(angle) + i sin(angle) as a complex tensor named `freqs_cis`; we keep the name
     but store [cos, sin] as a real last axis of size 2, so torch.compile, MPS and `Module.to(dtype)`
     (which silently drops imaginary parts) all work. Angles are computed in float32: a position times a
-    frequency needs more precision than bf16's 8 bits of mantissa.
+    frequency needs more precision than bf16's 8 bits of mantissa. `scaling` (ModelArgs.rope_scaling)
+    applies Llama 3.1's frequency scaling, `llama3_scaled_frequencies`, before the angles are taken.
     """
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    if scaling is not None:
+        freqs = llama3_scaled_frequencies(freqs, **scaling)
     positions = torch.arange(end, dtype=torch.float32)  # (end,)
     angles = torch.outer(positions, freqs)  # (end, dim/2): angle of pair i at position m
     return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (end, dim/2, 2)
+
+
+def llama3_scaled_frequencies(
+    freqs: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling (rope type "llama3"): frequencies (dim/2,) -> (dim/2,).
+
+    Llama 3 was pre-trained on `original_max_position_embeddings` positions (8192), then taught 128K. A
+    pair whose wavelength 2 pi / freq is longer than that context never turned a full circle in
+    pre-training; further out it would reach angles the model never saw. Dividing its frequency by
+    `factor` stretches it, so positions up to factor x the original context turn it no further than
+    pre-training did (position interpolation). Fast pairs, which turn many times within a few tokens and
+    encode local order, are left untouched; between the two, a smooth blend. With L = original context:
+
+        wavelength = 2 pi / freq
+        wavelength < L / high_freq_factor:  freq                                (fast: unchanged)
+        wavelength > L / low_freq_factor:   freq / factor                       (slow: stretched)
+        otherwise:                          (1 - s) * freq / factor + s * freq    (a blend), with
+        s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+
+    s is 0 at the slow end and 1 at the fast end, so the pieces join continuously. The slow pairs turn
+    differently from position 1 on, so a model trained with scaling needs it at every length, not only
+    past L. The same rule as Meta's `apply_scaling` and transformers' "llama3" RoPE; in float32.
+    """
+    wavelengths = 2 * math.pi / freqs
+    long_wavelength = original_max_position_embeddings / low_freq_factor  # longer ones are divided
+    short_wavelength = original_max_position_embeddings / high_freq_factor  # shorter ones are kept
+    smooth = (original_max_position_embeddings / wavelengths - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelengths > long_wavelength, freqs / factor, blended)
+    return torch.where(wavelengths < short_wavelength, freqs, scaled)
 
 
 def apply_rotary_emb(
@@ -358,7 +437,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
     def _rope_table(self) -> torch.Tensor:
-        return precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        args = self.args
+        return precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

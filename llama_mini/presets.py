@@ -67,8 +67,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         max_seq_len=8192,
     ),
-    # Llama 3.2 1B was trained to 128K positions with Llama 3.1's RoPE frequency scaling, which llama_mini
-    # does not implement yet; up to its original 8192 positions, plain RoPE is what it computes.
+    # Llama 3.2 1B: 128K positions through Llama 3.1's RoPE frequency scaling, as in its config.json
+    # (factor 32, where Llama 3.1 has 8). Scaling divides the slow frequencies by the factor, so it changes
+    # the angles at every position, not only past the original 8192.
     "llama3.2-1b": dict(
         dim=2048,
         n_layers=16,
@@ -79,7 +80,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         ffn_dim_multiplier=1.5,
         norm_eps=1e-5,
         rope_theta=500000.0,
-        max_seq_len=8192,
+        rope_scaling=dict(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+        max_seq_len=131072,
         tie_embeddings=True,
     ),
 }

@@ -6,6 +6,7 @@ not all ones) so that a wrong permutation, a swapped matrix or a dropped norm ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -36,6 +37,12 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 96
+
+# Llama 3.1's RoPE scaling with a small original context: at head_dim 16 and rope_theta 50000 the pairs'
+# wavelengths are 6.3, 24, 94, ... positions, so the first is kept (< 32/4), the second blended and the
+# rest divided by 8. Meta's code has an original context of 8192 instead.
+SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+META_SCALING = {**SCALING, "original_max_position_embeddings": 8192}
 
 
 def perturb_(model: nn.Module, seed: int) -> nn.Module:
@@ -251,21 +258,97 @@ def test_hf_config_rope_theta_is_read_from_4x_and_5x_fields():
     assert model_args_from_hf_config(base).n_kv_heads == 4  # num_key_value_heads absent: MHA
 
 
+def with_plain_rope(model: Transformer) -> Transformer:
+    """The same weights under plain RoPE: what a loader that ignored the scaling would compute."""
+    plain = Transformer(dataclasses.replace(model.args, rope_scaling=None))
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+@pytest.mark.parametrize("version", ["5.x", "4.x"])
+def test_llama3_scaled_transformers_checkpoint_loads_with_equal_logits(version, tmp_path):
+    reference = hf_model(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, **SCALING})
+    reference.save_pretrained(tmp_path)  # 5.x: everything in rope_parameters
+    if version == "4.x":  # as Llama 3.1's config.json: rope_theta on top, rope_scaling without it
+        config = json.loads((tmp_path / "config.json").read_text())
+        config.pop("rope_parameters")
+        config.update(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **SCALING})
+        (tmp_path / "config.json").write_text(json.dumps(config))
+
+    model = load_pretrained(tmp_path)
+    assert (model.args.rope_theta, model.args.rope_scaling) == (50000.0, SCALING)
+    batch = tokens(VOCAB)
+    with torch.no_grad():
+        expected = reference(batch).logits
+        torch.testing.assert_close(model(batch), expected, rtol=0, atol=1e-5)
+        assert (with_plain_rope(model)(batch) - expected).abs().max() > 1e-2  # the scaling matters here
+
+
+def test_hf_config_llama3_scaling_is_read_from_4x_and_5x_fields():
+    base = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    configs = [
+        {**base, "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **SCALING}},  # 4.x
+        {**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **SCALING}},  # 4.x's older key
+        {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **SCALING}},  # 5.x
+    ]
+    for config in configs:
+        args = model_args_from_hf_config(config)
+        assert (args.rope_theta, args.rope_scaling) == (5e5, SCALING)
+    # Without original_max_position_embeddings transformers uses max_position_embeddings; so do we.
+    short = {key: value for key, value in SCALING.items() if key != "original_max_position_embeddings"}
+    args = model_args_from_hf_config({**base, "rope_scaling": {"rope_type": "llama3", **short}})
+    assert args.rope_scaling == {**short, "original_max_position_embeddings": 64}
+    assert model_args_from_hf_config({**base, "rope_scaling": None}).rope_scaling is None
+
+
+def test_incomplete_or_invalid_llama3_scaling_is_a_clear_error():
+    base = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+    )
+    no_factor = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.raises(CheckpointError) as error:
+        model_args_from_hf_config({**base, "rope_parameters": no_factor}, "m/config.json")
+    assert one_line(error) == (
+        "m/config.json: rope_parameters has rope_type 'llama3' but no factor; the config is incomplete"
+    )
+    inverted = {"rope_type": "llama3", **SCALING, "high_freq_factor": 0.5}
+    with pytest.raises(CheckpointError) as error:
+        model_args_from_hf_config({**base, "rope_scaling": inverted}, "m/config.json")
+    assert one_line(error).startswith(
+        "m/config.json: invalid model config: rope_scaling's high_freq_factor (0.5) must be greater than"
+    )
+
+
 @pytest.mark.parametrize(
-    "rope",
+    "rope_type, rope",
     [
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},  # transformers 4.x, Llama 3.1
-        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},  # 5.x
+        ("linear", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),  # transformers 4.x
+        ("dynamic", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}),  # 4.x's older key
+        ("yarn", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e4, "factor": 4.0}}),  # 5.x
     ],
 )
-def test_llama3_rope_scaling_is_refused_not_ignored(rope, tmp_path):
+def test_other_rope_scalings_are_refused_not_ignored(rope_type, rope, tmp_path):
     hf_model().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config.pop("rope_parameters", None)
     (tmp_path / "config.json").write_text(json.dumps({**config, **rope}))
-    with pytest.raises(CheckpointError, match="RoPE scaling 'llama3' is not supported") as error:
+    with pytest.raises(CheckpointError, match=f"RoPE scaling '{rope_type}' is not supported") as error:
         load_pretrained(tmp_path)
-    assert "config.json" in one_line(error)
+    assert one_line(error).startswith(str(tmp_path / "config.json"))
+    assert "use a model whose rope_type is 'default' or 'llama3'" in one_line(error)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +378,38 @@ def test_our_checkpoint_loads_in_transformers_with_equal_logits(ffn, tie, n_kv_h
     batch = tokens(VOCAB, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(reference(batch).logits, model(batch), rtol=0, atol=1e-5)
+
+
+def test_llama3_scaled_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
+    model = our_model(rope_scaling=SCALING)
+    model.save_pretrained(tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "llama3", **SCALING}  # transformers 4.x
+    assert config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 50000.0, **SCALING}  # 5.x
+    reference = load_hf(tmp_path)
+    assert reference.config.rope_parameters["rope_type"] == "llama3"
+    batch = tokens(VOCAB, seed=8)
+    with torch.no_grad():
+        expected = reference(batch).logits
+        torch.testing.assert_close(model(batch), expected, rtol=0, atol=1e-5)
+        assert (with_plain_rope(model)(batch) - expected).abs().max() > 1e-2  # the scaling matters here
+
+
+def test_llama3_scaled_round_trip_is_bit_exact_and_the_hf_fields_agree(tmp_path):
+    model = our_model(rope_scaling=SCALING)
+    model.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+
+    assert loaded.args == model.args
+    assert torch.equal(loaded.freqs_cis, model.freqs_cis)  # the loader's table is the scaled one
+    batch = tokens(VOCAB, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["llama_mini"]  # what a reader of the Hugging Face fields alone sees
+    hf_args = model_args_from_hf_config(config)
+    assert (hf_args.rope_theta, hf_args.rope_scaling) == (50000.0, SCALING)
 
 
 def test_config_carries_rope_theta_for_transformers_4_and_5(tmp_path):
@@ -515,12 +630,26 @@ def test_meta_hidden_dim_comes_from_w1_when_the_rule_disagrees(tmp_path):
         assert torch.equal(loaded(batch), model(batch))
 
 
-def test_meta_scaled_rope_is_refused(tmp_path):
-    model = our_model()
-    write_meta(tmp_path, [meta_state_dict(model)], {**meta_params(model.args), "use_scaled_rope": True})
-    with pytest.raises(CheckpointError, match="use_scaled_rope") as error:
-        load_pretrained(tmp_path)
-    assert "params.json" in one_line(error)
+@pytest.mark.parametrize(
+    "extra, factor",
+    [
+        ({}, 8.0),  # Llama 3.1 and 3.2's params.json: Meta's code hard-codes factor 8
+        ({"rope_scaling_factor": 32.0}, 32.0),  # Llama 4's field, which also gives 3.2 1B/3B their 32
+    ],
+)
+def test_meta_scaled_rope_loads_with_metas_settings(extra, factor, tmp_path):
+    scaling = {**META_SCALING, "factor": factor}
+    model = our_model(norm_eps=1e-5, rope_scaling=scaling)
+    params = {**meta_params(model.args), "use_scaled_rope": True, **extra}
+    write_meta(tmp_path, [meta_state_dict(model)], params)
+
+    loaded = load_pretrained(tmp_path)
+    assert loaded.args.rope_scaling == scaling
+    assert torch.equal(loaded.freqs_cis[:64], model.freqs_cis)  # loaded's table is longer: max_seq_len 4096
+    assert not torch.equal(model.freqs_cis, with_plain_rope(model).freqs_cis)
+    batch = tokens(VOCAB, seed=10)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))
 
 
 # ---------------------------------------------------------------------------------------------------------

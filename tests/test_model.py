@@ -1,5 +1,6 @@
 """The model's parts against their formulas and independent recomputations."""
 
+import json
 import math
 
 import pytest
@@ -16,11 +17,22 @@ from llama_mini.model import (
     apply_rotary_emb,
     count_parameters,
     cross_entropy,
+    llama3_scaled_frequencies,
     precompute_freqs_cis,
     repeat_kv,
     training_flops_per_token,
 )
 from llama_mini.presets import PRESETS, get_preset
+
+# Llama 3.1's RoPE scaling as Meta's code and config.json give it, and a small one for head_dim 16: there
+# the pairs' wavelengths are 6.3, 20, 63, ... (theta 1e4) or 6.3, 24, 94, ... (theta 5e4) positions, so an
+# original context of 32 keeps the first (< 32/4), blends the second and divides the rest: every branch.
+LLAMA31_SCALING = dict(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+SMALL_SCALING = dict(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+)
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -59,11 +71,57 @@ def test_invalid_config_names_the_field(overrides, message):
     assert message in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    "rope_scaling, message",
+    [
+        (
+            dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+            "rope_scaling is missing original_max_position_embeddings; it needs all of factor, ",
+        ),
+        ({**SMALL_SCALING, "factor": 0}, "rope_scaling['factor'] must be a positive number, got 0"),
+        (
+            {**SMALL_SCALING, "low_freq_factor": "1"},
+            "rope_scaling['low_freq_factor'] must be a positive number, got '1'",
+        ),
+        (
+            {**SMALL_SCALING, "high_freq_factor": 1.0},
+            "rope_scaling's high_freq_factor (1.0) must be greater than its low_freq_factor (1.0)",
+        ),
+        (
+            {**SMALL_SCALING, "rope_type": "llama3"},
+            "rope_scaling has unknown key(s) rope_type; known: factor",
+        ),
+        (8.0, "rope_scaling must be a dict with factor, low_freq_factor, high_freq_factor, "),
+    ],
+)
+def test_invalid_rope_scaling_names_the_field(rope_scaling, message):
+    with pytest.raises(ConfigError, match="invalid model config") as excinfo:
+        tiny_args(rope_scaling=rope_scaling)
+    assert message in str(excinfo.value)
+
+
 def test_config_round_trips_through_dict_and_rejects_unknown_fields():
     args = tiny_args(ffn="geglu", tie_embeddings=True)
     assert ModelArgs.from_dict(args.to_dict()) == args
     with pytest.raises(ConfigError, match="unknown model config field.*n_experts"):
         ModelArgs.from_dict({**args.to_dict(), "n_experts": 8})
+
+
+def test_config_with_rope_scaling_round_trips_through_json():
+    args = tiny_args(rope_scaling=SMALL_SCALING)
+    assert ModelArgs.from_dict(json.loads(json.dumps(args.to_dict()))) == args
+    assert ModelArgs.from_dict({**args.to_dict(), "rope_scaling": None}).rope_scaling is None
+
+
+def test_llama32_preset_has_its_published_rope_scaling_and_owns_its_copy():
+    args = get_preset("llama3.2-1b")
+    assert args.rope_scaling == {**LLAMA31_SCALING, "factor": 32.0}
+    assert args.max_seq_len == 131072
+    args.rope_scaling["factor"] = 1.0  # editing one ModelArgs must not edit the preset
+    assert get_preset("llama3.2-1b").rope_scaling["factor"] == 32.0
+    with torch.device("meta"):
+        model = Transformer(get_preset("llama3.2-1b"))
+    assert model.freqs_cis.is_meta and model.freqs_cis.shape == (131072, 32, 2)  # no table allocated
 
 
 def test_unknown_preset_lists_the_choices():
@@ -187,6 +245,81 @@ def test_rope_table_is_rebuilt_after_meta_to_empty():
         model = Transformer(tiny_args())
     model.to_empty(device="cpu")
     expected = precompute_freqs_cis(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
+    assert torch.equal(model.freqs_cis, expected)
+
+
+def llama3_scaling_reference(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Meta's `apply_scaling`, one frequency at a time in float64, with the settings as arguments."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    scaled = []
+    for freq in freqs.double().tolist():
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            scaled.append(freq)
+        elif wavelength > original / low:
+            scaled.append(freq / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            scaled.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(scaled, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scaling", [LLAMA31_SCALING, {**LLAMA31_SCALING, "factor": 32.0}])
+def test_llama3_scaling_equals_metas_piecewise_rule(scaling):
+    freqs = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128)  # Llama 3 8B's heads
+    scaled = llama3_scaled_frequencies(freqs, **scaling)
+    torch.testing.assert_close(scaled.double(), llama3_scaling_reference(freqs, scaling), rtol=1e-6, atol=0)
+    kept, divided = scaled == freqs, torch.isclose(scaled, freqs / scaling["factor"], rtol=1e-6, atol=0)
+    blended = ~kept & ~divided
+    assert kept.sum() > 0 and divided.sum() > 0 and blended.sum() > 0  # every branch is exercised
+    assert ((scaled[blended] < freqs[blended]) & (scaled[blended] > freqs[blended] / scaling["factor"])).all()
+
+
+def test_llama3_scaled_frequencies_equal_transformers_rope_init():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, **SMALL_SCALING},
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    assert attention_factor == 1.0  # llama3 scaling leaves the attention logits' scale alone
+    freqs = 1.0 / 50000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    ours = llama3_scaled_frequencies(freqs, **SMALL_SCALING)
+    torch.testing.assert_close(ours, inv_freq, rtol=1e-7, atol=0)
+    assert ours[0] == freqs[0]  # wavelength 6.3 < 32 / 4: kept
+    assert freqs[1] / 8 < ours[1] < freqs[1]  # 24: blended
+    torch.testing.assert_close(ours[2:], freqs[2:] / 8, rtol=1e-7, atol=0)  # 94 and longer > 32: divided
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq)
+    table = precompute_freqs_cis(16, 64, 50000.0, SMALL_SCALING)
+    torch.testing.assert_close(table, torch.stack([angles.cos(), angles.sin()], dim=-1), rtol=0, atol=1e-6)
+
+
+def test_rope_scaling_changes_angles_at_every_position_but_not_the_fastest_pairs():
+    # Llama 3.2 1B's heads (head_dim 64) and scaling: not only positions past 8192 are affected.
+    scaling = {**LLAMA31_SCALING, "factor": 32.0}
+    plain, scaled = precompute_freqs_cis(64, 100, 500000.0), precompute_freqs_cis(64, 100, 500000.0, scaling)
+    assert torch.equal(plain[0], scaled[0])  # position 0 is not rotated either way
+    assert ((plain - scaled).abs().amax(dim=(1, 2))[1:] > 0).all()  # every later position differs
+    assert torch.equal(plain[:, :8], scaled[:, :8])  # wavelengths under 8192 / 4 positions are untouched
+
+
+def test_model_rope_table_honours_rope_scaling_through_casts_and_meta_builds():
+    args = tiny_args(rope_scaling=SMALL_SCALING)  # head_dim 16, theta 1e4, max_seq_len 64
+    expected = precompute_freqs_cis(16, 64, 10000.0, SMALL_SCALING)
+    assert not torch.equal(expected, precompute_freqs_cis(16, 64, 10000.0))
+    model = Transformer(args)
+    assert torch.equal(model.freqs_cis, expected)
+    model.to(torch.bfloat16)
+    assert torch.equal(model.freqs_cis, expected)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
     assert torch.equal(model.freqs_cis, expected)
 
 
