@@ -34,3 +34,8 @@ format: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# The demo's run folder is replaced on every `make demo`; train into another --out to keep a run.
+demo: setup
+	rm -rf out/demo
+	$(PY) train.py --out out/demo

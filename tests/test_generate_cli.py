@@ -1,0 +1,248 @@
+"""generate.py, run in-process on a tiny saved checkpoint: its text equals the library's, and every mistake
+is one line on stderr with exit code 2."""
+
+import importlib.util
+import io
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_mini.checkpoint import load_pretrained, save_pretrained
+from llama_mini.generation import decode_continuation, generate, row_seed
+from llama_mini.model import Transformer
+from llama_mini.presets import get_preset
+from llama_mini.tokenizer import train_tokenizer
+
+SCRIPT = Path(__file__).resolve().parent.parent / "generate.py"
+_spec = importlib.util.spec_from_file_location("generate_cli", SCRIPT)
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+CONTEXT = 64  # the tiny preset's max_seq_len
+SEPARATOR = "-" * 40 + "\n"
+
+
+class Terminal(io.StringIO):
+    """A stdin that says it is a terminal (so generate.py does not read a prompt from it)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random model with a 300-piece tokenizer, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("cli")
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "café", "and", "of", "my", "lord", "thee", "once", "upon", "a", "time"]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)]
+    tokenizer = train_tokenizer(["\n".join(lines) + "\n"], folder / "tokenizer.model", 300)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():  # random norm weights too, so the greedy choices are decisive
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    save_pretrained(model, folder / "model", tokenizer_path=folder / "tokenizer.model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def library(checkpoint):
+    """The saved model and tokenizer, loaded as the library sees them: the reference for the CLI's text."""
+    from llama_mini.tokenizer import Tokenizer
+
+    return load_pretrained(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
+
+
+@pytest.fixture(autouse=True)
+def no_stdin(monkeypatch):
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expected_text(library, prompt: str, max_new_tokens: int, **options) -> str:
+    model, tokenizer = library
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    new_ids = generate(model, [prompt_ids], max_new_tokens, eos_id=tokenizer.eos_id, **options)[0]
+    return prompt + decode_continuation(tokenizer, prompt_ids, new_ids) + "\n"
+
+
+def test_greedy_output_is_the_prompt_and_the_librarys_continuation(checkpoint, library, capsys):
+    code, out, err = run(
+        capsys,
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "the king",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        12,
+    )
+    assert (code, err) == (0, "")
+    assert out == expected_text(library, "the king", 12, temperature=0)
+    assert len(out) > len("the king\n")
+
+
+def test_streaming_and_batched_runs_print_the_same_samples(checkpoint, library, capsys):
+    flags = ["--checkpoint", checkpoint, "--prompt", "the queen", "--prompt", "once upon a time"]
+    flags += ["--num-samples", 2, "--seed", 11, "--max-new-tokens", 10, "--temperature", 1.0, "--top-k", 40]
+    code, streamed, _ = run(capsys, *flags, "--stream")
+    assert code == 0
+    code, batched, _ = run(capsys, *flags, "--no-stream")
+    assert code == 0
+    assert streamed == batched
+    # Output r (prompt-major: prompt 0 sample 0, prompt 0 sample 1, prompt 1 sample 0, ...) samples with
+    # row_seed(11, r), the same as the library given that seed.
+    prompts = ["the queen", "the queen", "once upon a time", "once upon a time"]
+    outputs = [
+        expected_text(library, prompt, 10, temperature=1.0, top_k=40, top_p=0.9, seed=[row_seed(11, r)])
+        for r, prompt in enumerate(prompts)
+    ]
+    assert batched == SEPARATOR.join(outputs)
+    assert outputs[0] != outputs[1]  # two samples of one prompt differ
+
+
+def test_prompt_from_stdin_when_no_prompt_flag(checkpoint, library, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("my lord\n"))  # not a terminal; one trailing newline dropped
+    code, out, _ = run(capsys, "--checkpoint", checkpoint, "--temperature", 0, "--max-new-tokens", 6)
+    assert code == 0
+    assert out == expected_text(library, "my lord", 6, temperature=0)
+
+
+def test_prompt_file_is_one_prompt_spanning_lines(checkpoint, library, capsys, tmp_path):
+    (tmp_path / "prompt.txt").write_text("the king\nand the queen\n", encoding="utf-8")
+    code, out, _ = run(
+        capsys, "--checkpoint", checkpoint, "--prompt-file", tmp_path / "prompt.txt", "--temperature", 0,
+        "--max-new-tokens", 6,
+    )  # fmt: skip
+    assert code == 0
+    assert out == expected_text(library, "the king\nand the queen", 6, temperature=0)
+
+
+def test_no_prompt_generates_from_bos_alone(checkpoint, library, capsys):
+    code, out, _ = run(capsys, "--checkpoint", checkpoint, "--temperature", 0, "--max-new-tokens", 8)
+    assert code == 0
+    assert out == expected_text(library, "", 8, temperature=0)
+
+
+def test_interactive_answers_each_line_without_echoing_it(checkpoint, library, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("the king\nmy lord\n"))
+    code, out, err = run(
+        capsys,
+        "--checkpoint",
+        checkpoint,
+        "--interactive",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        5,
+        "--stream",
+    )
+    assert code == 0
+    answers = [
+        expected_text(library, prompt, 5, temperature=0)[len(prompt) :] for prompt in ("the king", "my lord")
+    ]
+    assert out == "".join(answers)
+    assert err.count("> ") == 3  # asked three times; the third read met the end of input
+
+
+def test_verbose_reports_prefill_and_decode_speed(checkpoint, capsys):
+    code, _, err = run(
+        capsys, "--checkpoint", checkpoint, "--prompt", "the", "--max-new-tokens", 4, "--verbose", "--seed", 0
+    )
+    assert code == 0
+    lines = err.splitlines()
+    assert lines[0].startswith(f"loaded {checkpoint}: ") and "context 64, cpu float32" in lines[0]
+    assert lines[1].startswith("prefill: 2 tokens in ") and " tokens/s); decode: " in lines[1]
+
+
+def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(checkpoint, library, capsys):
+    code, out, err = run(
+        capsys,
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "the king",
+        "--max-new-tokens",
+        500,
+        "--temperature",
+        0,
+    )
+    assert code == 0
+    prompt_length = len(library[1].encode("the king", bos=True))
+    room = CONTEXT - prompt_length
+    assert err == (
+        f"warning: --max-new-tokens 500 does not fit the model's context of 64 after a prompt of {prompt_length} "
+        f"tokens: capped to {room}\n"
+    )
+    assert out == expected_text(library, "the king", room, temperature=0)
+
+
+def test_truncate_keeps_the_last_tokens_with_a_warning(checkpoint, library, capsys):
+    long_prompt = " ".join(["the king and the queen"] * 40)
+    code, out, err = run(
+        capsys, "--checkpoint", checkpoint, "--prompt", long_prompt, "--truncate", "--max-new-tokens", 10,
+        "--temperature", 0,
+    )  # fmt: skip
+    assert code == 0
+    model, tokenizer = library
+    ids = tokenizer.encode(long_prompt, bos=True)
+    assert err.strip() == (
+        f"warning: prompt 1 has {len(ids)} tokens: kept its last 53 after BOS to leave room for 10 new tokens "
+        f"in the context of 64"
+    )
+    kept = [tokenizer.bos_id] + ids[-53:]
+    new_ids = generate(model, [kept], 10, temperature=0, eos_id=tokenizer.eos_id)[0]
+    assert out == long_prompt + decode_continuation(tokenizer, kept, new_ids) + "\n"
+
+
+def one_line_error(code: int, out: str, err: str) -> str:
+    assert code == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err  # one line, so no traceback
+    assert err.startswith("error: ")
+    return err
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    err = one_line_error(*run(capsys, "--checkpoint", tmp_path / "nowhere", "--prompt", "x"))
+    assert f"checkpoint {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    save_pretrained(Transformer(get_preset("tiny")), tmp_path / "bare")
+    err = one_line_error(*run(capsys, "--checkpoint", tmp_path / "bare"))
+    assert f"checkpoint {tmp_path / 'bare'} has no tokenizer.model: pass --tokenizer" in err
+
+
+def test_prompt_longer_than_the_context_is_a_one_line_error(checkpoint, capsys):
+    long_prompt = " ".join(["the king and the queen"] * 40)
+    err = one_line_error(*run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt))
+    assert "prompt 1 has" in err and "context is 64 positions" in err and "pass --truncate" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "1.5"], "error: argument --top-p: must be in (0, 1], got 1.5 (see --help)"),
+        (["--top-k", "0"], "error: argument --top-k: must be an integer >= 1, got 0 (see --help)"),
+        (
+            ["--temperature", "hot"],
+            "error: argument --temperature: must be a number >= 0, got 'hot' (see --help)",
+        ),
+        (["--dtype", "fp8"], "error: argument --dtype: invalid choice: 'fp8'"),
+        (["--device", "tpu"], "error: unknown --device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_bad_flag_values_are_one_line_errors(checkpoint, capsys, flags, message):
+    err = one_line_error(*run(capsys, "--checkpoint", checkpoint, *flags))
+    assert err.startswith(message)
