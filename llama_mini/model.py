@@ -65,7 +65,7 @@ class ModelArgs:
     The defaults are a small model that trains in minutes on a laptop CPU.
     """
 
-    dim: int = 256  # width of the residual stream
+    dim: int = 192  # width of the residual stream
     n_layers: int = 4
     n_heads: int = 4  # query heads; head_dim = dim // n_heads
     n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None = n_heads (MHA)

@@ -246,3 +246,37 @@ def test_prompt_longer_than_the_context_is_a_one_line_error(checkpoint, capsys):
 def test_bad_flag_values_are_one_line_errors(checkpoint, capsys, flags, message):
     err = one_line_error(*run(capsys, "--checkpoint", checkpoint, *flags))
     assert err.startswith(message)
+
+
+def test_a_folder_saved_by_transformers_samples_through_generate_py(checkpoint, library, capsys, tmp_path):
+    # A Hugging Face Llama folder written by transformers itself (not by llama_mini), with a tokenizer.model
+    # beside it, is a valid --checkpoint, and generate.py's greedy text is transformers' greedy text.
+    from transformers import LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM.from_pretrained(checkpoint)
+    folder = tmp_path / "hf"
+    hf_model.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    _, tokenizer = library
+    prompt = "the king and"
+    code = cli.main(
+        ["--checkpoint", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+         "--no-stream", "--device", "cpu"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    with torch.no_grad():
+        expected = hf_model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=0,
+        )[0, len(prompt_ids) :].tolist()
+    if tokenizer.eos_id in expected:  # both stop at eos, which is not printed
+        expected = expected[: expected.index(tokenizer.eos_id)]
+    continuation = decode_continuation(tokenizer, prompt_ids, expected)
+    assert continuation.strip()  # a real continuation, not an immediate eos
+    assert out.startswith(prompt + continuation)

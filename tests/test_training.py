@@ -145,6 +145,12 @@ def test_run_writes_metrics_checkpoints_and_a_loadable_model(corpus_dir, tokeniz
     tokens = torch.randint(0, reloaded.args.vocab_size, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens), trainer.raw_model.eval()(tokens), rtol=0, atol=0)
+    # What train.py writes, transformers loads as it is, with the same logits.
+    from transformers import LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM.from_pretrained(out / "step-0000008").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, reloaded(tokens), rtol=1e-5, atol=1e-5)
     best_step = min(evals, key=lambda e: e["val_loss"])["step"]
     best_state = json.loads((out / "best" / "trainer_state.json").read_text())
     assert best_state["step"] == best_step
