@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     model_overrides = {name: value for name, value in given.items() if name in model_fields}
     train_settings = {name: value for name, value in given.items() if name not in model_fields}
     try:
-        config = TrainConfig(**train_settings)
+        # On --resume the checkpoint's settings are the base, so only --out is needed to find it; the flags
+        # given are applied on top of the saved settings (and validated together) by the Trainer.
+        config = (
+            TrainConfig(out=train_settings.get("out", "out")) if resume else TrainConfig(**train_settings)
+        )
         trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
         summary = trainer.run()
     except LlamaMiniError as error:

@@ -110,10 +110,11 @@ class TrainConfig:
             "eval_steps",
             "log_interval",
             "keep_last",
+            "vocab_size",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_tokens", "vocab_size"):
+        for name in ("warmup_steps", "sample_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:

@@ -500,3 +500,43 @@ def test_two_processes_under_torchrun_match_one_process(corpus_dir, tokenizer_pa
         assert len(single) == len(double) > 0
         for a, b in zip(single, double, strict=True):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_cli_resume_takes_the_checkpoints_settings_and_explicit_flags(
+    corpus_dir, tokenizer_path, tmp_path, capsys
+):
+    common = ["--out", str(tmp_path / "r"), "--device", "cpu", "--sample-tokens", "0"]
+    first = [
+        "--data",
+        str(corpus_dir),
+        "--tokenizer",
+        str(tokenizer_path),
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "4",
+        "--eval-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--dim",
+        "32",
+        "--n-layers",
+        "1",
+        "--n-heads",
+        "2",
+        "--max-seq-len",
+        "16",
+        "--multiple-of",
+        "16",
+    ]
+    code, out, err = run_cli([*first, *common], capsys)
+    assert code == 0, err
+    # Resume with only a longer run asked for: every other setting (model, data, eval) comes from the
+    # checkpoint, and --eval-interval 6 is valid against the new --max-steps 12, not the default 600.
+    code, out, err = run_cli(["--resume", "--max-steps", "12", "--eval-interval", "6", *common], capsys)
+    assert code == 0, err
+    assert "done: 12 steps" in out
+    assert [e["step"] for e in read_metrics(tmp_path / "r", "eval")] == [4, 6, 12]
+    state = json.loads((tmp_path / "r" / "step-0000012" / "trainer_state.json").read_text())
+    assert state["model_args"]["dim"] == 32 and state["train_config"]["batch_size"] == 2
