@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
-from llama_mini import Transformer, cross_entropy, get_preset, training_flops_per_token  # noqa: E402
+from llama_mini import ModelArgs, Transformer, cross_entropy, get_preset, training_flops_per_token  # noqa: E402
 from llama_mini.training import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
 
@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", nargs="+", default=["stories15m"])
+    parser.add_argument(
+        "--preset", nargs="+", default=["stories15m"], help="preset names, or 'default' (train.py's model)"
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary")
+    parser.add_argument("--dim", type=int, default=None, help="override the preset's width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
@@ -47,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"max_seq_len": args.seq_len}
         if args.vocab_size:
             overrides["vocab_size"] = args.vocab_size
+        if args.dim:
+            overrides["dim"] = args.dim
+        model_args = ModelArgs(**overrides) if preset == "default" else get_preset(preset, **overrides)
         for compiled in modes:
             torch.manual_seed(0)
-            model = Transformer(get_preset(preset, **overrides)).to(device)
+            model = Transformer(model_args).to(device)
             optimizer = make_optimizer(model, TrainConfig(max_steps=10, eval_interval=10), device)
             forward = torch.compile(model) if compiled else model
             vocab = model.args.vocab_size
