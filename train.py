@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import typing
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"continue with: python train.py --out {trainer.config.out} --resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (trainer.stop_signal or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
     if summary.sample is not None:
         print(f"\n--- sample ---\n{summary.sample}\n--------------")
     val = f"val loss {summary.val_loss:.4f}, {summary.val_bpb:.3f} bits/byte, " if summary.val_loss else ""

@@ -420,6 +420,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.raw_model, self.model_args.max_seq_len)
         self.peak_flops = peak_flops(self.device, config.peak_tflops)
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
 
     # ----------------------------------------------------------------------------------- set-up helpers
 
@@ -585,6 +586,7 @@ class Trainer:
 
         def request_stop(signum, frame):
             self.stop_requested = True
+            self.stop_signal = signum
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -382,7 +382,10 @@ def test_cli_help_shows_defaults(capsys):
         assert expected in help_text
 
 
-def test_sigint_saves_a_checkpoint_and_exits_130(corpus_dir, tokenizer_path, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(
+    corpus_dir, tokenizer_path, tmp_path, signum
+):
     out = tmp_path / "sig"
     command = [
         sys.executable,
@@ -419,9 +422,9 @@ def test_sigint_saves_a_checkpoint_and_exits_130(corpus_dir, tokenizer_path, tmp
     while not (out / METRICS).exists() or len(read_metrics(out)) < 3:
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + signum, err
     checkpoints = list_step_checkpoints(out)
     assert len(checkpoints) == 1
     assert "interrupted at step" in err and "--resume" in err
