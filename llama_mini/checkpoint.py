@@ -43,7 +43,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from torch import nn
 
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.ffn import llama_hidden_dim
+from llama_mini.files import atomic_write
 from llama_mini.model import ROPE_SCALING_KEYS, ModelArgs, Transformer
 
 __all__ = [
@@ -562,21 +563,8 @@ def _tokenizer_files(tokens: dict[str, Any], max_seq_len: int) -> dict[str, dict
     return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write `target` through a hidden temporary file in the same folder, then rename it into place.
-
-    os.replace is atomic on one file system: a crash leaves the old file or the new one, never half a file.
-    """
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_json(target: Path, value: dict[str, Any]) -> None:
-    _atomic_write(target, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
 
 
 def save_pretrained(
@@ -622,10 +610,10 @@ def save_pretrained(
     # Weights first and config.json last: a folder whose config.json is new has new weights too.
     if tokenizer_source is not None:
         if tokenizer_source.resolve() != (folder / TOKENIZER_FILE).resolve():
-            _atomic_write(folder / TOKENIZER_FILE, lambda tmp: shutil.copyfile(tokenizer_source, tmp))
+            atomic_write(folder / TOKENIZER_FILE, lambda tmp: shutil.copyfile(tokenizer_source, tmp))
         for name, value in _tokenizer_files(tokens, args.max_seq_len).items():
             _write_json(folder / name, value)
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     generation = {
         "bos_token_id": bos,
         "eos_token_id": eos,

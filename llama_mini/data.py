@@ -15,7 +15,6 @@ a cache folder (`default_cache_dir`): `shakespeare` (5 MB, the default) and `tin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -32,12 +31,13 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llama_mini.errors import ConfigError, DataError
+from llama_mini.files import atomic_file
 
 if TYPE_CHECKING:  # only for type hints: any object with the same attributes and methods works
     from llama_mini.tokenizer import Tokenizer
@@ -485,7 +485,7 @@ def write_shard(
     meta_path = path.with_suffix(".json")
     meta_path.unlink(missing_ok=True)
     tokens = 0
-    with _atomic_file(path) as file:
+    with atomic_file(path) as file:
         for batch in _batches(documents, _ENCODE_BATCH_CHARACTERS):
             encoded = tokenizer.encode_batch(batch, bos=True, eos=True)
             ids = np.concatenate([np.asarray(document_ids, dtype=dtype) for document_ids in encoded])
@@ -501,7 +501,7 @@ def write_shard(
         bytes=sum(len(document.encode("utf-8")) for document in documents),
         provenance=dict(provenance or {}),
     )
-    with _atomic_file(meta_path) as file:
+    with atomic_file(meta_path) as file:
         file.write((json.dumps(dataclasses.asdict(meta), indent=2) + "\n").encode("utf-8"))
     return meta
 
@@ -518,21 +518,6 @@ def _batches(documents: Sequence[str], max_characters: int) -> Iterator[list[str
             batch, size = [], 0
     if batch:
         yield batch
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A binary file opened under a temporary name next to `path`, renamed to `path` when the block ends
-    without an error (and deleted when it raises), so `path` is never seen half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            yield file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class TokenShard:

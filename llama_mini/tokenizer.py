@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from llama_mini.errors import DataError
+from llama_mini.files import atomic_file
 
 __all__ = [
     "DEFAULT_VOCAB_SIZE",
@@ -118,7 +117,8 @@ def train_tokenizer(
     except RuntimeError as error:
         raise _vocab_size_error(error, vocab_size) from error
 
-    _write_atomically(out_path, model.getvalue())
+    with atomic_file(out_path) as file:
+        file.write(model.getvalue())
     return Tokenizer(out_path)
 
 
@@ -172,19 +172,6 @@ def _vocab_size_error(error: RuntimeError, vocab_size: int) -> DataError:
         f"sentencepiece could not train a {vocab_size}-piece tokenizer ({message}): "
         f"try another --vocab-size or check the corpus"
     )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it over `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
