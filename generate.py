@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from llama_mini.checkpoint import find_tokenizer, load_pretrained
+from llama_mini.cli import ArgumentParser, report_errors
 from llama_mini.errors import CheckpointError, ConfigError, LlamaMiniError
 from llama_mini.generation import (
     GenerationStats,
@@ -45,13 +46,6 @@ from llama_mini.tokenizer import Tokenizer
 DEFAULT_MAX_NEW_TOKENS = 256  # when --max-new-tokens is not given; silently less where it does not fit
 SEPARATOR = "-" * 40  # printed between outputs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (and exit code 2), not the whole usage."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def checked(kind: type, requirement: str, test: typing.Callable[[typing.Any], bool]) -> typing.Callable:
@@ -79,7 +73,7 @@ SEED = checked(int, "an integer in [0, 2**63)", lambda value: 0 <= value < 2**63
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = ArgumentParser(
         description="Generate text with a llama_mini (or any Llama) checkpoint.",
         epilog="Prompts come from --prompt, --prompt-file, or stdin; with none, from BOS alone.",
     )
@@ -180,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, or a usage error already printed on one line
         return exit.code if isinstance(exit.code, int) else 2
     try:
-        return run(args)
-    except LlamaMiniError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_errors(lambda: run(args))
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

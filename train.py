@@ -17,7 +17,7 @@ import signal
 import sys
 import typing
 
-from llama_mini.errors import LlamaMiniError
+from llama_mini.cli import ArgumentParser, report_errors
 from llama_mini.ffn import FEED_FORWARDS
 from llama_mini.model import ModelArgs
 from llama_mini.presets import PRESETS
@@ -72,13 +72,6 @@ MODEL_HELP = {
 }
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (and exit code 2), not the whole usage."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def optional_number(kind: type) -> typing.Callable[[str], typing.Any]:
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
@@ -115,7 +108,7 @@ def add_dataclass_flags(group, cls: type, helps: dict[str, str | None], defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = ArgumentParser(
         description="Train a LLaMA-style model on a corpus (default: the complete works of Shakespeare).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model flags apply on top of --preset; on --resume the checkpoint's settings win over "
@@ -129,21 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
+    return report_errors(lambda: train(given))
+
+
+def train(given: dict) -> int:
     resume = given.pop("resume")
     model_fields = {field.name for field in dataclasses.fields(ModelArgs)} - {"vocab_size"}
     model_overrides = {name: value for name, value in given.items() if name in model_fields}
     train_settings = {name: value for name, value in given.items() if name not in model_fields}
-    try:
-        # On --resume the checkpoint's settings are the base, so only --out is needed to find it; the flags
-        # given are applied on top of the saved settings (and validated together) by the Trainer.
-        config = (
-            TrainConfig(out=train_settings.get("out", "out")) if resume else TrainConfig(**train_settings)
-        )
-        trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
-        summary = trainer.run()
-    except LlamaMiniError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # On --resume the checkpoint's settings are the base, so only --out is needed to find it; the flags
+    # given are applied on top of the saved settings (and validated together) by the Trainer.
+    config = TrainConfig(out=train_settings.get("out", "out")) if resume else TrainConfig(**train_settings)
+    trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
+    summary = trainer.run()
     if not trainer.dist.is_main:
         return 0
     if summary.interrupted:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from llama_mini.checkpoint import detect_format, find_tokenizer, load_pretrained, save_pretrained
-from llama_mini.errors import CheckpointError, LlamaMiniError
+from llama_mini.cli import ArgumentParser, report_errors
+from llama_mini.errors import CheckpointError
 from llama_mini.model import count_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m llama_mini.convert",
         description="Convert a llama_mini, Hugging Face or Meta checkpoint into a Hugging Face Llama folder.",
     )
@@ -80,13 +81,9 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, DTYPES.get(args.dtype), args.tokenizer, args.force)
-    except LlamaMiniError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0
+    return report_errors(
+        lambda: print(convert(args.src, args.dst, DTYPES.get(args.dtype), args.tokenizer, args.force))
+    )
 
 
 if __name__ == "__main__":
