@@ -629,6 +629,7 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 progress.advance()
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    eval_started = time.perf_counter()
                     evaluation = self.evaluate()
                     metrics_log.write(
                         {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
@@ -638,6 +639,8 @@ class Trainer:
                         f"{evaluation['val_bpb']:.4f} bits/byte"
                     )
                     self.save_checkpoint(evaluation["val_loss"], train_loss)
+                    # tokens/s measures training: leave the evaluation and the save out of the window
+                    window_start += time.perf_counter() - eval_started
                 if self._stop_everywhere():
                     interrupted = True
                     break
