@@ -30,6 +30,8 @@ TRAIN_HELP = {
     "tokenizer": "an existing sentencepiece tokenizer.model to use instead of training one on the corpus",
     "vocab_size": "vocabulary of the tokenizer trained on the corpus",
     "val_fraction": "share of the corpus's documents held out for validation",
+    "split_seed": "chooses the validation documents (independent of --seed, so seeds share a split)",
+    "data_dir": "folder for the tokenized shards (default: OUT/data); runs on one corpus can share it",
     "max_steps": "optimizer steps to train for",
     "batch_size": "sequences per micro-step, shared out over all processes under torchrun",
     "grad_accum": "micro-steps per optimizer step (tokens per step = batch size x grad accum x max seq len)",

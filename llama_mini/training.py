@@ -78,6 +78,9 @@ class TrainConfig:
     tokenizer: str | None = None  # an existing sentencepiece tokenizer.model; None = train one on the corpus
     vocab_size: int = DEFAULT_VOCAB_SIZE  # of the tokenizer trained on the corpus
     val_fraction: float = 0.1  # share of the documents held out for validation
+    split_seed: int = 1337  # chooses the validation documents; kept apart from --seed so that runs with
+    # different seeds are compared on the same held-out text
+    data_dir: str | None = None  # where the tokenized shards go; None = OUT/data. Runs may share one
     max_steps: int = 600
     batch_size: int = 16  # sequences per micro-step, across all processes
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -477,16 +480,16 @@ class Trainer:
             return tokenizer
         if self.dist.is_main:
             documents = load_documents(config.data)
-            train_documents, _ = split_documents(documents, config.val_fraction, config.seed)
+            train_documents, _ = split_documents(documents, config.val_fraction, config.split_seed)
             train_tokenizer(train_documents, run_tokenizer, config.vocab_size)
         self._barrier()
         return Tokenizer(run_tokenizer)
 
     def _prepare_data(self) -> tuple[TokenShard, TokenShard]:
-        data_dir = self.out / "data"
-        if self.dist.is_main:
+        data_dir = Path(self.config.data_dir) if self.config.data_dir else self.out / "data"
+        if self.dist.is_main:  # reuses shards already there when corpus, split and tokenizer match
             prepare_data(
-                self.config.data, data_dir, self.tokenizer, self.config.val_fraction, self.config.seed
+                self.config.data, data_dir, self.tokenizer, self.config.val_fraction, self.config.split_seed
             )
         self._barrier()
         return TokenShard(data_dir / "train.bin"), TokenShard(data_dir / "val.bin")

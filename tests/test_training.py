@@ -543,3 +543,23 @@ def test_cli_resume_takes_the_checkpoints_settings_and_explicit_flags(
     assert [e["step"] for e in read_metrics(tmp_path / "r", "eval")] == [4, 6, 12]
     state = json.loads((tmp_path / "r" / "step-0000012" / "trainer_state.json").read_text())
     assert state["model_args"]["dim"] == 32 and state["train_config"]["batch_size"] == 2
+
+
+def test_runs_with_other_seeds_share_the_split_and_can_share_prepared_data(
+    corpus_dir, tokenizer_path, tmp_path
+):
+    shared = tmp_path / "shared-data"
+    first = Trainer(
+        make_config(corpus_dir, tokenizer_path, tmp_path / "s1", seed=1, data_dir=str(shared)), TINY_MODEL
+    )
+    written = (shared / "val.bin").stat().st_mtime_ns
+    second = Trainer(
+        make_config(corpus_dir, tokenizer_path, tmp_path / "s2", seed=2, data_dir=str(shared)), TINY_MODEL
+    )
+    assert (shared / "val.bin").stat().st_mtime_ns == written  # reused, not written again
+    assert not (tmp_path / "s1" / "data").exists()
+    assert first.val_data.meta == second.val_data.meta
+    # and without a shared folder, a different --seed still gives the same validation documents
+    third = Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "s3", seed=3), TINY_MODEL)
+    assert third.val_data.meta.tokens == first.val_data.meta.tokens
+    assert (third.val_data.tokens == first.val_data.tokens).all()

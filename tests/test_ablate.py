@@ -1,0 +1,241 @@
+"""The FFN ablation: matched parameters, the table and plot of a tiny run, resume, statistics, the CLI."""
+
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llama_mini import ablate
+from llama_mini.ablate import (
+    SHAZEER_TABLE1,
+    AblationConfig,
+    gated_gap,
+    main,
+    read_results,
+    run_ablation,
+    spearman,
+    summarize,
+)
+from llama_mini.errors import ConfigError
+from llama_mini.ffn import FEED_FORWARDS
+from llama_mini.inspect import parameter_counts
+
+# dim 48 keeps the FFNs matched: 8 * 48 / 3 = 128 and 4 * 48 = 192 are multiples of 16.
+TINY = dict(
+    vocab_size=300,
+    dim=48,
+    n_layers=2,
+    n_heads=2,
+    multiple_of=16,
+    max_seq_len=32,
+    max_steps=2,
+    batch_size=4,
+    warmup_steps=1,
+    eval_steps=2,
+    device="cpu",
+)
+
+
+def write_corpus(folder: Path, documents: int = 12, seed: int = 0) -> Path:
+    """A few KB of sentences from a small grammar, one .txt per document."""
+    rng = random.Random(seed)
+    subjects = ["the king", "a fool", "my lord", "the queen", "this knight"]
+    verbs = ["speaks of", "dreams of", "fights for", "weeps for", "laughs at"]
+    objects = ["the crown", "a rose", "the storm", "his honour", "the night"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(30)]
+        (folder / f"doc{index:02d}.txt").write_text("\n".join(lines).capitalize())
+    return folder
+
+
+def tiny_config(corpus: Path, out: Path, **overrides) -> AblationConfig:
+    return AblationConfig(
+        **{
+            **TINY,
+            "variants": ["relu", "swiglu"],
+            "seeds": [0],
+            "data": str(corpus),
+            "out": str(out),
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny ablation, relu and swiglu, 1 seed, 2 steps: (config, outcome, log lines)."""
+    root = tmp_path_factory.mktemp("ablation")
+    config = tiny_config(write_corpus(root / "corpus"), root / "out")
+    lines: list[str] = []
+    return config, run_ablation(config, log=lines.append), lines
+
+
+def fake_result(variant: str, seed: int, val_loss: float, settings: dict | None = None) -> dict:
+    return {
+        "variant": variant,
+        "seed": seed,
+        "gated": FEED_FORWARDS[variant].gated,
+        "ffn_hidden_dim": 256 if FEED_FORWARDS[variant].gated else 384,
+        "ffn_parameters": 294912,
+        "parameters": 1000000,
+        "val_loss": val_loss,
+        "val_bpb": val_loss / 2,
+        "tokens_per_second": 1000.0,
+        "settings": settings or {},
+    }
+
+
+def test_default_settings_give_every_variant_the_same_ffn_parameters():
+    config = AblationConfig()
+    counts = {
+        variant: parameter_counts(config.model_args(variant))["feed_forward"] for variant in FEED_FORWARDS
+    }
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_tiny_ablation_writes_a_table_with_both_rows(finished):
+    _, outcome, _ = finished
+    table = outcome["table"].read_text()
+    assert "| relu | no | 192 | 36,864 |" in table
+    assert "| swiglu | yes | 128 | 36,864 |" in table
+    assert "Shazeer 65k log-ppl" in table
+
+
+def test_tiny_ablation_writes_png_plots_of_losses_and_curves(finished):
+    _, outcome, _ = finished
+    for plot in (outcome["plot"], outcome["curves"]):
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_finished_run_is_one_line_of_results(finished):
+    config, _, _ = finished
+    results = read_results(Path(config.out) / ablate.RESULTS)
+    assert [(r["variant"], r["seed"], r["steps"]) for r in results] == [("relu", 0, 2), ("swiglu", 0, 2)]
+    assert all(r["settings"] == config.settings() for r in results)
+
+
+def test_runs_share_one_tokenizer_and_data_and_drop_checkpoints(finished):
+    config, _, _ = finished
+    out = Path(config.out)
+    assert (out / "tokenizer.model").exists() and (out / "data" / "train.bin").exists()
+    run = out / "runs" / "relu-seed0"
+    assert (run / "metrics.jsonl").exists()
+    assert not (run / "data").exists() and not (run / "best").exists() and not list(run.glob("step-*"))
+
+
+def test_resume_trains_only_the_runs_not_yet_finished(finished, monkeypatch, tmp_path):
+    config, _, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(config.out, out)  # a copy: the fixture's folder stays as the tiny run left it
+    trained = []
+
+    def fake_train(config, variant, seed, tokenizer_path, data_dir, out, settings):
+        trained.append((variant, seed))
+        return {**fake_result(variant, seed, 5.0, settings), "seconds": 1.0, "device": "cpu"}
+
+    monkeypatch.setattr(ablate, "_train_one", fake_train)
+    extended = AblationConfig(
+        **{**dataclass_values(config), "out": str(out), "variants": ["relu", "gelu", "swiglu"]}
+    )
+    outcome = run_ablation(extended, log=lambda line: None)
+    assert trained == [("gelu", 0)]
+    assert [row["variant"] for row in outcome["summary"]] == ["relu", "gelu", "swiglu"]
+
+
+def dataclass_values(config: AblationConfig) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def test_results_made_with_other_settings_are_refused(finished):
+    config, _, _ = finished
+    changed = AblationConfig(**{**dataclass_values(config), "max_steps": 3})
+    with pytest.raises(ConfigError, match="max_steps 2 -> 3"):
+        run_ablation(changed, log=lambda line: None)
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(fake_result("relu", 0, 5.0)) + "\n" + '{"variant": "sw')
+    assert [r["variant"] for r in read_results(path)] == ["relu"]
+
+
+def test_summary_gives_mean_std_and_both_rankings():
+    results = [
+        fake_result(v, s, 4.0 + 0.01 * i + 0.001 * s) for i, v in enumerate(FEED_FORWARDS) for s in (0, 1)
+    ]
+    rows = summarize(results, list(FEED_FORWARDS))
+    relu = rows[0]
+    assert relu["val_loss"] == pytest.approx(4.0005) and relu["val_loss_std"] == pytest.approx(
+        0.000707, abs=1e-6
+    )
+    assert [row["rank"] for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    shazeer = {row["variant"]: row["shazeer_rank"] for row in rows}
+    assert shazeer == {
+        "geglu": 1,
+        "swiglu": 2,
+        "reglu": 3,
+        "bilinear": 4,
+        "glu": 5,
+        "gelu": 6,
+        "swish": 7,
+        "relu": 8,
+    }
+    assert spearman(rows) == pytest.approx(
+        1 - 6 * sum((r["rank"] - r["shazeer_rank"]) ** 2 for r in rows) / (8 * 63)
+    )
+
+
+def test_shazeers_own_ordering_has_rank_correlation_one():
+    results = [fake_result(v, 0, SHAZEER_TABLE1[v][0]) for v in FEED_FORWARDS]
+    assert spearman(summarize(results, list(FEED_FORWARDS))) == pytest.approx(1.0)
+
+
+def test_gated_gap_is_paired_by_seed():
+    # Seed 1 is worse for every variant by 0.5; the gated variants are 0.1 and 0.12 better in the two seeds.
+    results = [
+        fake_result("relu", 0, 4.0),
+        fake_result("swiglu", 0, 3.9),
+        fake_result("relu", 1, 4.5),
+        fake_result("swiglu", 1, 4.38),
+    ]
+    gap = gated_gap(results)
+    assert gap["gap"] == pytest.approx(-0.11)
+    assert gap["standard_error"] == pytest.approx(0.01)
+    assert gap["standard_errors"] == pytest.approx(-11.0)
+
+
+def test_gated_gap_needs_two_seeds():
+    assert gated_gap([fake_result("relu", 0, 4.0), fake_result("swiglu", 0, 3.9)]) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "relu", "tanh"], "invalid choice: 'tanh'"),
+        (["--dim", "90"], "dim (90) must be divisible by n_heads (4)"),
+        (["--seeds", "1", "1"], "must not repeat"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_line(capsys, tmp_path, argv, message):
+    try:
+        code = main([*argv, "--out", str(tmp_path / "out")])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_an_interrupted_run_is_not_recorded_and_exits_130(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ablate, "_train_one", lambda *args: None)  # as when Ctrl-C stops a Trainer
+    corpus = write_corpus(tmp_path / "corpus")
+    argv = ["--variants", "relu", "--seeds", "0", "--data", str(corpus), "--out", str(tmp_path / "out")]
+    argv += ["--vocab-size", "300", "--dim", "48", "--n-heads", "2", "--max-seq-len", "32", "--device", "cpu"]
+    assert main(argv) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert read_results(tmp_path / "out" / ablate.RESULTS) == []

@@ -1,0 +1,196 @@
+"""The inspector: analytic counts, hidden sizes, FLOPs and KV bytes against the model built on meta; the CLI."""
+
+import json
+
+import pytest
+
+from llama_mini.ffn import FEED_FORWARDS
+from llama_mini.inspect import (
+    build_on_meta,
+    hidden_dim_steps,
+    inspect_model,
+    kv_cache_bytes_per_token,
+    main,
+    parameter_counts,
+    shape_walk,
+    training_flops,
+)
+from llama_mini.model import Transformer, count_parameters, training_flops_per_token
+from llama_mini.presets import PRESETS, get_preset
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_counts_equal_count_parameters_of_every_preset_on_meta(name):
+    args = get_preset(name)
+    assert parameter_counts(args) == count_parameters(build_on_meta(args))
+
+
+@pytest.mark.parametrize("ffn", list(FEED_FORWARDS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_counts_equal_count_parameters_for_every_variant_tied_or_not(ffn, tied):
+    args = get_preset("tiny", ffn=ffn, tie_embeddings=tied, swish_beta_trainable=ffn == "swish")
+    assert parameter_counts(args) == count_parameters(build_on_meta(args))
+
+
+def test_counts_equal_a_real_model_on_cpu():
+    args = get_preset("tiny")
+    assert parameter_counts(args) == count_parameters(Transformer(args))
+
+
+def test_build_on_meta_allocates_no_storage():
+    model = build_on_meta(get_preset("llama3-8b"))
+    assert all(param.device.type == "meta" for param in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_hidden_dim_equals_the_built_models(name):
+    for ffn in ("swiglu", "relu"):
+        args = get_preset(name, ffn=ffn)
+        hidden, _ = hidden_dim_steps(args)
+        assert hidden == build_on_meta(args).layers[0].feed_forward.hidden_dim
+
+
+def test_hidden_dim_steps_for_llama_7b():
+    hidden, steps = hidden_dim_steps(get_preset("llama-7b"))
+    assert hidden == 11008
+    assert steps[0] == "4 * dim = 4 * 4096 = 16384"
+    assert steps[1].startswith("int(2 * 16384 / 3) = 10922")
+    assert steps[-1] == "round 10922 up to a multiple of 256 = 11008"
+
+
+def test_hidden_dim_steps_show_the_multiplier_for_llama3_8b():
+    hidden, steps = hidden_dim_steps(get_preset("llama3-8b"))
+    assert hidden == 14336
+    assert any(step.startswith("int(1.3 * 10922) = 14198") for step in steps)
+
+
+def test_hidden_dim_steps_say_when_the_size_is_explicit():
+    hidden, steps = hidden_dim_steps(get_preset("tiny", hidden_dim=100))
+    assert hidden == 100
+    assert steps == ["explicit hidden_dim = 100 (no rounding rule applied)"]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_training_flops_equal_the_models_formula(name):
+    args = get_preset(name)
+    assert training_flops(args)["total"] == training_flops_per_token(build_on_meta(args))
+
+
+def test_kv_cache_of_llama3_8b_in_bf16_is_128_kib_per_token():
+    args = get_preset("llama3-8b")
+    assert kv_cache_bytes_per_token(args, "bf16") == 131072
+    assert kv_cache_bytes_per_token(args, "fp32") == 262144
+
+
+def test_shape_walk_runs_on_meta_and_ends_in_batch_seq_vocab():
+    walk = shape_walk(get_preset("llama3-8b"), batch_size=2, seq_len=8)
+    assert walk["source"].startswith("measured")
+    assert walk["steps"][0]["module"] == "tok_embeddings"
+    assert walk["steps"][-1] == {
+        "module": "output",
+        "shape": [2, 8, 128256],
+        "formula": ("B", "T", "vocab"),
+        "expected": [2, 8, 128256],
+    }
+
+
+def test_shape_walk_measures_what_the_formulas_predict():
+    for name in ("tiny", "llama3-8b"):
+        for step in shape_walk(get_preset(name))["steps"]:
+            assert step["shape"] == step["expected"], step["module"]
+
+
+def test_shape_walk_follows_the_order_of_the_forward_pass():
+    modules = [step["module"] for step in shape_walk(get_preset("tiny"))["steps"]]
+    layer0 = [m for m in modules if m.startswith("layers.0")]
+    assert layer0 == [
+        "layers.0.attention_norm",
+        "layers.0.attention.wq",
+        "layers.0.attention.wk",
+        "layers.0.attention.wv",
+        "layers.0.attention.wo",
+        "layers.0.attention",
+        "layers.0.ffn_norm",
+        "layers.0.feed_forward.w1",
+        "layers.0.feed_forward.w3",
+        "layers.0.feed_forward.w2",
+        "layers.0.feed_forward",
+        "layers.0",
+    ]
+    assert modules[-2:] == ["norm", "output"]
+
+
+def test_shape_walk_falls_back_to_the_formulas_if_meta_fails(monkeypatch):
+    def refuse(self, tokens, start_pos=0):
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(Transformer, "forward", refuse)
+    args = get_preset("tiny")
+    walk = shape_walk(args)
+    assert walk["source"].startswith("computed from the formulas")
+    assert [s["module"] for s in walk["steps"]][-1] == "output"
+    assert all(step["shape"] == step["expected"] for step in walk["steps"])
+
+
+def test_report_of_llama3_8b_gives_total_kv_bytes_and_summarised_layers(capsys):
+    code, out, err = run_cli(capsys, "--preset", "llama3-8b")
+    assert code == 0 and err == ""
+    assert "8,030,261,248" in out
+    assert "131,072 bytes" in out
+    assert "(1, 8, 128256)" in out
+    assert "layers.1 .. layers.31: the same 12 shapes as layers.0" in out
+    assert "equal, part by part, to count_parameters" in out
+
+
+def test_json_report_is_machine_readable(capsys):
+    code, out, _ = run_cli(capsys, "--preset", "tiny", "--json", "--dtype", "fp32")
+    report = json.loads(out)
+    assert code == 0
+    assert report["parameters"]["total"] == count_parameters(Transformer(get_preset("tiny")))["total"]
+    assert report["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+
+
+def test_ffn_flag_replaces_the_variant(capsys):
+    code, out, _ = run_cli(capsys, "--preset", "llama-7b", "--ffn", "relu")
+    assert code == 0 and "FFN hidden size h = 16384" in out
+
+
+def test_inspect_model_reports_the_built_models_counts():
+    report = inspect_model(get_preset("stories15m"), name="stories15m")
+    assert report["parameters"] == report["parameters_of_built_model"]
+    assert report["name"] == "stories15m"
+
+
+def test_checkpoint_is_inspected_from_its_config_alone(capsys, tmp_path):
+    args = get_preset("tiny")
+    Transformer(args).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # the weights are never read
+    code, out, err = run_cli(capsys, "--checkpoint", str(tmp_path))
+    assert code == 0, err
+    assert f"{count_parameters(Transformer(args))['total']:,}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "llama-9000"], "unknown preset 'llama-9000'"),
+        (["--checkpoint", "/no/such/folder"], "does not exist"),
+        ([], "one of the arguments --preset --checkpoint is required"),
+        (["--preset", "tiny", "--seq-len", "65"], "--seq-len 65"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_line(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own mistakes (a missing flag) exit instead of returning
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
