@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo lint format clean
+.PHONY: setup test demo lint format clean figures
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,19 @@ clean:
 demo: setup
 	rm -rf out/demo
 	$(PY) train.py --out out/demo
+
+# make figures: regenerate every image in docs/img (docs/STUDY.md shows them). The activation and GLU plots
+# need nothing; the training curves and FFN statistics read a run: out/demo when `make demo` has made one,
+# otherwise out/figures, trained here first if it has no best/ checkpoint (200 steps, a few minutes on a
+# 2-core CPU). FIGURES_RUN=runs/mine plots another finished run.
+FIGURES_RUN ?= $(if $(wildcard out/demo/best/config.json),out/demo,out/figures)
+
+figures: setup
+	$(PY) -m llama_mini.plots activations --out docs/img
+	$(PY) -m llama_mini.plots glu --out docs/img
+	if [ "$(FIGURES_RUN)" = out/figures ] && [ ! -f out/figures/best/config.json ]; then \
+		rm -rf out/figures && \
+		$(PY) train.py --out out/figures --max-steps 200 --eval-interval 50 --sample-tokens 0; \
+	fi
+	$(PY) -m llama_mini.plots training --runs $(FIGURES_RUN) --out docs/img
+	$(PY) -m llama_mini.plots ffn-stats --checkpoint $(FIGURES_RUN)/best --compare-init --out docs/img

@@ -1,0 +1,239 @@
+"""Plots: every command writes a non-empty image (Agg backend, temp folders), the curves are the model's own
+functions, and every mistake is one line on stderr with exit code 2."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_mini import plots
+from llama_mini.checkpoint import save_pretrained
+from llama_mini.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
+from llama_mini.model import Transformer
+from llama_mini.presets import get_preset
+from llama_mini.tokenizer import train_tokenizer
+
+matplotlib.use("Agg")  # no display in tests; figures are written to files only
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_images(paths, image_format: str = "png") -> None:
+    assert paths
+    for path in map(Path, paths):
+        data = path.read_bytes()
+        assert path.suffix == f".{image_format}" and len(data) > 1000, path
+        if image_format == "png":
+            assert data.startswith(PNG_SIGNATURE), path
+        else:
+            assert b"<svg" in data[:2000], path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def write_metrics(folder: Path, steps: int = 40, seed: int = 0) -> Path:
+    """A metrics.jsonl as training.py writes it: a train line every 10 steps, an eval line every 20."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    lines = []
+    for step in range(10, steps + 1, 10):
+        loss = 8.0 - step / 10 + rng.random() * 0.1
+        lines.append(
+            {
+                "type": "train",
+                "step": step,
+                "tokens": step * 4096,
+                "loss": loss,
+                "lr": 1e-3 * step / steps,
+                "tokens_per_second": 5000 + rng.random() * 100,
+                "time": 1.0 * step,
+            }
+        )
+        if step % 20 == 0:
+            lines.append(
+                {
+                    "type": "eval",
+                    "step": step,
+                    "tokens": step * 4096,
+                    "val_loss": loss + 0.1,
+                    "val_bpb": 2.0,
+                    "time": 1.0 * step,
+                }
+            )
+    path = folder / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    rng = random.Random(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "sleep", "dream", "die", "and"]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)]
+    return train_tokenizer(["\n".join(lines) + "\n"], folder / "tokenizer.model", 300).model_path
+
+
+def save_tiny_checkpoint(folder: Path, tokenizer_path: Path, ffn: str) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=300, ffn=ffn))
+    save_pretrained(model, folder, tokenizer_path=tokenizer_path)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- the commands
+
+
+def test_activations_command_writes_the_atlas_and_one_panel_per_function(tmp_path, capsys):
+    assert plots.main(["activations", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    expected = ["activations"] + [f"activation_{panel.name}" for panel in plots.ACTIVATIONS]
+    assert [Path(path).stem for path in printed] == expected
+    assert_images(printed)
+
+
+def test_glu_command_writes_every_gated_variant(tmp_path, capsys):
+    assert plots.main(["glu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(path).stem for path in printed] == ["glu"] + [f"glu_{name}" for name in GATED_FEED_FORWARDS]
+    assert_images(printed)
+
+
+def test_svg_format_writes_svg_files(tmp_path):
+    assert_images(plots.plot_training([write_metrics(tmp_path / "run")], tmp_path / "img", "svg"), "svg")
+
+
+def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys):
+    first = write_metrics(tmp_path / "baseline").parent  # a run folder
+    second = write_metrics(tmp_path / "wider", seed=1)  # a metrics.jsonl path
+    assert plots.main(["training", "--runs", str(first), str(second), "--out", str(tmp_path / "img")]) == 0
+    assert_images(capsys.readouterr().out.split())
+
+
+def test_run_labels_are_folder_names(tmp_path):
+    runs = [write_metrics(tmp_path / "a" / "demo"), write_metrics(tmp_path / "b" / "demo"), tmp_path / "c"]
+    (tmp_path / "c").mkdir()
+    labels = plots._run_labels(runs)
+    assert labels == [str(runs[0]), str(runs[1]), "c"]  # duplicates fall back to the path as given
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "relu"])
+def test_ffn_stats_command_writes_histograms(ffn, tokenizer_path, tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, ffn)
+    argv = ["ffn-stats", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img"), "--compare-init"]
+    assert plots.main(argv) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(path).name for path in printed] == ["ffn_stats.png"]
+    assert_images(printed)
+
+
+def test_a_run_folder_means_its_best_checkpoint(tokenizer_path, tmp_path):
+    run = tmp_path / "run"
+    save_tiny_checkpoint(run / "best", tokenizer_path, "swiglu")
+    assert plots._checkpoint_folder(run) == run / "best"
+    assert plots._checkpoint_folder(run / "best") == run / "best"
+
+
+# --------------------------------------------------------------------------------------------- the curves
+
+
+def test_swiglu_unit_is_silu_gate_times_value_with_both_slices():
+    unit = plots.gated_unit("swiglu")
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    torch.testing.assert_close(plots._glu_values(unit, x, x), x * x * torch.sigmoid(x))  # diagonal
+    torch.testing.assert_close(plots._glu_values(unit, x, torch.ones_like(x)), F.silu(x))  # b = 1
+    a, b = torch.randn(2, 100, dtype=torch.float64)
+    torch.testing.assert_close(plots._glu_values(unit, a, b), F.silu(a) * b)
+
+
+def test_every_variant_panel_names_a_gated_feed_forward():
+    assert [variant.ffn for variant in plots.GLU_VARIANTS] == list(GATED_FEED_FORWARDS)
+
+
+def test_autograd_derivatives_match_closed_forms():
+    x = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    s = torch.sigmoid(x)
+    torch.testing.assert_close(plots.derivative(torch.sigmoid, x), s * (1 - s))
+    torch.testing.assert_close(plots.derivative(torch.tanh, x), 1 - torch.tanh(x) ** 2)
+    torch.testing.assert_close(plots.derivative(F.silu, x), s * (1 + x * (1 - s)))
+
+
+@pytest.mark.parametrize("ffn", list(FEED_FORWARDS))
+def test_hooked_hidden_activations_reproduce_the_feed_forward(ffn):
+    """w2 applied to the caught hidden activations gives the feed-forward's own output, for every variant:
+    the gate activation chosen for `ffn` is the one its forward uses."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", ffn=ffn, swish_beta=1.7)).eval()
+    outputs = []
+    handle = model.layers[1].feed_forward.register_forward_hook(lambda _m, _i, out: outputs.append(out[0]))
+    stats = plots.feed_forward_statistics(model, torch.randint(0, 256, (20,)))
+    handle.remove()
+    hidden = stats[1].hidden if stats[1].hidden is not None else stats[1].activated
+    with torch.no_grad():
+        torch.testing.assert_close(model.layers[1].feed_forward.w2(hidden), outputs[0])
+    assert (stats[1].hidden is None) == (ffn not in GATED_FEED_FORWARDS)
+    assert len(stats) == 2 and stats[0].gate.shape == (20, model.layers[0].feed_forward.hidden_dim)
+
+
+# --------------------------------------------------------------------------------------------- mistakes
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (None, "no such file"),
+        ("", "holds no train or eval records"),
+        ('{"type": "train", "step": 10\n', "line 1 is not JSON"),
+        ('{"type": "train", "step": 10, "tokens": 5}\n', "line 1 (train) has no number 'loss'"),
+    ],
+)
+def test_bad_metrics_log_is_one_line_error_naming_the_file(content, says, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    assert plots.main(["training", "--runs", str(run), "--out", str(tmp_path / "img")]) == 2
+    err = one_line_error(capsys)
+    assert str(run / "metrics.jsonl") in err and says in err
+
+
+def test_ffn_stats_mistakes_are_one_line_errors(tokenizer_path, tmp_path, capsys):
+    out = str(tmp_path / "img")
+    assert plots.main(["ffn-stats", "--checkpoint", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert "does not exist" in one_line_error(capsys)
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, "swiglu")
+    assert plots.main(["ffn-stats", "--checkpoint", str(checkpoint), "--text", "  ", "--out", out]) == 2
+    assert "the text is empty" in one_line_error(capsys)
+    missing = str(tmp_path / "missing.txt")
+    assert (
+        plots.main(["ffn-stats", "--checkpoint", str(checkpoint), "--text-file", missing, "--out", out]) == 2
+    )
+    assert "no such file" in one_line_error(capsys)
+
+
+def test_usage_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert plots.main(["histogram", "--out", str(tmp_path)]) == 2
+    one_line_error(capsys)
+    assert plots.main(["glu"]) == 2  # --out is required
+    one_line_error(capsys)
+    assert plots.main(["glu", "--out", str(tmp_path), "--format", "jpeg"]) == 2
+    one_line_error(capsys)
+    out_file = tmp_path / "file"
+    out_file.write_text("")
+    assert plots.main(["glu", "--out", str(out_file)]) == 2
+    assert "is a file" in one_line_error(capsys)
+
+
+def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert plots.main(["glu", "--out", str(tmp_path)]) == 2
+    assert "pip install 'llama_mini[plot]'" in one_line_error(capsys)
