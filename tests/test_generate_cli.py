@@ -260,8 +260,19 @@ def test_a_folder_saved_by_transformers_samples_through_generate_py(checkpoint, 
     _, tokenizer = library
     prompt = "the king and"
     code = cli.main(
-        ["--checkpoint", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
-         "--no-stream", "--device", "cpu"]
+        [
+            "--checkpoint",
+            str(folder),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--no-stream",
+            "--device",
+            "cpu",
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0
