@@ -33,10 +33,11 @@ their lengths or the batch size. Pass a list of seeds to choose each row's seed 
 batch in two and get the same samples).
 
 Compiling. The decode step always feeds a (B, 1) token tensor. `compile=True` wraps that step in
-`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode elsewhere) with
-dynamic shapes, because the model's KV cache hands attention a slice that grows by one position per step.
-On CUDA that means one recorded graph per sequence length, not one in all; a single graph needs attention
-to read the whole preallocated cache under a position mask, a change to model.py (see `KVCache`).
+`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode elsewhere) and passes
+the position as a 0-d tensor, so attention reads the whole preallocated KV cache under a position mask
+(`KVCache.update_static`): every step has the same shapes, and one recorded graph replays for every token.
+Eager decoding passes the position as an int and attends only to the filled part of the cache, which is
+cheaper without a graph.
 """
 
 from __future__ import annotations
@@ -392,7 +393,10 @@ def _decode(
             if use_cuda_graphs:
                 # Tell the CUDA-graph runner a new step begins, so it may reuse the last step's outputs.
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = decode_step(model, tokens[:, position : position + 1], position)
+            # Compiled, the position goes in as a tensor: every step then has the same shapes and one
+            # CUDA graph serves them all (see Attention._keys_values_and_mask).
+            step_position = torch.tensor(position, device=device) if compile else position
+            logits = decode_step(model, tokens[:, position : position + 1], step_position)
             stats.decode_steps += 1
             stats.decode_tokens += batch
         stats.decode_seconds += _clock(device) - start
@@ -402,7 +406,7 @@ def _decode(
             model.clear_cache()
 
 
-def _decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+def _decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
     """One decode step: tokens (B, 1) at position start_pos -> next-token logits (B, V).
 
     Under CUDA graphs the result lives in the graph's output buffer, which the next replay overwrites:
@@ -416,7 +420,7 @@ def _compiled_decode_step(device_type: str) -> Callable[[Transformer, torch.Tens
     """`_decode_step` through torch.compile, built once per device type (the model is an argument, so
     the compiled code is shared by every model with the same shapes, and no model is kept alive here)."""
     mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(_decode_step, mode=mode, dynamic=True)
+    return torch.compile(_decode_step, mode=mode)
 
 
 def _ensure_cache(model: Transformer, batch: int) -> bool:

@@ -299,8 +299,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class KVCache(nn.Module):
     """Keys and values of the positions seen so far, for incremental decoding: (B, H_kv, max_seq_len, D).
 
-    Preallocated at its full size, so every decode step has the same tensor shapes (what CUDA graphs and
-    torch.compile want); `update` writes the new positions in place and returns the filled prefix.
+    Preallocated at its full size. `update` writes the new positions in place and returns the filled
+    prefix, which grows by one position per decode step. `update_static` returns the whole buffer instead,
+    so that every decode step has the same tensor shapes: what a CUDA graph, recorded once and replayed
+    for every token, needs. The positions not yet written are then masked out by the caller.
     """
 
     def __init__(
@@ -318,6 +320,15 @@ class KVCache(nn.Module):
         self.k_cache[:batch, :, start_pos:end] = xk
         self.v_cache[:batch, :, start_pos:end] = xv
         return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
+
+    def update_static(
+        self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write xk, xv (B, H_kv, T, D) at `positions` (T,) and return the whole (B, H_kv, max_seq_len, D)."""
+        batch = xk.shape[0]
+        self.k_cache[:batch].index_copy_(2, positions, xk)
+        self.v_cache[:batch].index_copy_(2, positions, xv)
+        return self.k_cache[:batch], self.v_cache[:batch]
 
 
 class Attention(nn.Module):
@@ -342,7 +353,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
         self.cache: KVCache | None = None  # set by Transformer.setup_cache for incremental decoding
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
+    ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         xq = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         xk = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
@@ -351,30 +364,46 @@ class Attention(nn.Module):
 
         # SDPA wants heads before positions: (B, heads, T, D).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        if self.cache is not None:
-            keys, values = self.cache.update(start_pos, xk, xv)  # (B, H_kv, start_pos + T, D)
-        else:
-            keys, values = xk, xv
+        keys, values, mask = self._keys_values_and_mask(xk, xv, start_pos)  # keys, values (B, H_kv, S, D)
         keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)  # (B, H, S, D)
-
-        # Causal mask. With no earlier positions, SDPA's is_causal does it (and picks fused kernels).
-        # With T new queries after start_pos cached positions, query i (position start_pos + i) may read
-        # keys 0..start_pos + i: a lower-triangular mask shifted right by start_pos. One new query may
-        # read every key, so needs no mask.
-        mask = None
-        if start_pos > 0 and seq_len > 1:
-            allowed = torch.ones(seq_len, keys.shape[2], dtype=torch.bool, device=x.device)
-            mask = allowed.tril(diagonal=start_pos)  # (T, start_pos + T): True where attention may look
         out = F.scaled_dot_product_attention(
             xq,
             keys,
             values,
             attn_mask=mask,
-            is_causal=start_pos == 0 and seq_len > 1,
+            is_causal=mask is None and seq_len > 1,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D); softmax is done in float32 inside SDPA's kernels
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(out))
+
+    def _keys_values_and_mask(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The keys and values the T new queries attend to, and the causal mask (None: SDPA's is_causal).
+
+        - No cache (training, full recomputation): the T new positions themselves; is_causal masks them.
+        - Cache, start_pos an int: positions 0..start_pos+T-1 from the cache. Query i (position
+          start_pos + i) may read keys 0..start_pos + i: a lower-triangular mask shifted right by
+          start_pos. With nothing cached yet (start_pos 0), is_causal does that; a single new query may
+          read every key, so needs no mask at all.
+        - Cache, start_pos a 0-d tensor: the whole max_seq_len cache, with a mask that hides the positions
+          after each query's own. Every step then has the same shapes, whatever the position (static
+          shapes for CUDA graphs), at the cost of attending over the whole buffer.
+        """
+        seq_len = xk.shape[2]
+        if self.cache is None:
+            return xk, xv, None
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seq_len, device=xk.device)  # (T,)
+            keys, values = self.cache.update_static(positions, xk, xv)
+            key_positions = torch.arange(keys.shape[2], device=xk.device)  # (max_seq_len,)
+            return keys, values, key_positions[None, :] <= positions[:, None]  # (T, max_seq_len)
+        keys, values = self.cache.update(start_pos, xk, xv)  # (B, H_kv, start_pos + T, D)
+        if start_pos == 0 or seq_len == 1:
+            return keys, values, None
+        allowed = torch.ones(seq_len, keys.shape[2], dtype=torch.bool, device=xk.device)
+        return keys, values, allowed.tril(diagonal=start_pos)  # (T, start_pos + T): True where it may look
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,7 +431,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = build_feed_forward(args)
         self.ffn_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
         return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
 
@@ -491,14 +522,26 @@ class Transformer(nn.Module):
 
         save_pretrained(self, path, dtype=dtype, tokenizer_path=tokenizer_path)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos .. start_pos + T - 1 -> logits (B, T, vocab_size).
+
+        start_pos is an int, or, for decoding with static shapes (CUDA graphs), a 0-d int64 tensor on the
+        model's device: the attention layers then read their whole KV cache (see `Attention`), and the
+        length is not checked here (that would need the tensor's value on the CPU at every step).
+        """
         batch, seq_len = tokens.shape
-        if start_pos + seq_len > self.args.max_seq_len:
-            raise ConfigError(
-                f"sequence of {start_pos + seq_len} positions is longer than max_seq_len "
-                f"({self.args.max_seq_len}); use a shorter input or a model with a larger max_seq_len"
-            )
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seq_len]  # (T, D/2, 2) angles of these positions
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seq_len, device=tokens.device)
+            freqs_cis = self.freqs_cis.index_select(0, positions)  # (T, D/2, 2)
+        else:
+            if start_pos + seq_len > self.args.max_seq_len:
+                raise ConfigError(
+                    f"sequence of {start_pos + seq_len} positions is longer than max_seq_len "
+                    f"({self.args.max_seq_len}); use a shorter input or a model with a larger max_seq_len"
+                )
+            freqs_cis = self.freqs_cis[
+                start_pos : start_pos + seq_len
+            ]  # (T, D/2, 2): these positions' angles
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)

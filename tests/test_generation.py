@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.generation import (
@@ -295,12 +296,16 @@ def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     _compiled_decode_step.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
     try:
-        compiled = generate(model, PROMPTS[:2], 6, temperature=0, compile=True)
+        compiled = generate(model, PROMPTS[:2], 12, temperature=0, compile=True)
     finally:
         _compiled_decode_step.cache_clear()
-    assert compiled == generate(model, PROMPTS[:2], 6, temperature=0)
-    assert calls == [{"mode": None, "dynamic": True}]  # "reduce-overhead" (CUDA graphs) only on CUDA
+    assert compiled == generate(model, PROMPTS[:2], 12, temperature=0)
+    assert calls == [{"mode": None}]  # "reduce-overhead" (CUDA graphs) only on CUDA
+    # Static shapes: the position is a tensor, so the 11 decode steps share one compiled graph.
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize(

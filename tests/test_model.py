@@ -528,3 +528,20 @@ def test_whole_model_equals_recomputation_with_explicit_softmax_attention(monkey
     with torch.no_grad():
         recomputed = model(tokens)
     torch.testing.assert_close(recomputed, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_static_shape_decoding_with_tensor_positions_equals_full_recomputation(n_kv_heads):
+    # start_pos as a 0-d tensor: attention reads the whole cache under a mask, so every step has the
+    # same shapes (for CUDA graphs). The logits must be those of the growing-slice path and of no cache.
+    model = perturbed_model(tiny_args(n_kv_heads=n_kv_heads))
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(max_batch_size=2)
+        steps = [model(tokens[:, :6], start_pos=torch.tensor(0))]  # a prefill through the static path
+        steps.append(model(tokens[:, 6:9], start_pos=torch.tensor(6)))  # a chunk after cached positions
+        for pos in range(9, 20):
+            steps.append(model(tokens[:, pos : pos + 1], start_pos=torch.tensor(pos)))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
