@@ -53,25 +53,6 @@ def write_meta(folder: Path, model: Transformer) -> None:
     torch.save(model.state_dict(), folder / "consolidated.00.pth")
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_model(tmp_path_factory) -> Path:
-    spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("tokenizer")
-    text = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(100)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=48,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return folder / "tokenizer.model"
-
-
 def test_meta_checkpoint_converts_to_a_folder_transformers_loads(tmp_path, capsys):
     model = tiny_model()
     write_meta(tmp_path / "meta", model)
