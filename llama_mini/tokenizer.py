@@ -38,16 +38,17 @@ __all__ = [
 ]
 
 # Small models want a small vocabulary: the embedding and output matrices cost 2 * vocab_size * dim
-# parameters (2.1M of the default model's 5.5M at vocab 4096 and dim 256), and the softmax over the
+# parameters (1.6M of the default model's 3.3M at vocab 4096 and dim 192), and the softmax over the
 # vocabulary is computed at every position. llama2.c chose 4096 for TinyStories for this reason.
-# On the Shakespeare corpus (5.1 MB) we measured: 2048 pieces give 2.91 bytes per token, 4096 give
-# 3.33 and 8192 give 3.69, while the pieces seen fewer than 20 times (whose embeddings barely train) grow
-# from 32 to 277 to 1405. 4096 sits at the knee, and it is `ModelArgs`'s default vocab_size.
+# On Shakespeare's training split (bench/tokenizer_vocab.py, docs/BENCHMARKS.md): 2048 pieces give 2.91
+# bytes per token, 4096 give 3.33 and 8192 give 3.70, while the learned pieces seen fewer than 20 times
+# (whose embeddings barely train) grow from 34 to 307 to 1658. 4096 sits at the knee, and it is
+# `ModelArgs`'s default vocab_size.
 DEFAULT_VOCAB_SIZE = 4096
 
 # The trainer sees at most this many characters, evenly sampled from the corpus: more text changes the merges
-# of a small vocabulary little but costs time. 20 million characters train in about 6 s on one core (the
-# 5 MB of Shakespeare in about 1 s); the time grows with the text, and TinyStories is 2 GB.
+# of a small vocabulary little but costs time, which grows with the text (the 5 MB of Shakespeare trains in
+# under a second, see docs/BENCHMARKS.md), and TinyStories is 2 GB.
 MAX_TRAINING_CHARACTERS = 20_000_000
 
 # sentencepiece trains on "sentences" and skips any longer than its max_sentence_length (in bytes). We cut
