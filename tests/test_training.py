@@ -312,40 +312,19 @@ def run_cli(args, capsys):
     return code, captured.out, captured.err
 
 
+def cli_flags(corpus_dir, tokenizer_path, **settings) -> list[str]:
+    """train.py flags for a tiny run on the test corpus; `settings` (underscores for dashes) override them."""
+    flags = dict(
+        data=corpus_dir, tokenizer=tokenizer_path, device="cpu", batch_size=2, eval_steps=1, sample_tokens=0,
+        dim=32, n_layers=1, n_heads=2, max_seq_len=16, multiple_of=16,
+    )  # fmt: skip
+    flags.update(settings)
+    return [item for name, value in flags.items() for item in ("--" + name.replace("_", "-"), str(value))]
+
+
 def test_cli_trains_and_prints_a_summary_and_sample(corpus_dir, tokenizer_path, tmp_path, capsys):
-    code, out, err = run_cli(
-        [
-            "--data",
-            str(corpus_dir),
-            "--tokenizer",
-            str(tokenizer_path),
-            "--out",
-            str(tmp_path / "cli"),
-            "--max-steps",
-            "4",
-            "--eval-interval",
-            "2",
-            "--eval-steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--dim",
-            "32",
-            "--n-layers",
-            "1",
-            "--n-heads",
-            "2",
-            "--max-seq-len",
-            "16",
-            "--multiple-of",
-            "16",
-            "--sample-tokens",
-            "8",
-            "--device",
-            "cpu",
-        ],
-        capsys,
-    )
+    flags = cli_flags(corpus_dir, tokenizer_path, out=tmp_path / "cli", max_steps=4, eval_interval=2)
+    code, out, err = run_cli([*flags, "--sample-tokens", "8"], capsys)
     assert code == 0, err
     assert "done: 4 steps" in out and "bits/byte" in out
     assert "--- sample ---" in out
@@ -387,36 +366,10 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(
     corpus_dir, tokenizer_path, tmp_path, signum
 ):
     out = tmp_path / "sig"
-    command = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--data",
-        str(corpus_dir),
-        "--tokenizer",
-        str(tokenizer_path),
-        "--out",
-        str(out),
-        "--max-steps",
-        "100000",
-        "--eval-interval",
-        "100000",
-        "--batch-size",
-        "2",
-        "--dim",
-        "32",
-        "--n-layers",
-        "1",
-        "--n-heads",
-        "2",
-        "--max-seq-len",
-        "16",
-        "--multiple-of",
-        "16",
-        "--log-interval",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    flags = cli_flags(
+        corpus_dir, tokenizer_path, out=out, max_steps=100000, eval_interval=100000, log_interval=1
+    )
+    command = [sys.executable, str(REPO / "train.py"), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.time() + 120
     while not (out / METRICS).exists() or len(read_metrics(out)) < 3:
@@ -436,38 +389,10 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_128_plus_the_signal(
 def test_two_processes_under_torchrun_match_one_process(corpus_dir, tokenizer_path, tmp_path):
     if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
         pytest.skip("torchrun is not installed")
-    common = [
-        "--data",
-        str(corpus_dir),
-        "--tokenizer",
-        str(tokenizer_path),
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "2",
-        "--eval-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--dim",
-        "32",
-        "--n-layers",
-        "2",
-        "--n-heads",
-        "2",
-        "--max-seq-len",
-        "32",
-        "--multiple-of",
-        "16",
-        "--log-interval",
-        "1",
-        "--sample-tokens",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    common = cli_flags(
+        corpus_dir, tokenizer_path, max_steps=4, eval_interval=2, eval_steps=2, batch_size=4, grad_accum=2,
+        n_layers=2, max_seq_len=32, log_interval=1,
+    )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, "train.py", *common, "--out", str(tmp_path / "one")],
@@ -509,30 +434,7 @@ def test_cli_resume_takes_the_checkpoints_settings_and_explicit_flags(
     corpus_dir, tokenizer_path, tmp_path, capsys
 ):
     common = ["--out", str(tmp_path / "r"), "--device", "cpu", "--sample-tokens", "0"]
-    first = [
-        "--data",
-        str(corpus_dir),
-        "--tokenizer",
-        str(tokenizer_path),
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "4",
-        "--eval-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--dim",
-        "32",
-        "--n-layers",
-        "1",
-        "--n-heads",
-        "2",
-        "--max-seq-len",
-        "16",
-        "--multiple-of",
-        "16",
-    ]
+    first = cli_flags(corpus_dir, tokenizer_path, max_steps=4, eval_interval=4)
     code, out, err = run_cli([*first, *common], capsys)
     assert code == 0, err
     # Resume with only a longer run asked for: every other setting (model, data, eval) comes from the
