@@ -5,7 +5,7 @@
 #   - with an NVIDIA GPU, PyPI's Linux wheel of torch is the CUDA build: nothing to set;
 #   - on a CPU-only machine the same wheel works but is large; for the small CPU-only build, run
 #       make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
-#   - any other torch >= 2.3 also works: make test TORCH=torch==2.5.1
+#   - any other torch >= 2.4 also works: make test TORCH=torch==2.5.1
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

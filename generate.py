@@ -33,6 +33,7 @@ from llama_mini.checkpoint import find_tokenizer, load_pretrained
 from llama_mini.cli import ArgumentParser, report_errors
 from llama_mini.errors import CheckpointError, ConfigError, LlamaMiniError
 from llama_mini.generation import (
+    CACHE_LENGTH_MULTIPLE,
     GenerationStats,
     decode_continuation,
     fit_to_context,
@@ -154,8 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runtime.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the decode step (CUDA graphs on CUDA); the first output waits for the compiler",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the decode step with static shapes; the first output waits for the compiler "
+        "(default: off)",
+    )
+    runtime.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compile on CUDA, replay each decode step as one CUDA graph (default: on)",
     )
     runtime.add_argument(
         "--stream",
@@ -202,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
     texts = [] if args.interactive else read_prompts(args)
     # One KV cache for every call, as large as the largest batch: streaming runs one output at a time,
     # otherwise a call runs all its prompts x samples together. (Reusing it also lets a compiled decode
-    # step keep its buffers from call to call in the interactive loop.)
-    model.setup_cache(1 if streaming else max(len(texts), 1) * args.num_samples)
+    # step keep its buffers from call to call in the interactive loop.) It starts short and is replaced
+    # by a longer one when a request needs more positions (see generation._ensure_cache).
+    rows = 1 if streaming else max(len(texts), 1) * args.num_samples
+    model.setup_cache(rows, max_seq_len=CACHE_LENGTH_MULTIPLE)
     session = Session(model, tokenizer, args, streaming)
     if args.interactive:
         session.interactive()
@@ -225,6 +236,7 @@ class Session:
             repetition_penalty=args.repetition_penalty,
             eos_id=tokenizer.eos_id,
             compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
         )
 
     def run(self, texts: list[str], echo: bool = True) -> None:

@@ -18,7 +18,9 @@ import sys
 import typing
 
 from llama_mini.cli import ArgumentParser, report_errors
+from llama_mini.fast_paths import ATTENTION_BACKENDS
 from llama_mini.ffn import FEED_FORWARDS
+from llama_mini.kernels import SWIGLU_KERNELS
 from llama_mini.model import ModelArgs
 from llama_mini.presets import PRESETS
 from llama_mini.training import TrainConfig, Trainer
@@ -49,7 +51,12 @@ TRAIN_HELP = {
     "seed": "seeds the weights and the data order",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "dtype": "auto (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU/MPS), fp32, bf16 or fp16",
-    "compile": "torch.compile the model (default: on for CUDA, off elsewhere)",
+    "compile": "torch.compile the model and its loss (None = on for CUDA, off elsewhere)",
+    "fused_adamw": "AdamW's fused kernel (None = on for CUDA, off elsewhere)",
+    "attention": "SDPA kernel: auto (PyTorch chooses), flash, efficient, cudnn, or math (the plain one)",
+    "swiglu_kernel": "SwiGLU activation: auto, eager (the plain one), compiled or triton (fused)",
+    "loss_chunk_size": "compute the output layer and loss this many tokens at a time, never holding all "
+    "the logits (0 = off; None = auto, by vocabulary and batch size)",
     "peak_tflops": "the device's peak TFLOP/s for MFU (default: looked up for known GPUs)",
     "sample_tokens": "tokens to sample at the end to show what the model learned (0 = none)",
     "sample_prompt": "the prompt of that sample",
@@ -104,6 +111,10 @@ def add_dataclass_flags(group, cls: type, helps: dict[str, str | None], defaults
             options["choices"] = list(FEED_FORWARDS)
         elif field.name == "dtype":
             options["choices"] = ["auto", "fp32", "bf16", "fp16"]
+        elif field.name == "attention":
+            options["choices"] = list(ATTENTION_BACKENDS)
+        elif field.name == "swiglu_kernel":
+            options["choices"] = ["auto", *SWIGLU_KERNELS]
         elif field.name == "preset":
             options["type"], options["choices"] = str, list(PRESETS)
         group.add_argument(flag, metavar=field.name.upper(), **options)

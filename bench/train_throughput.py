@@ -1,11 +1,19 @@
-"""Training throughput: tokens/s, MFU and peak memory of full optimizer steps, eager and compiled.
+"""Training throughput: tokens/s, MFU and peak memory of full optimizer steps, for each set of fast paths.
 
-    python bench/train_throughput.py                                   # stories15m, seq 256
-    python bench/train_throughput.py --preset stories110m --seq-len 1024 --batch-size 16 --compile both
+    python bench/train_throughput.py                                   # stories15m, seq 256: plain, default
+    python bench/train_throughput.py --preset stories110m --seq-len 1024 --batch-size 16 \\
+        --variants plain compiled default compiled+chunked-loss compiled+swiglu-triton
 
-One step = forward, backward (bf16 autocast on a GPU, fp32 on a CPU) and a fused AdamW update, the same
-work as llama_mini.training. MFU = tokens/s * (6N + 12 * n_layers * dim * seq_len) / peak FLOP/s, with the
-peak from llama_mini.training.PEAK_BF16_FLOPS (or --peak-tflops).
+One step = forward, backward (bf16 autocast on a GPU, fp32 on a CPU) and an AdamW update: the work of
+llama_mini.training, built from the same pieces (llama_mini.fast_paths). MFU = tokens/s x (6N + 12 x
+n_layers x dim x seq_len) / peak FLOP/s, with the peak from llama_mini.training.PEAK_BF16_FLOPS (or
+--peak-tflops). The variants:
+
+    plain       no fast path: eager, the plain loss, eager SwiGLU, AdamW's for-each kernels
+    default     what train.py chooses on this device (every setting "auto")
+    compiled    torch.compile of model + loss, everything else plain
+    compiled+chunked-loss, compiled+swiglu-compiled, compiled+swiglu-triton, eager+chunked-loss,
+    eager+swiglu-compiled, eager+swiglu-triton, ...: compile on or off plus one fast path
 """
 
 from __future__ import annotations
@@ -19,8 +27,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
-from llama_mini import ModelArgs, Transformer, cross_entropy, get_preset, training_flops_per_token  # noqa: E402
+from llama_mini import ModelArgs, Transformer, get_preset, training_flops_per_token  # noqa: E402
+from llama_mini.fast_paths import (  # noqa: E402
+    LOSS_CHUNK_SIZE,
+    FastPaths,
+    attention_backend,
+    choose_fast_paths,
+    use_swiglu_kernel,
+)
 from llama_mini.training import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
+
+
+def variant_fast_paths(name: str, device: torch.device, tokens: int, vocab_size: int) -> FastPaths:
+    """The FastPaths a variant name stands for (see the module docstring)."""
+    if name == "default":
+        return choose_fast_paths(device, tokens, vocab_size)
+    base, _, extra = name.partition("+")
+    if base not in ("plain", "eager", "compiled") or (base == "plain" and extra):
+        raise SystemExit(f"unknown variant {name!r}: plain, default, or eager/compiled[+fast path]")
+    settings = dict(
+        compile=base == "compiled",
+        fused_adamw=False,
+        attention="auto",
+        swiglu_kernel="eager",
+        loss_chunk_size=0,
+    )
+    if extra == "chunked-loss":
+        settings["loss_chunk_size"] = LOSS_CHUNK_SIZE
+    elif extra.startswith("swiglu-"):
+        settings["swiglu_kernel"] = extra.removeprefix("swiglu-")
+    elif extra == "fused-adamw":
+        settings["fused_adamw"] = True
+    elif extra.startswith("attention-"):
+        settings["attention"] = extra.removeprefix("attention-")
+    elif extra:
+        raise SystemExit(f"unknown fast path {extra!r} in variant {name!r}")
+    return FastPaths(**settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary")
     parser.add_argument("--dim", type=int, default=None, help="override the preset's width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--variants", nargs="+", default=["plain", "default"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", default=None)
@@ -44,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = peak_flops(device, args.peak_tflops)
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    tokens_per_step = args.batch_size * args.seq_len
     rows = []
     for preset in args.preset:
         overrides = {"max_seq_len": args.seq_len}
@@ -53,17 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim:
             overrides["dim"] = args.dim
         model_args = ModelArgs(**overrides) if preset == "default" else get_preset(preset, **overrides)
-        for compiled in modes:
+        for variant in args.variants:
+            paths = variant_fast_paths(variant, device, tokens_per_step, model_args.vocab_size)
             torch.manual_seed(0)
             model = Transformer(model_args).to(device)
-            optimizer = make_optimizer(model, TrainConfig(max_steps=10, eval_interval=10), device)
-            forward = torch.compile(model) if compiled else model
-            vocab = model.args.vocab_size
-            tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
+            model.loss_chunk_size = paths.loss_chunk_size
+            use_swiglu_kernel(model, paths.swiglu_kernel)
+            optimizer = make_optimizer(model, TrainConfig(max_steps=10, eval_interval=10), paths.fused_adamw)
+            forward = torch.compile(model) if paths.compile else model
+            tokens = torch.randint(
+                0, model_args.vocab_size, (args.batch_size, args.seq_len + 1), device=device
+            )
 
-            def step(forward=forward, optimizer=optimizer, tokens=tokens):
-                with autocast(device, dtype):
-                    loss = cross_entropy(forward(tokens[:, :-1]), tokens[:, 1:])
+            def step(forward=forward, optimizer=optimizer, tokens=tokens, paths=paths):
+                with autocast(device, dtype), attention_backend(paths.attention):
+                    loss = forward(tokens[:, :-1], targets=tokens[:, 1:])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -71,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = time_call(step, device, warmup=3, repeats=args.steps)
-            tokens_per_second = args.batch_size * args.seq_len / seconds
+            tokens_per_second = tokens_per_step / seconds
             row = {
                 "preset": preset,
-                "mode": "compiled" if compiled else "eager",
+                "variant": variant,
                 "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                 "tok/s": tokens_per_second,
                 "ms/step": 1000 * seconds,
@@ -84,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["MFU %"] = 100 * tokens_per_second * flops / peak
             if device.type == "cuda":
                 row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["fast paths"] = ", ".join(f"{key}={value}" for key, value in vars(paths).items())
             rows.append(row)
             del model, optimizer, forward
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     info = run_info(device)
     print(
         f"batch {args.batch_size} x seq {args.seq_len}, {dtype}, {info['device']}, torch {info['torch']}, "

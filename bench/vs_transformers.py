@@ -2,12 +2,17 @@
 
     python bench/vs_transformers.py                          # stories15m shape, CPU or GPU
     python bench/vs_transformers.py --preset stories110m --batch-size 16 --json out.json
+    python bench/vs_transformers.py --peer-compile           # also transformers' own compiled paths
 
 Measures, for each library, on the same device and dtype:
   - a training step: forward + backward of the next-token loss on a (batch, seq_len) batch;
   - greedy decoding: prefill of a prompt, then new tokens one at a time with each library's KV cache,
     at batch 1 and batch 8 (equal-length prompts, so neither needs padding), as new tokens per second.
-The last table gives llama_mini's speed as a ratio of transformers' (> 1 means llama_mini is faster).
+llama_mini runs twice: plain (eager, no fast path) and fast (torch.compile of model + loss with the
+device's fast paths from llama_mini.fast_paths; decoding compiled with the static-shape cache, CUDA graphs
+on a GPU). transformers runs as users run it by default (eager, dynamic cache); with --peer-compile also
+compiled (training) and with its static cache compiled (decoding). The tables give each speed as a ratio
+of transformers' default (> 1 means faster than transformers).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import Transformer, cross_entropy, get_preset  # noqa: E402
+from llama_mini.fast_paths import attention_backend, choose_fast_paths, use_swiglu_kernel  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
 
 
@@ -38,23 +44,26 @@ def build_pair(preset: str, device: torch.device, dtype: torch.dtype):
     return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
 
 
-def training_step_seconds(model, forward, tokens, device) -> float:
+def training_step_seconds(model, loss_of, tokens, device) -> float:
+    """Median seconds of forward + backward, where loss_of(x, y) gives the mean next-token loss."""
     model.train()
 
     def step():
-        loss = cross_entropy(forward(tokens[:, :-1]), tokens[:, 1:])
+        loss = loss_of(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    return time_call(step, device, warmup=2, repeats=5)
+    return time_call(step, device, warmup=3, repeats=5)
 
 
-def ours_greedy(model, prompts, new_tokens):
-    return lambda: generate(model, prompts, new_tokens, temperature=0)
+def ours_greedy(model, prompts, new_tokens, compile: bool):
+    return lambda: generate(model, prompts, new_tokens, temperature=0, compile=compile)
 
 
-def theirs_greedy(model, prompts, new_tokens):
+def theirs_greedy(model, prompts, new_tokens, static_cache: bool = False):
     input_ids = torch.tensor(prompts, device=model.device)
+    # transformers' fast path: a static cache, with which generate() compiles the forward itself
+    options = {"cache_implementation": "static"} if static_cache else {}
 
     def run():
         with torch.inference_mode():
@@ -67,9 +76,18 @@ def theirs_greedy(model, prompts, new_tokens):
                 min_new_tokens=new_tokens,  # both sides produce exactly new_tokens
                 eos_token_id=None,
                 pad_token_id=0,
+                **options,
             )
 
     return run
+
+
+def ratio_row(measurement: str, tokens: int, seconds: dict[str, float], baseline: str) -> dict:
+    """One table row: tokens/s of each contender and its speed as a ratio of the baseline's."""
+    row = {"measurement": measurement}
+    for name, value in seconds.items():
+        row[name] = f"{tokens / value:,.0f} tok/s ({seconds[baseline] / value:.2f}x)"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256, help="training-step sequence length")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--peer-compile", action="store_true", help="also time transformers compiled")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -93,43 +113,70 @@ def main(argv: list[str] | None = None) -> int:
     vocab = ours.args.vocab_size
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
-
-    results = []
-    train_ours = training_step_seconds(ours, ours, tokens, device)
-    train_theirs = training_step_seconds(theirs, lambda x: theirs(input_ids=x).logits, tokens, device)
     step_tokens = args.batch_size * args.seq_len
-    results.append(
-        {
-            "measurement": f"training step, batch {args.batch_size} x {args.seq_len}",
-            "llama_mini": f"{step_tokens / train_ours:,.0f} tok/s ({1000 * train_ours:.1f} ms)",
-            "transformers": f"{step_tokens / train_theirs:,.0f} tok/s ({1000 * train_theirs:.1f} ms)",
-            "ratio": round(train_theirs / train_ours, 2),
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # llama_mini's fast paths for this device, with compiling on (on a CPU it is opt-in: see fast_paths).
+    paths = choose_fast_paths(device, step_tokens, vocab, compile=True)
+    ours_fast = Transformer(ours.args).to(device=device, dtype=dtype)
+    ours_fast.load_state_dict(ours.state_dict())
+    ours_fast.loss_chunk_size = paths.loss_chunk_size
+    use_swiglu_kernel(ours_fast, paths.swiglu_kernel)
+    compiled_ours = torch.compile(ours_fast)
+
+    def theirs_loss(model):
+        return lambda x, y: cross_entropy(model(input_ids=x).logits, y)
+
+    with autocast:
+        train = {
+            "transformers": training_step_seconds(theirs, theirs_loss(theirs), tokens, device),
+            "llama_mini plain": training_step_seconds(
+                ours, lambda x, y: cross_entropy(ours(x), y), tokens, device
+            ),
         }
-    )
+        with attention_backend(paths.attention):
+            train["llama_mini fast"] = training_step_seconds(
+                ours_fast, lambda x, y: compiled_ours(x, targets=y), tokens, device
+            )
+        if args.peer_compile:
+            train["transformers compiled"] = training_step_seconds(
+                theirs, theirs_loss(torch.compile(theirs)), tokens, device
+            )
+    results = [
+        ratio_row(
+            f"training step, batch {args.batch_size} x {args.seq_len}", step_tokens, train, "transformers"
+        )
+    ]
+
     ours.eval()
     theirs.eval()
-    for batch in (1, 8):
+    for batch in args.decode_batches:
         prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=generator).tolist()
-        ours_run = ours_greedy(ours, prompts, args.new_tokens)
-        theirs_run = theirs_greedy(theirs, prompts, args.new_tokens)
-        ours_seconds = time_call(ours_run, device, warmup=1, repeats=3)
-        theirs_seconds = time_call(theirs_run, device, warmup=1, repeats=3)
-        new = batch * args.new_tokens
+        contenders = {
+            "transformers": theirs_greedy(theirs, prompts, args.new_tokens),
+            "llama_mini plain": ours_greedy(ours, prompts, args.new_tokens, compile=False),
+            "llama_mini fast": ours_greedy(ours, prompts, args.new_tokens, compile=True),
+        }
+        if args.peer_compile:
+            contenders["transformers compiled"] = theirs_greedy(
+                theirs, prompts, args.new_tokens, static_cache=True
+            )
+        seconds = {name: time_call(run, device, warmup=2, repeats=3) for name, run in contenders.items()}
         results.append(
-            {
-                "measurement": f"greedy decode, batch {batch}, {args.prompt_len}+{args.new_tokens} tokens",
-                "llama_mini": f"{new / ours_seconds:,.0f} tok/s",
-                "transformers": f"{new / theirs_seconds:,.0f} tok/s",
-                "ratio": round(theirs_seconds / ours_seconds, 2),
-            }
+            ratio_row(
+                f"greedy decode, batch {batch}, {args.prompt_len}+{args.new_tokens} tokens",
+                batch * args.new_tokens,
+                seconds,
+                "transformers",
+            )
         )
 
     info = run_info(device)
     print(
         f"{args.preset}, {dtype}, {info['device']}, torch {info['torch']}, "
-        f"commit {info['commit']}, {info['date']}"
+        f"commit {info['commit']}, {info['date']}; llama_mini fast: {paths.describe()}"
     )
-    print("ratio = llama_mini speed / transformers speed (same weights, same process)")
+    print("each: tokens/s (speed as a ratio of transformers' default; same weights, same process)")
     print_table(results)
     write_json(args.json, {**info, "preset": args.preset, "dtype": str(dtype), "results": results})
     return 0

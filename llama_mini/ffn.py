@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_mini.kernels import swiglu
+
 if TYPE_CHECKING:  # only for type hints: model.py imports this module
     from llama_mini.model import ModelArgs
 
@@ -75,9 +77,14 @@ class FeedForward(nn.Module):
     `intermediate_size` gives, which the rule cannot always reproduce).
 
     The other gated variants subclass this one and change only the activation of the gate in `forward`.
+
+    `kernel` picks how silu(gate) * value is computed, never what: "eager" (PyTorch's two ops),
+    "compiled" or "triton" (one fused pass, and a backward that keeps two hidden-sized tensors instead of
+    three); see llama_mini.kernels. Training sets it per device; the class default is the plain path.
     """
 
     gated = True
+    kernel = "eager"
 
     def __init__(
         self,
@@ -95,7 +102,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # value projection V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.kernel))  # swiglu(a, b) = silu(a) * b
 
 
 SwiGLU = FeedForward  # the paper's name for LLaMA's FeedForward: one class, two names

@@ -235,6 +235,7 @@ def generate(
     seed: int | Sequence[int] | None = None,
     repetition_penalty: float | None = None,
     compile: bool = False,
+    cuda_graphs: bool = True,
     stats: GenerationStats | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
@@ -254,6 +255,7 @@ def generate(
         seed=seed,
         repetition_penalty=repetition_penalty,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         stats=stats,
     ):
         new_ids[row].append(token_id)
@@ -271,6 +273,7 @@ def iter_new_tokens(
     seed: int | Sequence[int] | None = None,
     repetition_penalty: float | None = None,
     compile: bool = False,
+    cuda_graphs: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Generate for a ragged batch of prompts; yield (row, token_id) for each new token as it is chosen.
@@ -284,6 +287,7 @@ def iter_new_tokens(
         None draws the seeds from torch's global generator (so `torch.manual_seed` makes runs repeatable).
     repetition_penalty: CTRL's penalty (> 0; 1 or None = off) on every id in a row's prompt and output.
     compile: run the decode step through torch.compile (see the module docstring).
+    cuda_graphs: when compiling on CUDA, replay the step as a CUDA graph (False: compiled kernels only).
     stats: a GenerationStats to fill with token counts and timings.
 
     Uses the model's KV cache if it has one for at least B rows (and leaves it in place), otherwise sets one
@@ -312,6 +316,7 @@ def iter_new_tokens(
         seeds=seeds,
         repetition_penalty=repetition_penalty,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         stats=stats,
     )
 
@@ -329,6 +334,7 @@ def _decode(
     seeds: list[int] | None,
     repetition_penalty: float | None,
     compile: bool,
+    cuda_graphs: bool,
     stats: GenerationStats | None,
 ) -> Iterator[tuple[int, int]]:
     """The loop of `iter_new_tokens`, for validated arguments (see the module docstring for the scheme)."""
@@ -343,13 +349,13 @@ def _decode(
     generators = None
     if temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    decode_step = _compiled_decode_step(device.type) if compile else _decode_step
-    use_cuda_graphs = compile and device.type == "cuda"
+    use_cuda_graphs = compile and cuda_graphs and device.type == "cuda"
+    decode_step = _compiled_decode_step(use_cuda_graphs) if compile else _decode_step
     produced = [0] * batch
     finished = [False] * batch
     stats = stats if stats is not None else GenerationStats()
 
-    made_cache = _ensure_cache(model, batch)
+    made_cache = _ensure_cache(model, batch, total_len)
     was_training = model.training
     model.eval()
     try:
@@ -416,22 +422,35 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | torc
 
 
 @functools.cache
-def _compiled_decode_step(device_type: str) -> Callable[[Transformer, torch.Tensor, int], torch.Tensor]:
-    """`_decode_step` through torch.compile, built once per device type (the model is an argument, so
-    the compiled code is shared by every model with the same shapes, and no model is kept alive here)."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(_decode_step, mode=mode)
+def _compiled_decode_step(cuda_graphs: bool) -> Callable[[Transformer, torch.Tensor, int], torch.Tensor]:
+    """`_decode_step` through torch.compile, built once (the model is an argument, so the compiled code
+    is shared by every model with the same shapes, and no model is kept alive here). Mode
+    "reduce-overhead" records and replays CUDA graphs."""
+    return torch.compile(_decode_step, mode="reduce-overhead" if cuda_graphs else None)
 
 
-def _ensure_cache(model: Transformer, batch: int) -> bool:
-    """Give the model a KV cache for `batch` rows unless it has one large enough. True if the model had
-    none, so the caller removes it afterwards; a cache too small is replaced by a larger one, and kept."""
+CACHE_LENGTH_MULTIPLE = 256  # KV caches are made a multiple of this long, so similar requests share one
+
+
+def _ensure_cache(model: Transformer, batch: int, length: int) -> bool:
+    """Give the model a KV cache for `batch` rows of `length` positions unless it has one large enough.
+
+    True if the model had none, so the caller removes it afterwards; a cache too small is replaced by a
+    larger one, and kept. The length is rounded up to a multiple of CACHE_LENGTH_MULTIPLE (at most the
+    model's context): the compiled step attends over the whole cache, so a cache sized to the request
+    reads far less than one of the full context, and rounding lets requests of similar lengths reuse the
+    compiled code and the buffers.
+    """
     cache = model.layers[0].attention.cache
-    if cache is not None and cache.k_cache.shape[0] >= batch:
-        return False
+    if cache is not None:
+        rows, cached_length = cache.k_cache.shape[0], cache.k_cache.shape[2]
+        if rows >= batch and cached_length >= length:
+            return False
+        batch, length = max(batch, rows), max(length, cached_length)
     # Any stale keys and values in a reused cache are harmless: position t is written before any query
     # at t or later reads it, and the causal mask keeps queries from reading beyond their own position.
-    model.setup_cache(batch)
+    length = -(-length // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    model.setup_cache(batch, max_seq_len=length)
     return cache is None
 
 
@@ -522,6 +541,7 @@ def stream(
     seed: int | Sequence[int] | None = None,
     repetition_penalty: float | None = None,
     compile: bool = False,
+    cuda_graphs: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
     """Continue one prompt and yield its text piece by piece as tokens are generated.
@@ -546,6 +566,7 @@ def stream(
         seed=seed,
         repetition_penalty=repetition_penalty,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         stats=stats,
     )
     return _stream_text(tokenizer, prompt_ids, tokens)

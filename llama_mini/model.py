@@ -27,6 +27,7 @@ from torch import nn
 
 from llama_mini.errors import ConfigError
 from llama_mini.ffn import FEED_FORWARDS, FeedForward, build_feed_forward
+from llama_mini.loss import linear_cross_entropy
 
 __all__ = [
     "IGNORE_INDEX",
@@ -458,6 +459,10 @@ class Transformer(nn.Module):
             # One (vocab_size, dim) matrix both looks up input tokens and scores output tokens.
             self.output.weight = self.tok_embeddings.weight
 
+        # Tokens per chunk of the training loss (forward with targets); 0 = the plain loss over all the
+        # logits at once. A speed/memory setting, not part of the model: training sets it.
+        self.loss_chunk_size = 0
+
         # Not a parameter and not saved: recomputed from the config. Kept float32 (see `_apply`).
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
         self.apply(self._init_weights)
@@ -486,13 +491,19 @@ class Transformer(nn.Module):
         self.freqs_cis = self._rope_table().to(self.freqs_cis.device)
         return self
 
-    def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Give every attention layer a KV cache for up to `max_batch_size` sequences of max_seq_len."""
+    def setup_cache(
+        self, max_batch_size: int, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+    ) -> None:
+        """Give every attention layer a KV cache for up to `max_batch_size` sequences of `max_seq_len`
+        positions (default: the model's whole context; generation asks for what a request needs, since
+        a model trained on 128K positions would otherwise hold, and under static shapes read, 128K)."""
         weight = self.tok_embeddings.weight
+        context = self.args.max_seq_len
+        max_seq_len = context if max_seq_len is None else min(max_seq_len, context)
         for layer in self.layers:
             layer.attention.cache = KVCache(
                 max_batch_size,
-                self.args.max_seq_len,
+                max_seq_len,
                 self.args.n_kv_heads,
                 self.args.head_dim,
                 dtype=dtype or weight.dtype,
@@ -522,12 +533,19 @@ class Transformer(nn.Module):
 
         save_pretrained(self, path, dtype=dtype, tokenizer_path=tokenizer_path)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, T) at positions start_pos .. start_pos + T - 1 -> logits (B, T, vocab_size).
 
         start_pos is an int, or, for decoding with static shapes (CUDA graphs), a 0-d int64 tensor on the
         model's device: the attention layers then read their whole KV cache (see `Attention`), and the
         length is not checked here (that would need the tensor's value on the CPU at every step).
+
+        With `targets` (B, T), the next-token ids, the model returns the mean cross-entropy (a float32
+        scalar) instead of the logits: training's path. The loss then compiles together with the model,
+        and with `loss_chunk_size` > 0 the (B, T, vocab_size) logits are never built at all: the loss
+        is computed `loss_chunk_size` tokens at a time (see llama_mini.loss).
         """
         batch, seq_len = tokens.shape
         if isinstance(start_pos, torch.Tensor):
@@ -545,7 +563,12 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
-        return self.output(self.norm(h))  # (B, T, vocab_size)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)  # (B, T, vocab_size)
+        if self.loss_chunk_size > 0:
+            return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk_size)
+        return cross_entropy(self.output(h), targets)
 
 
 def cross_entropy(

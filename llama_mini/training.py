@@ -4,7 +4,7 @@ The loop, per optimizer step:
 
     lr = warmup-then-cosine(step)
     for each of grad_accum micro-batches:              (gradients add up; DDP syncs only on the last)
-        loss = cross_entropy(model(x), y) / grad_accum  (bf16/fp16 autocast on a GPU, float32 loss)
+        loss = model(x, targets=y) / grad_accum         (bf16/fp16 autocast on a GPU, float32 loss)
         loss.backward()
     clip the gradient norm, AdamW step
     every eval_interval steps: validation loss and bits per byte, checkpoint (last k + best)
@@ -38,7 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 from llama_mini.checkpoint import load_pretrained, save_pretrained
 from llama_mini.data import TokenShard, get_batch, load_documents, prepare_data, split_documents
 from llama_mini.errors import ConfigError, LlamaMiniError
-from llama_mini.model import ModelArgs, Transformer, cross_entropy, training_flops_per_token
+from llama_mini.fast_paths import ATTENTION_BACKENDS, attention_backend, choose_fast_paths, use_swiglu_kernel
+from llama_mini.kernels import SWIGLU_KERNELS
+from llama_mini.model import ModelArgs, Transformer, training_flops_per_token
 from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 TRAINING_STATE = "training_state.pt"  # optimizer, RNG states: torch.save, loaded with weights_only=True
@@ -98,7 +100,12 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPU/MPS
-    compile: bool | None = None  # torch.compile the model; None = on for CUDA only
+    # Fast paths (llama_mini.fast_paths): None / "auto" = the measured default for the device.
+    compile: bool | None = None  # torch.compile the model and its loss; None = on for CUDA only
+    fused_adamw: bool | None = None  # AdamW's fused kernel; None = on for CUDA only
+    attention: str = "auto"  # SDPA kernel: auto, flash, efficient, cudnn or math
+    swiglu_kernel: str = "auto"  # SwiGLU activation: auto, eager, compiled or triton
+    loss_chunk_size: int | None = None  # tokens per chunk of the fused output + loss; 0 = off; None = auto
     peak_tflops: float | None = None  # the device's peak, for MFU; None = look the GPU up
     sample_tokens: int = 200  # tokens sampled at the end to show what the model learned; 0 = none
     sample_prompt: str = "\n"
@@ -128,6 +135,14 @@ class TrainConfig:
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("--grad-clip and --weight-decay must not be negative")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            problems.append(f"--loss-chunk-size must not be negative (0 = off), got {self.loss_chunk_size}")
+        if self.attention not in ATTENTION_BACKENDS:
+            choices = ", ".join(ATTENTION_BACKENDS)
+            problems.append(f"--attention must be one of {choices}, got {self.attention!r}")
+        if self.swiglu_kernel not in ("auto", *SWIGLU_KERNELS):
+            choices = ", ".join(SWIGLU_KERNELS)
+            problems.append(f"--swiglu-kernel must be auto or one of {choices}, got {self.swiglu_kernel!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.preset is not None:
@@ -162,20 +177,18 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (embeddings, projections) but not on vectors (norm weights, beta).
 
     Decaying a norm's scale toward 0 only fights the normalisation; matrices are what decay regularises.
-    The fused CUDA kernel updates all parameters in one launch instead of several per tensor.
+    `fused`: the fused kernel updates all parameters in one launch instead of several per tensor.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
-    )
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,7 +302,7 @@ def accumulate_gradients(
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
             with autocast(device, dtype):
-                loss = cross_entropy(model(x), y) / grad_accum
+                loss = model(x, targets=y) / grad_accum  # the mean loss, float32
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     return total.item()
@@ -400,9 +413,21 @@ class Trainer:
                 f"{len(self.val_data)}: lower --max-seq-len or use a larger corpus"
             )
 
+        self.fast_paths = choose_fast_paths(
+            self.device,
+            tokens_per_micro_batch=config.batch_size // self.dist.world_size * self.model_args.max_seq_len,
+            vocab_size=self.model_args.vocab_size,
+            compile=config.compile,
+            fused_adamw=config.fused_adamw,
+            attention=config.attention,
+            swiglu_kernel=config.swiglu_kernel,
+            loss_chunk_size=config.loss_chunk_size,
+        )
         torch.manual_seed(config.seed)  # the same initial weights on every process
         self.raw_model = Transformer(self.model_args).to(self.device)
-        self.optimizer = make_optimizer(self.raw_model, config, self.device)
+        self.raw_model.loss_chunk_size = self.fast_paths.loss_chunk_size
+        use_swiglu_kernel(self.raw_model, self.fast_paths.swiglu_kernel)
+        self.optimizer = make_optimizer(self.raw_model, config, self.fast_paths.fused_adamw)
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.step = 0
@@ -413,7 +438,7 @@ class Trainer:
             self._load_training_state(self.resume_from)
 
         self.model: torch.nn.Module = self.raw_model
-        if config.compile if config.compile is not None else self.device.type == "cuda":
+        if self.fast_paths.compile:
             self.model = torch.compile(self.model)
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -525,14 +550,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = accumulate_gradients(
-            self.model,
-            self.batches(self.train_data, step, self.config.grad_accum, stream=0),
-            self.config.grad_accum,
-            self.device,
-            self.dtype,
-            self.scaler,
-        )
+        with attention_backend(self.fast_paths.attention):
+            loss = accumulate_gradients(
+                self.model,
+                self.batches(self.train_data, step, self.config.grad_accum, stream=0),
+                self.config.grad_accum,
+                self.device,
+                self.dtype,
+                self.scaler,
+            )
         loss = self._mean_over_processes(loss)
         if not math.isfinite(loss):  # leave the weights as they were: the caller stops the run
             self.optimizer.zero_grad(set_to_none=True)
@@ -560,8 +586,8 @@ class Trainer:
         self.model.eval()
         total = 0.0
         for x, y in self.batches(self.val_data, 0, self.config.eval_steps, stream=1):
-            with autocast(self.device, self.dtype):
-                total += cross_entropy(self.model(x), y).item()
+            with autocast(self.device, self.dtype), attention_backend(self.fast_paths.attention):
+                total += self.model(x, targets=y).item()
         val_loss = self._mean_over_processes(total / self.config.eval_steps)
         meta = self.val_data.meta
         bits_per_byte = val_loss * meta.tokens / meta.bytes / math.log(2)
@@ -608,6 +634,7 @@ class Trainer:
         progress = Progress(config.max_steps, start_step, enabled=self.show_progress and self.dist.is_main)
         train_loss, evaluation, interrupted = float("nan"), None, False
         window_start, window_tokens = time.perf_counter(), 0
+        progress.write(f"fast paths: {self.fast_paths.describe()} (train.py --help tells how to switch)")
         with self._stop_on_signals():
             while self.step < config.max_steps:
                 loss = self.train_step(self.step)

@@ -12,6 +12,7 @@ from llama_mini.generation import (
     GenerationError,
     GenerationStats,
     _compiled_decode_step,
+    _ensure_cache,
     apply_repetition_penalty,
     apply_temperature,
     decode_continuation,
@@ -273,6 +274,27 @@ def test_an_existing_cache_is_reused_and_kept_a_new_one_removed(model):
         assert model.layers[0].attention.cache is cache
     finally:
         model.clear_cache()
+
+
+def test_the_kv_cache_is_sized_to_the_request_and_grows_when_needed():
+    model = tiny_model(max_seq_len=1024)
+    assert _ensure_cache(model, batch=2, length=300)  # none before: made here, for the caller to remove
+    assert model.layers[0].attention.cache.k_cache.shape[::2] == (2, 512)  # 300 rounded up to 2 x 256
+    cache = model.layers[0].attention.cache
+    assert not _ensure_cache(model, batch=1, length=100)  # fits: kept as it is
+    assert model.layers[0].attention.cache is cache
+    assert not _ensure_cache(model, batch=3, length=600)  # too small: replaced by a larger one, kept
+    assert model.layers[0].attention.cache.k_cache.shape[::2] == (3, 768)
+    assert not _ensure_cache(model, batch=1, length=1000)  # grows to the context, never past it
+    assert model.layers[0].attention.cache.k_cache.shape[::2] == (3, 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_gives_the_tokens_of_eager_decode_on_a_gpu():
+    model = tiny_model().cuda()
+    eager = generate(model, PROMPTS, 20, temperature=0)
+    assert generate(model, PROMPTS, 20, temperature=0, compile=True) == eager
+    assert generate(model, PROMPTS, 20, temperature=0, compile=True, cuda_graphs=False) == eager
 
 
 def test_stats_count_prefill_and_decode_positions(model):

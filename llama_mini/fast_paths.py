@@ -1,0 +1,128 @@
+"""The fast paths of training: what each one changes, the setting that turns it off, and its default.
+
+Every fast path computes what the plain path computes, only faster or in less memory; a test proves each
+one equal to its plain path (GPU-only paths skip without a GPU). Each is a TrainConfig field and a
+train.py flag, so any one can be switched off to compare or to work around a problem:
+
+    fast path                          setting (flag)                       plain path
+    torch.compile of model + loss      compile (--no-compile)               eager PyTorch
+    AdamW's fused kernel               fused_adamw (--no-fused-adamw)       AdamW's for-each kernels
+    SDPA's flash / memory-efficient    attention (--attention math)         the math kernel: softmax(QK^T)V
+      / cuDNN attention kernels
+    fused SwiGLU activation            swiglu_kernel (--swiglu-kernel eager) F.silu(gate) * value
+    chunked linear + cross-entropy     loss_chunk_size (--loss-chunk-size 0) logits, then cross_entropy
+
+The defaults ("auto", or None for the on/off ones) follow what docs/BENCHMARKS.md measured on each kind
+of device; `choose_fast_paths` is the one place that turns them into concrete choices. Decoding has its
+own fast path, the compiled static-shape step with CUDA graphs (generate.py --compile, see
+llama_mini.generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llama_mini.errors import ConfigError
+from llama_mini.ffn import FeedForward
+from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel
+from llama_mini.loss import chunked_loss_pays
+
+# The SDPA kernels a user may pin; "auto" lets PyTorch choose the fastest one that supports the inputs.
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,  # FlashAttention-2 (CUDA: fp16/bf16; PyTorch's own on a CPU)
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # memory-efficient attention (xFormers' kernel), CUDA
+    "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention, recent NVIDIA GPUs
+    "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
+}
+LOSS_CHUNK_SIZE = 4096  # tokens per chunk when the chunked loss is chosen automatically
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The concrete choices for one run (no "auto" left): what the Trainer applies and logs."""
+
+    compile: bool
+    fused_adamw: bool
+    attention: str
+    swiglu_kernel: str
+    loss_chunk_size: int  # 0 = the plain loss
+
+    def describe(self) -> str:
+        """One line for a log: 'compile on, fused AdamW on, attention auto, SwiGLU compiled, loss ...'."""
+        on_off = {True: "on", False: "off"}
+        loss = f"in chunks of {self.loss_chunk_size} tokens" if self.loss_chunk_size else "plain"
+        return (
+            f"compile {on_off[self.compile]}, fused AdamW {on_off[self.fused_adamw]}, "
+            f"attention {self.attention}, SwiGLU {self.swiglu_kernel}, loss {loss}"
+        )
+
+
+def choose_fast_paths(
+    device: torch.device,
+    tokens_per_micro_batch: int,
+    vocab_size: int,
+    compile: bool | None = None,
+    fused_adamw: bool | None = None,
+    attention: str = "auto",
+    swiglu_kernel: str = "auto",
+    loss_chunk_size: int | None = None,
+) -> FastPaths:
+    """Settle every "auto" (None) setting for `device`; explicit settings are kept as given.
+
+    - compile: on for CUDA. On a CPU compiling the model and loss makes a step faster but the first step
+      waits tens of seconds for the C++ compiler (which must be installed), so it is opt-in there.
+    - fused_adamw: on for CUDA, where it is one launch for all parameters instead of several per tensor.
+    - attention: PyTorch's own choice, which prefers flash, then memory-efficient, then math.
+    - swiglu_kernel: `best_swiglu_kernel(device)`; loss chunking: `chunked_loss_pays(...)`.
+    """
+    check_attention_backend(attention)
+    if swiglu_kernel != "auto" and swiglu_kernel not in SWIGLU_KERNELS:
+        raise ConfigError(
+            f"unknown --swiglu-kernel {swiglu_kernel!r}; choose auto or one of: {', '.join(SWIGLU_KERNELS)}"
+        )
+    if loss_chunk_size is None:
+        pays = chunked_loss_pays(tokens_per_micro_batch, vocab_size, device)
+        loss_chunk_size = LOSS_CHUNK_SIZE if pays else 0
+    return FastPaths(
+        compile=device.type == "cuda" if compile is None else compile,
+        fused_adamw=device.type == "cuda" if fused_adamw is None else fused_adamw,
+        attention=attention,
+        swiglu_kernel=best_swiglu_kernel(device) if swiglu_kernel == "auto" else swiglu_kernel,
+        loss_chunk_size=loss_chunk_size,
+    )
+
+
+def check_attention_backend(name: str) -> None:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown --attention {name!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context in which every scaled_dot_product_attention call uses the named kernel ("auto": any).
+
+    A pinned kernel that cannot run the inputs (flash attention on float32 CUDA tensors, say) makes
+    PyTorch raise an error naming why, rather than fall back silently.
+    """
+    check_attention_backend(name)
+    backend = ATTENTION_BACKENDS[name]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
+
+
+def use_swiglu_kernel(model: nn.Module, kernel: str) -> int:
+    """Compute every SwiGLU feed-forward's activation in `model` with `kernel`; returns how many use it.
+
+    Only SwiGLU itself (`FeedForward`, LLaMA's FFN) has fused kernels; the other variants keep their own
+    activations.
+    """
+    if kernel not in SWIGLU_KERNELS:
+        raise ConfigError(f"unknown SwiGLU kernel {kernel!r}; choose one of: {', '.join(SWIGLU_KERNELS)}")
+    swiglu_modules = [module for module in model.modules() if type(module) is FeedForward]
+    for module in swiglu_modules:
+        module.kernel = kernel
+    return len(swiglu_modules)

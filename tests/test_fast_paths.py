@@ -1,0 +1,240 @@
+"""Fast paths: each computes what its plain path computes, each can be turned off, defaults per device."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import TINY_MODEL, make_config, synthetic_corpus
+
+import train as train_cli
+from llama_mini.errors import ConfigError
+from llama_mini.fast_paths import (
+    LOSS_CHUNK_SIZE,
+    attention_backend,
+    choose_fast_paths,
+    use_swiglu_kernel,
+)
+from llama_mini.ffn import GEGLU, FeedForward
+from llama_mini.model import ModelArgs, Transformer, cross_entropy
+from llama_mini.tokenizer import train_tokenizer
+from llama_mini.training import METRICS, TrainConfig, Trainer, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(**{"vocab_size": 97, **TINY_MODEL, **overrides}))
+
+
+# ------------------------------------------------------------------------------- the model's loss path
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 64, 1000])
+def test_forward_with_targets_equals_cross_entropy_of_the_logits(chunk):
+    model = tiny_model().double()
+    tokens = torch.randint(0, 97, (3, 22), generator=torch.Generator().manual_seed(1))
+    tokens[0, 5] = -100  # an ignored target
+    x, y = tokens[:, :-1].clamp(min=0), tokens[:, 1:]
+
+    expected = cross_entropy(model(x), y)
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    model.loss_chunk_size = chunk
+    loss = model(x, targets=y)
+    loss.backward()
+    assert loss.dtype == torch.float32  # the loss is float32 whatever the model's dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_chunked_loss_path_never_builds_the_logits():
+    """Saved for backward: the plain path keeps a (tokens, vocab) tensor; the chunked one none at all."""
+    model = tiny_model(vocab_size=4096, max_seq_len=128)
+    tokens = torch.randint(0, 4096, (4, 129))
+    logits_elements = 4 * 128 * 4096
+
+    def largest_saved(chunk: int) -> int:
+        sizes = []
+        model.loss_chunk_size = chunk
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model(tokens[:, :-1], targets=tokens[:, 1:])
+        return max(sizes)
+
+    assert largest_saved(0) >= logits_elements
+    assert largest_saved(16) <= 4096 * TINY_MODEL["dim"]  # at most the output matrix's gradient
+
+
+# ------------------------------------------------------------------------------- choosing the fast paths
+
+
+def test_cpu_defaults_are_the_plain_paths_except_where_measured_faster():
+    paths = choose_fast_paths(CPU, tokens_per_micro_batch=16 * 256, vocab_size=4096)
+    assert paths.compile is False and paths.fused_adamw is False
+    assert paths.attention == "auto" and paths.swiglu_kernel == "eager"
+    assert paths.loss_chunk_size in (0, LOSS_CHUNK_SIZE)
+
+
+def test_cuda_defaults_turn_on_compile_and_the_fused_optimizer():
+    paths = choose_fast_paths(torch.device("cuda"), tokens_per_micro_batch=16 * 1024, vocab_size=32000)
+    assert paths.compile and paths.fused_adamw
+    assert paths.swiglu_kernel in ("compiled", "triton")
+
+
+def test_explicit_settings_win_over_the_defaults():
+    paths = choose_fast_paths(
+        torch.device("cuda"),
+        16,
+        32000,
+        compile=False,
+        fused_adamw=False,
+        attention="math",
+        swiglu_kernel="eager",
+        loss_chunk_size=0,
+    )
+    assert (paths.compile, paths.fused_adamw, paths.attention, paths.swiglu_kernel) == (
+        False,
+        False,
+        "math",
+        "eager",
+    )
+    assert paths.loss_chunk_size == 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(attention="fast"), "unknown --attention 'fast'"), (dict(swiglu_kernel="cuda"), "--swiglu-kernel")],
+)
+def test_unknown_fast_path_names_are_clear_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        choose_fast_paths(CPU, 16, 97, **settings)
+
+
+def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():
+    swiglu_model = tiny_model()
+    assert use_swiglu_kernel(swiglu_model, "compiled") == TINY_MODEL["n_layers"]
+    assert all(layer.feed_forward.kernel == "compiled" for layer in swiglu_model.layers)
+    geglu_model = tiny_model(ffn="geglu")
+    assert use_swiglu_kernel(geglu_model, "compiled") == 0
+    assert isinstance(geglu_model.layers[0].feed_forward, GEGLU)
+    assert FeedForward.kernel == "eager"  # the class default is untouched
+    with pytest.raises(ConfigError, match="unknown SwiGLU kernel"):
+        use_swiglu_kernel(swiglu_model, "fastest")
+
+
+# ------------------------------------------------------------------------------- attention kernels
+
+
+def sdpa_kernels_run(backend: str, model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, set]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with attention_backend(backend):
+            logits = model(tokens)
+    names = {event.key for event in profile.key_averages() if "attention" in event.key}
+    return logits, names
+
+
+def test_math_attention_equals_pytorchs_choice_and_really_runs_the_math_kernel():
+    model = tiny_model().eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        auto_logits, auto_kernels = sdpa_kernels_run("auto", model, tokens)
+        math_logits, math_kernels = sdpa_kernels_run("math", model, tokens)
+        flash_logits, flash_kernels = sdpa_kernels_run("flash", model, tokens)
+    torch.testing.assert_close(math_logits, auto_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flash_logits, auto_logits, rtol=1e-5, atol=1e-5)
+    assert any("math" in name for name in math_kernels), math_kernels
+    assert not any("flash" in name for name in math_kernels), math_kernels
+    assert any("flash" in name for name in flash_kernels), flash_kernels
+
+
+# ------------------------------------------------------------------------------- the optimizer
+
+
+def test_fused_adamw_takes_the_steps_of_the_for_each_adamw():
+    config = TrainConfig(max_steps=10, eval_interval=10, lr=1e-2)
+    models = [tiny_model(), tiny_model()]
+    optimizers = [
+        make_optimizer(models[0], config, fused=False),
+        make_optimizer(models[1], config, fused=True),
+    ]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
+    tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, plain), fused in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    texts = synthetic_corpus()
+    for index, text in enumerate(texts):
+        (folder / f"doc{index:02d}.txt").write_text(text)
+    tokenizer = folder.parent / "tokenizer.model"
+    train_tokenizer(texts, tokenizer, vocab_size=300)
+    return folder, tokenizer
+
+
+def train_losses(corpus_and_tokenizer, out: Path, **fast_paths) -> list[float]:
+    corpus, tokenizer = corpus_and_tokenizer
+    config = make_config(corpus, tokenizer, out, max_steps=4, eval_interval=4, **fast_paths)
+    Trainer(config, TINY_MODEL, show_progress=False).run()
+    lines = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    return [line["loss"] if line["type"] == "train" else line["val_loss"] for line in lines]
+
+
+def test_training_with_fast_paths_on_follows_the_plain_run(corpus_and_tokenizer, tmp_path):
+    plain = train_losses(
+        corpus_and_tokenizer,
+        tmp_path / "plain",
+        loss_chunk_size=0,
+        swiglu_kernel="eager",
+        fused_adamw=False,
+        attention="math",
+    )
+    fast = train_losses(
+        corpus_and_tokenizer,
+        tmp_path / "fast",
+        loss_chunk_size=24,  # 4 x 32 tokens per micro-batch: chunks of 24 and a last one of 8
+        swiglu_kernel="compiled",
+        fused_adamw=True,
+        attention="flash",
+    )
+    assert len(plain) == 5  # 4 training steps and one evaluation
+    assert fast == pytest.approx(plain, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attention", "fast"], "error: argument --attention: invalid choice: 'fast'"),
+        (["--swiglu-kernel", "cuda"], "error: argument --swiglu-kernel: invalid choice: 'cuda'"),
+        (["--loss-chunk-size", "-5"], "error: --loss-chunk-size must not be negative (0 = off), got -5"),
+    ],
+)
+def test_cli_fast_path_mistakes_are_one_line_and_exit_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(train_cli.main([*args, "--out", str(tmp_path / "o")]))
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.err.startswith(message), captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_cli_help_lists_every_fast_path_switch(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for switch in ("--no-compile", "--no-fused-adamw", "--attention", "--swiglu-kernel", "--loss-chunk-size"):
+        assert switch in help_text
