@@ -40,7 +40,7 @@ ATTENTION_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention, recent NVIDIA GPUs
     "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
 }
-LOSS_CHUNK_SIZE = 4096  # tokens per chunk when the chunked loss is chosen automatically
+LOSS_CHUNK_SIZE = 1024  # tokens per chunk when the chunked loss is chosen: 1024 measured fastest on a CPU
 
 
 @dataclass(frozen=True)
