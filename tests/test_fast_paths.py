@@ -52,6 +52,26 @@ def test_forward_with_targets_equals_cross_entropy_of_the_logits(chunk):
         torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
+def test_compiled_model_with_the_cuda_defaults_equals_the_plain_eager_model():
+    """The combination a CUDA run gets by default (compile, chunked loss, fused SwiGLU kernel), on a CPU."""
+    plain = tiny_model()
+    fast = tiny_model()
+    fast.loss_chunk_size = 24
+    use_swiglu_kernel(fast, "compiled")
+    tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(3))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)  # fullgraph: no graph break in model, loss or kernel
+
+    expected = plain(x, targets=y)
+    expected.backward()
+    loss = compiled(x, targets=y)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for (name, reference), param in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_chunked_loss_path_never_builds_the_logits():
     """Saved for backward: the plain path keeps a (tokens, vocab) tensor; the chunked one none at all."""
     model = tiny_model(vocab_size=4096, max_seq_len=128)
