@@ -1,0 +1,131 @@
+"""The benchmark scripts run end to end (tiny sizes, CPU) and write the results they print.
+
+They are not tests of speed: they keep the scripts that bench/gpu_suite.sh runs on a lent GPU from breaking
+unnoticed, since GPU time is scarce. torch.compile runs with the "aot_eager" backend here (dynamo and
+autograd tracing, but no C++ compiler), which keeps each script to seconds.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import decode, ffn, train_throughput, vs_transformers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    real_compile = torch.compile
+
+    def compile_without_codegen(function=None, **options):
+        options.pop("mode", None)  # "reduce-overhead" (CUDA graphs) means nothing to aot_eager
+        options["backend"] = "aot_eager"
+        return real_compile(function, **options) if function is not None else real_compile(**options)
+
+    monkeypatch.setattr(torch, "compile", compile_without_codegen)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def results(path: Path) -> list[dict]:
+    payload = json.loads(path.read_text())
+    assert payload["commit"] and payload["date"] and payload["torch"] == torch.__version__
+    return payload["results"]
+
+
+def test_train_throughput_times_every_named_variant(tmp_path, quick_compile):
+    variants = ["plain", "default", "compiled+chunked-loss", "eager+swiglu-compiled", "eager+attention-math"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--variants",
+        *variants,
+    ]
+    assert train_throughput.main([*argv, "--json", str(tmp_path / "train.json")]) == 0
+    rows = results(tmp_path / "train.json")
+    assert [row["variant"] for row in rows] == variants
+    assert all(row["tok/s"] > 0 for row in rows)
+    assert (
+        "loss_chunk_size=1024" in rows[2]["fast paths"] and "swiglu_kernel=compiled" in rows[3]["fast paths"]
+    )
+
+
+def test_train_throughput_refuses_an_unknown_variant():
+    with pytest.raises(SystemExit, match="unknown fast path 'fused-everything'"):
+        train_throughput.main(["--preset", "tiny", "--variants", "compiled+fused-everything"])
+
+
+def test_decode_bench_reports_eager_and_compiled_at_each_batch_size(tmp_path, quick_compile):
+    argv = ["--preset", "tiny", "--batch-sizes", "1", "2", "--prompt-len", "4", "--new-tokens", "4"]
+    assert decode.main([*argv, "--compile", "both", "--json", str(tmp_path / "decode.json")]) == 0
+    rows = results(tmp_path / "decode.json")
+    assert [(row["mode"], row["batch"]) for row in rows] == [
+        ("eager", 1),
+        ("eager", 2),
+        ("compiled", 1),
+        ("compiled", 2),
+    ]
+
+
+def test_ffn_bench_times_each_activation_kernel(tmp_path, quick_compile, monkeypatch):
+    monkeypatch.setattr(ffn, "keep_freed_memory_in_the_heap", lambda: None)  # malloc settings stay the tests'
+    assert (
+        ffn.main(["--dim", "64", "--multiple-of", "16", "--tokens", "32", "--json", str(tmp_path / "f.json")])
+        == 0
+    )
+    names = [row["what"] for row in results(tmp_path / "f.json")]
+    assert any("kernel 'compiled'" in name for name in names)
+    assert any(name.startswith("FeedForward") for name in names)
+
+
+def test_vs_transformers_prints_ratios_for_both_llama_mini_paths(tmp_path, quick_compile, capsys):
+    pytest.importorskip("transformers")
+    argv = [
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "4",
+    ]
+    assert vs_transformers.main([*argv, "--decode-batches", "1", "--json", str(tmp_path / "peers.json")]) == 0
+    rows = results(tmp_path / "peers.json")
+    assert [row["measurement"].split(",")[0] for row in rows] == ["training step", "greedy decode"]
+    for row in rows:
+        assert row["transformers"].endswith("(1.00x)")
+        assert {"llama_mini plain", "llama_mini fast"} <= set(row)
+
+
+def test_loss_bench_runs_each_variant_in_its_own_process(tmp_path):
+    command = [sys.executable, "bench/loss.py", "--tokens", "64", "--dim", "16", "--vocab", "128"]
+    command += ["--chunk-sizes", "16", "--json", str(tmp_path / "loss.json")]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600)
+    rows = results(tmp_path / "loss.json")
+    assert len(rows) >= 3  # plain, plain compiled, chunked ...
+    losses = {round(row["loss"], 4) for row in rows}
+    assert len(losses) == 1  # every variant computes the same loss
+
+
+def test_gpu_suite_script_is_valid_bash_and_refuses_an_unknown_part(tmp_path):
+    script = REPO / "bench" / "gpu_suite.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    finished = subprocess.run(
+        ["bash", str(script), str(tmp_path), "nonsense"], capture_output=True, text=True
+    )
+    assert finished.returncode == 2 and "unknown part nonsense" in finished.stderr
