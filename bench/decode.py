@@ -5,8 +5,9 @@
 
 At batch size B each decode step reads every weight once (and the KV cache of the positions so far) to
 produce B tokens, so when memory bandwidth is the limit:  tokens/s <= B * bandwidth / bytes read per step.
-The bandwidth is measured here, as a large device-to-device copy (bytes read + written per second), so the
-bound is one this GPU can actually reach. Weights have random values: speed does not depend on them.
+The bandwidth is measured here, as a large device-to-device copy on a GPU (bytes read + written per
+second) and as a large read on a CPU, so the bound is one this device can actually reach. Weights have
+random values: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float | None:
     target = torch.empty_like(source)
     seconds = time_call(lambda: target.copy_(source), device, warmup=3, repeats=10)
     return 2 * source.numel() / seconds
+
+
+def read_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second that summing a large float32 tensor reads: the bound's bandwidth on a CPU, where
+    decoding reads weights and writes almost nothing (on a GPU the copy bandwidth above is used)."""
+    source = torch.randn(megabytes * 2**20 // 4, device=device)
+    seconds = time_call(source.sum, device, warmup=2, repeats=7)
+    return 4 * source.numel() / seconds
 
 
 def bytes_per_decode_step(model: Transformer, batch: int, context: int, dtype: torch.dtype) -> int:
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else read_bandwidth(device)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     for preset in args.preset:
@@ -98,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         del model
     info = run_info(device)
     print(f"{dtype}, {info['device']}, torch {info['torch']}, commit {info['commit']}, {info['date']}")
-    if bandwidth:
-        print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    kind = "copy (read + write)" if device.type == "cuda" else "read (sum of 512 MB)"
+    print(f"measured {kind} bandwidth: {bandwidth / 1e9:,.1f} GB/s")
     print_table(rows)
     write_json(args.json, {**info, "dtype": str(dtype), "bandwidth": bandwidth, "results": rows})
     return 0
