@@ -38,10 +38,12 @@ from llama_mini.fast_paths import (  # noqa: E402
 from llama_mini.training import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
 
-def variant_fast_paths(name: str, device: torch.device, tokens: int, vocab_size: int) -> FastPaths:
+def variant_fast_paths(
+    name: str, device: torch.device, dtype: torch.dtype, tokens: int, vocab_size: int
+) -> FastPaths:
     """The FastPaths a variant name stands for (see the module docstring)."""
     if name == "default":
-        return choose_fast_paths(device, tokens, vocab_size)
+        return choose_fast_paths(device, tokens, vocab_size, dtype=dtype)
     base, _, extra = name.partition("+")
     if base not in ("plain", "eager", "compiled") or (base == "plain" and extra):
         raise SystemExit(f"unknown variant {name!r}: plain, default, or eager/compiled[+fast path]")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["dim"] = args.dim
         model_args = ModelArgs(**overrides) if preset == "default" else get_preset(preset, **overrides)
         for variant in args.variants:
-            paths = variant_fast_paths(variant, device, tokens_per_step, model_args.vocab_size)
+            paths = variant_fast_paths(variant, device, dtype, tokens_per_step, model_args.vocab_size)
             torch.manual_seed(0)
             model = Transformer(model_args).to(device)
             model.loss_chunk_size = paths.loss_chunk_size

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     # llama_mini's fast paths for this device, with compiling on (on a CPU it is opt-in: see fast_paths).
-    paths = choose_fast_paths(device, step_tokens, vocab, compile=True)
+    paths = choose_fast_paths(device, step_tokens, vocab, dtype=dtype, compile=True)
     ours_fast = Transformer(ours.args).to(device=device, dtype=dtype)
     ours_fast.load_state_dict(ours.state_dict())
     ours_fast.loss_chunk_size = paths.loss_chunk_size

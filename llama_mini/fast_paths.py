@@ -67,6 +67,7 @@ def choose_fast_paths(
     device: torch.device,
     tokens_per_micro_batch: int,
     vocab_size: int,
+    dtype: torch.dtype = torch.float32,
     compile: bool | None = None,
     fused_adamw: bool | None = None,
     attention: str = "auto",
@@ -79,7 +80,10 @@ def choose_fast_paths(
       waits tens of seconds for the C++ compiler (which must be installed), so it is opt-in there.
     - fused_adamw: on for CUDA, where it is one launch for all parameters instead of several per tensor.
     - attention: PyTorch's own choice, which prefers flash, then memory-efficient, then math.
-    - swiglu_kernel: `best_swiglu_kernel(device)`; loss chunking: `chunked_loss_pays(...)`.
+    - swiglu_kernel: `best_swiglu_kernel(device)`.
+    - loss_chunk_size: LOSS_CHUNK_SIZE where `chunked_loss_pays(...)`, except in fp16: the chunked loss
+      computes its gradients during the forward pass, before fp16 training's loss scale reaches them, so
+      small ones would underflow in fp16's narrow range (bf16 has float32's range and is safe).
     """
     check_attention_backend(attention)
     if swiglu_kernel != "auto" and swiglu_kernel not in SWIGLU_KERNELS:
@@ -87,7 +91,7 @@ def choose_fast_paths(
             f"unknown --swiglu-kernel {swiglu_kernel!r}; choose auto or one of: {', '.join(SWIGLU_KERNELS)}"
         )
     if loss_chunk_size is None:
-        pays = chunked_loss_pays(tokens_per_micro_batch, vocab_size, device)
+        pays = dtype != torch.float16 and chunked_loss_pays(tokens_per_micro_batch, vocab_size, device)
         loss_chunk_size = LOSS_CHUNK_SIZE if pays else 0
     return FastPaths(
         compile=device.type == "cuda" if compile is None else compile,

@@ -417,6 +417,7 @@ class Trainer:
             self.device,
             tokens_per_micro_batch=config.batch_size // self.dist.world_size * self.model_args.max_seq_len,
             vocab_size=self.model_args.vocab_size,
+            dtype=self.dtype,
             compile=config.compile,
             fused_adamw=config.fused_adamw,
             attention=config.attention,

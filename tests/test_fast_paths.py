@@ -105,6 +105,17 @@ def test_cuda_defaults_turn_on_compile_and_the_fused_optimizer():
     assert paths.swiglu_kernel in ("compiled", "triton")
 
 
+def test_fp16_training_keeps_the_plain_loss_unless_asked():
+    """The chunked loss's gradients exist before fp16's loss scale multiplies them: no default there."""
+    cuda = torch.device("cuda")
+    assert choose_fast_paths(cuda, 16 * 1024, 32000, dtype=torch.bfloat16).loss_chunk_size == LOSS_CHUNK_SIZE
+    assert choose_fast_paths(cuda, 16 * 1024, 32000, dtype=torch.float16).loss_chunk_size == 0
+    assert (
+        choose_fast_paths(cuda, 16 * 1024, 32000, dtype=torch.float16, loss_chunk_size=256).loss_chunk_size
+        == 256
+    )
+
+
 def test_explicit_settings_win_over_the_defaults():
     paths = choose_fast_paths(
         torch.device("cuda"),
