@@ -547,6 +547,18 @@ class Transformer(nn.Module):
         and with `loss_chunk_size` > 0 the (B, T, vocab_size) logits are never built at all: the loss
         is computed `loss_chunk_size` tokens at a time (see llama_mini.loss).
         """
+        h = self.hidden_states(tokens, start_pos)
+        if targets is None:
+            return self.output(h)  # (B, T, vocab_size)
+        if self.loss_chunk_size > 0:
+            return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk_size)
+        return cross_entropy(self.output(h), targets)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The model up to the output layer: tokens (B, T) -> final normalised hidden states (B, T, dim).
+
+        `output` turns them into logits. Generation uses the two apart, to score only the last position.
+        """
         batch, seq_len = tokens.shape
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(seq_len, device=tokens.device)
@@ -563,12 +575,7 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
-        h = self.norm(h)
-        if targets is None:
-            return self.output(h)  # (B, T, vocab_size)
-        if self.loss_chunk_size > 0:
-            return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk_size)
-        return cross_entropy(self.output(h), targets)
+        return self.norm(h)
 
 
 def cross_entropy(

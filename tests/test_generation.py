@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from llama_mini import generation
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.generation import (
     GenerationError,
@@ -276,6 +277,15 @@ def test_an_existing_cache_is_reused_and_kept_a_new_one_removed(model):
         model.clear_cache()
 
 
+def test_next_token_logits_are_the_last_positions_logits(model):
+    tokens = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    with torch.no_grad():
+        expected = model(tokens)[:, -1]
+        torch.testing.assert_close(
+            generation.next_token_logits(model, tokens, 0), expected, rtol=1e-5, atol=1e-6
+        )
+
+
 def test_the_kv_cache_is_sized_to_the_request_and_grows_when_needed():
     model = tiny_model(max_seq_len=1024)
     assert _ensure_cache(model, batch=2, length=300)  # none before: made here, for the caller to remove
@@ -397,26 +407,23 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer(["\n".join(lines) + "\n"], tmp_path_factory.mktemp("tok") / "tokenizer.model", 300)
 
 
-class ScriptedModel(Transformer):
-    """A real Transformer (cache and all) whose greedy continuation of a prompt of `prompt_len` tokens is
-    `script`: a large bonus on the scripted id at each position. Lets a test choose what is generated."""
+def scripted_next_token_logits(script: list[int], prompt_len: int):
+    """generation.next_token_logits with a large bonus on the scripted id at each position, so that the
+    greedy continuation of a prompt of `prompt_len` tokens is `script`: lets a test choose what a real
+    model (cache and all) generates."""
+    real = generation.next_token_logits
 
-    def __init__(self, args, script: list[int], prompt_len: int):
-        super().__init__(args)
-        self.script, self.prompt_len = script, prompt_len
-
-    def forward(self, tokens, start_pos=0):
-        logits = super().forward(tokens, start_pos)
-        for offset in range(tokens.shape[1]):
-            index = (
-                start_pos + offset + 1 - self.prompt_len
-            )  # these logits choose position start_pos+offset+1
-            if 0 <= index < len(self.script):
-                logits[:, offset, self.script[index]] += 1000.0
+    def scripted(model, tokens, start_pos):
+        logits = real(model, tokens, start_pos)  # (B, V): scores for position start_pos + T
+        index = start_pos + tokens.shape[1] - prompt_len  # that position's place in the script
+        if 0 <= index < len(script):
+            logits[:, script[index]] += 1000.0
         return logits
 
+    return scripted
 
-def test_stream_yields_whole_characters_and_keeps_the_leading_space(tokenizer):
+
+def test_stream_yields_whole_characters_and_keeps_the_leading_space(tokenizer, monkeypatch):
     prompt_ids = tokenizer.encode("the queen", bos=True)
     whole = tokenizer.encode("the queen" + SCRIPT_TEXT)
     assert whole[: len(prompt_ids) - 1] == prompt_ids[1:]  # the prompt's pieces do not merge into the rest
@@ -425,7 +432,8 @@ def test_stream_yields_whole_characters_and_keeps_the_leading_space(tokenizer):
     assert byte_pieces == ["<0xF0>", "<0x9D>", "<0x84>", "<0x9E>", "<0x09>"]  # 𝄞 in bytes (and the tab)
 
     torch.manual_seed(0)
-    model = ScriptedModel(get_preset("tiny", vocab_size=tokenizer.vocab_size), script, len(prompt_ids)).eval()
+    model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    monkeypatch.setattr(generation, "next_token_logits", scripted_next_token_logits(script, len(prompt_ids)))
     pieces = list(stream(model, tokenizer, "the queen", len(script), temperature=0, eos_id=-1))
     assert "".join(pieces) == SCRIPT_TEXT == decode_continuation(tokenizer, prompt_ids, script)
     assert pieces[0].startswith(" ")  # decode(script) alone would drop this space

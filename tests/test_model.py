@@ -545,3 +545,15 @@ def test_static_shape_decoding_with_tensor_positions_equals_full_recomputation(n
             steps.append(model(tokens[:, pos : pos + 1], start_pos=torch.tensor(pos)))
         model.clear_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_then_the_output_layer_equal_forward():
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16, max_seq_len=16)
+    )
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        hidden = model.hidden_states(tokens)
+        assert hidden.shape == (2, 9, 32)
+        torch.testing.assert_close(model.output(hidden), model(tokens), rtol=0, atol=0)
