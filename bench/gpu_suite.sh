@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement that docs/BENCHMARKS.md asks for, in one script, so that one call on a lent GPU
-# machine (or your own) produces them all. Each part prints its table and writes JSON into OUT_DIR.
+# Every GPU measurement that docs/BENCHMARKS.md asks for, in one script, so that a lent GPU machine (or
+# your own) produces them all. Each part prints its table and writes JSON into OUT_DIR.
 #
-#   bash bench/gpu_suite.sh OUT_DIR                    # every part, about 15 minutes on an H100
+#   bash bench/gpu_suite.sh OUT_DIR                    # every part, an estimated 15-20 minutes on an H100
 #   bash bench/gpu_suite.sh OUT_DIR tests ffn loss     # only the parts named
+#
+# Where one command may run 10 minutes at most, run it as three: "tests ffn loss", "train", "decode peers".
+# The tests part needs pytest (python -m pip install pytest, or carry a wheel where there is no network).
 #
 # Parts: tests (the GPU tests: fused kernels, CUDA-graph decoding), ffn (SwiGLU activation kernels),
 # loss (chunked cross-entropy), train (tokens/s and MFU per fast path, ~124M at seq 1024), decode
@@ -21,6 +24,7 @@ for part in $parts; do
     echo "=== $part ==="
     case $part in
         tests)
+            $python -c "import pytest" 2>/dev/null || { echo "the tests part needs pytest" >&2; exit 2; }
             $python -m pytest -q -rs tests/test_kernels.py tests/test_loss.py tests/test_fast_paths.py \
                 tests/test_generation.py -k "cuda or gpu or triton or compiled" 2>&1 | tee "$out/tests.log"
             ;;
