@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama_mini.errors import ConfigError
 from llama_mini.ffn import FeedForward
-from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel
+from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel, check_triton_kernel
 from llama_mini.loss import chunked_loss_pays
 
 # The SDPA kernels a user may pin; "auto" lets PyTorch choose the fastest one that supports the inputs.
@@ -85,11 +85,14 @@ def choose_fast_paths(
       computes its gradients during the forward pass, before fp16 training's loss scale reaches them, so
       small ones would underflow in fp16's narrow range (bf16 has float32's range and is safe).
     """
-    check_attention_backend(attention)
+    check_attention_backend(attention, device, dtype)
     if swiglu_kernel != "auto" and swiglu_kernel not in SWIGLU_KERNELS:
         raise ConfigError(
             f"unknown --swiglu-kernel {swiglu_kernel!r}; choose auto or one of: {', '.join(SWIGLU_KERNELS)}"
         )
+    swiglu_kernel = best_swiglu_kernel(device) if swiglu_kernel == "auto" else swiglu_kernel
+    if swiglu_kernel == "triton":
+        check_triton_kernel(device)  # refused now, before data and model are prepared
     if loss_chunk_size is None:
         pays = dtype != torch.float16 and chunked_loss_pays(tokens_per_micro_batch, vocab_size, device)
         loss_chunk_size = LOSS_CHUNK_SIZE if pays else 0
@@ -97,21 +100,34 @@ def choose_fast_paths(
         compile=device.type == "cuda" if compile is None else compile,
         fused_adamw=device.type == "cuda" if fused_adamw is None else fused_adamw,
         attention=attention,
-        swiglu_kernel=best_swiglu_kernel(device) if swiglu_kernel == "auto" else swiglu_kernel,
+        swiglu_kernel=swiglu_kernel,
         loss_chunk_size=loss_chunk_size,
     )
 
 
-def check_attention_backend(name: str) -> None:
+CPU_ATTENTION_BACKENDS = ("auto", "flash", "math")  # PyTorch's kernels for CPUs (and what MPS runs)
+
+
+def check_attention_backend(name: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """ConfigError for an unknown kernel name, or (given the device and dtype) one that cannot run there,
+    which PyTorch would otherwise report only at the first attention call, as a RuntimeError."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown --attention {name!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+    if device is not None and device.type != "cuda" and name not in CPU_ATTENTION_BACKENDS:
+        choices = ", ".join(CPU_ATTENTION_BACKENDS)
+        raise ConfigError(f"--attention {name} needs a CUDA GPU; on {device.type} choose {choices}")
+    if device is not None and device.type == "cuda" and name == "flash" and dtype == torch.float32:
+        raise ConfigError(
+            "--attention flash runs in bf16 or fp16 on CUDA: pass --dtype bf16, or --attention auto"
+        )
 
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager:
     """A context in which every scaled_dot_product_attention call uses the named kernel ("auto": any).
 
-    A pinned kernel that cannot run the inputs (flash attention on float32 CUDA tensors, say) makes
-    PyTorch raise an error naming why, rather than fall back silently.
+    A pinned kernel that cannot run the inputs makes PyTorch raise an error rather than fall back
+    silently; `check_attention_backend` catches the common cases (a CUDA kernel on a CPU, flash in
+    float32) before any work.
     """
     check_attention_backend(name)
     backend = ATTENTION_BACKENDS[name]

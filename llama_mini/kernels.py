@@ -98,6 +98,11 @@ def best_swiglu_kernel(device: torch.device) -> str:
     return "compiled" if torch.device(device).type == "cuda" else "eager"
 
 
+def check_triton_kernel(device: torch.device | str) -> None:
+    """ConfigError unless the "triton" kernel can run on `device`, so a caller can refuse it up front."""
+    _check_triton_runs(torch.empty(0, device=device))
+
+
 def _check_gate_matches_value(gate: torch.Tensor, value: torch.Tensor) -> None:
     if gate.shape != value.shape or gate.dtype != value.dtype or gate.device != value.device:
         raise ValueError(

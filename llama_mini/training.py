@@ -38,8 +38,14 @@ from torch.nn.parallel import DistributedDataParallel
 from llama_mini.checkpoint import load_pretrained, save_pretrained
 from llama_mini.data import TokenShard, get_batch, load_documents, prepare_data, split_documents
 from llama_mini.errors import ConfigError, LlamaMiniError
-from llama_mini.fast_paths import ATTENTION_BACKENDS, attention_backend, choose_fast_paths, use_swiglu_kernel
-from llama_mini.kernels import SWIGLU_KERNELS
+from llama_mini.fast_paths import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    check_attention_backend,
+    choose_fast_paths,
+    use_swiglu_kernel,
+)
+from llama_mini.kernels import SWIGLU_KERNELS, check_triton_kernel
 from llama_mini.model import ModelArgs, Transformer, training_flops_per_token
 from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
@@ -394,6 +400,11 @@ class Trainer:
                 f"({self.dist.world_size}): each takes an equal share of every micro-batch"
             )
         self._check_out_writable()
+        # Fast-path settings that cannot run here are refused before the slow work (choose_fast_paths,
+        # below, checks them again for callers of its own).
+        check_attention_backend(config.attention, self.device, self.dtype)
+        if config.swiglu_kernel == "triton":
+            check_triton_kernel(self.device)
         if not resume and list_step_checkpoints(self.out):
             raise ConfigError(
                 f"{self.out} already holds checkpoints of a run: pass --resume to continue it, "

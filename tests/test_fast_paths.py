@@ -116,6 +116,19 @@ def test_fp16_training_keeps_the_plain_loss_unless_asked():
     )
 
 
+def test_attention_kernels_that_cannot_run_on_the_device_are_refused_up_front():
+    with pytest.raises(
+        ConfigError, match="--attention cudnn needs a CUDA GPU; on cpu choose auto, flash, math"
+    ):
+        choose_fast_paths(CPU, 16, 97, attention="cudnn")
+    with pytest.raises(ConfigError, match="--attention flash runs in bf16 or fp16 on CUDA"):
+        choose_fast_paths(torch.device("cuda"), 16, 97, dtype=torch.float32, attention="flash")
+    assert (
+        choose_fast_paths(torch.device("cuda"), 16, 97, dtype=torch.bfloat16, attention="flash").attention
+        == "flash"
+    )
+
+
 def test_explicit_settings_win_over_the_defaults():
     paths = choose_fast_paths(
         torch.device("cuda"),
@@ -252,6 +265,8 @@ def test_training_with_fast_paths_on_follows_the_plain_run(corpus_and_tokenizer,
         (["--attention", "fast"], "error: argument --attention: invalid choice: 'fast'"),
         (["--swiglu-kernel", "cuda"], "error: argument --swiglu-kernel: invalid choice: 'cuda'"),
         (["--loss-chunk-size", "-5"], "error: --loss-chunk-size must not be negative (0 = off), got -5"),
+        (["--swiglu-kernel", "triton", "--device", "cpu"], "error: the 'triton' SwiGLU kernel runs on CUDA"),
+        (["--attention", "efficient", "--device", "cpu"], "error: --attention efficient needs a CUDA GPU"),
     ],
 )
 def test_cli_fast_path_mistakes_are_one_line_and_exit_2(args, message, tmp_path, capsys):
