@@ -31,9 +31,9 @@ from llama_mini import ModelArgs, Transformer, get_preset, training_flops_per_to
 from llama_mini.fast_paths import (  # noqa: E402
     LOSS_CHUNK_SIZE,
     FastPaths,
+    apply_fast_paths,
     attention_backend,
     choose_fast_paths,
-    use_swiglu_kernel,
 )
 from llama_mini.training import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
@@ -101,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = variant_fast_paths(variant, device, dtype, tokens_per_step, model_args.vocab_size)
             torch.manual_seed(0)
             model = Transformer(model_args).to(device)
-            model.loss_chunk_size = paths.loss_chunk_size
-            use_swiglu_kernel(model, paths.swiglu_kernel)
+            forward = apply_fast_paths(model, paths)
             optimizer = make_optimizer(model, TrainConfig(max_steps=10, eval_interval=10), paths.fused_adamw)
-            forward = torch.compile(model) if paths.compile else model
             tokens = torch.randint(
                 0, model_args.vocab_size, (args.batch_size, args.seq_len + 1), device=device
             )

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import Transformer, cross_entropy, get_preset  # noqa: E402
-from llama_mini.fast_paths import attention_backend, choose_fast_paths, use_swiglu_kernel  # noqa: E402
+from llama_mini.fast_paths import apply_fast_paths, attention_backend, choose_fast_paths  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
 
 
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = choose_fast_paths(device, step_tokens, vocab, dtype=dtype, compile=True)
     ours_fast = Transformer(ours.args).to(device=device, dtype=dtype)
     ours_fast.load_state_dict(ours.state_dict())
-    ours_fast.loss_chunk_size = paths.loss_chunk_size
-    use_swiglu_kernel(ours_fast, paths.swiglu_kernel)
-    compiled_ours = torch.compile(ours_fast)
+    compiled_ours = apply_fast_paths(ours_fast, paths)
 
     def theirs_loss(model):
         return lambda x, y: cross_entropy(model(input_ids=x).logits, y)

@@ -31,6 +31,7 @@ from llama_mini.errors import ConfigError
 from llama_mini.ffn import FeedForward
 from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel, check_triton_kernel
 from llama_mini.loss import chunked_loss_pays
+from llama_mini.model import Transformer
 
 # The SDPA kernels a user may pin; "auto" lets PyTorch choose the fastest one that supports the inputs.
 ATTENTION_BACKENDS = {
@@ -132,6 +133,18 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     check_attention_backend(name)
     backend = ATTENTION_BACKENDS[name]
     return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
+
+
+def apply_fast_paths(model: Transformer, paths: FastPaths) -> nn.Module:
+    """Set `paths`' loss chunking and SwiGLU kernel on `model`; return it compiled if `paths.compile`.
+
+    The returned module is what to call (forward, loss); `model` itself stays the one to save and to load
+    state into (a compiled module shares its parameters). The optimizer and the attention kernel are
+    chosen where they are used: `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
+    """
+    model.loss_chunk_size = paths.loss_chunk_size
+    use_swiglu_kernel(model, paths.swiglu_kernel)
+    return torch.compile(model) if paths.compile else model
 
 
 def use_swiglu_kernel(model: nn.Module, kernel: str) -> int:

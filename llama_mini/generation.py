@@ -33,8 +33,9 @@ their lengths or the batch size. Pass a list of seeds to choose each row's seed 
 batch in two and get the same samples).
 
 Compiling. The decode step always feeds a (B, 1) token tensor. `compile=True` wraps that step in
-`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode elsewhere) and passes
-the position as a 0-d tensor, so attention reads the whole preallocated KV cache under a position mask
+`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA unless `cuda_graphs=False`; the
+default mode elsewhere) and passes the position as a 0-d tensor, so attention reads the whole
+preallocated KV cache (sized to the request, see `_ensure_cache`) under a position mask
 (`KVCache.update_static`): every step has the same shapes, and one recorded graph replays for every token.
 Eager decoding passes the position as an int and attends only to the filled part of the cache, which is
 cheaper without a graph.

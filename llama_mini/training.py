@@ -40,10 +40,10 @@ from llama_mini.data import TokenShard, get_batch, load_documents, prepare_data,
 from llama_mini.errors import ConfigError, LlamaMiniError
 from llama_mini.fast_paths import (
     ATTENTION_BACKENDS,
+    apply_fast_paths,
     attention_backend,
     check_attention_backend,
     choose_fast_paths,
-    use_swiglu_kernel,
 )
 from llama_mini.kernels import SWIGLU_KERNELS, check_triton_kernel
 from llama_mini.model import ModelArgs, Transformer, training_flops_per_token
@@ -437,8 +437,7 @@ class Trainer:
         )
         torch.manual_seed(config.seed)  # the same initial weights on every process
         self.raw_model = Transformer(self.model_args).to(self.device)
-        self.raw_model.loss_chunk_size = self.fast_paths.loss_chunk_size
-        use_swiglu_kernel(self.raw_model, self.fast_paths.swiglu_kernel)
+        self.model: torch.nn.Module = apply_fast_paths(self.raw_model, self.fast_paths)  # what steps call
         self.optimizer = make_optimizer(self.raw_model, config, self.fast_paths.fused_adamw)
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -449,9 +448,6 @@ class Trainer:
         if self.resume_from is not None:
             self._load_training_state(self.resume_from)
 
-        self.model: torch.nn.Module = self.raw_model
-        if self.fast_paths.compile:
-            self.model = torch.compile(self.model)
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=device_ids)

@@ -11,6 +11,7 @@ import train as train_cli
 from llama_mini.errors import ConfigError
 from llama_mini.fast_paths import (
     LOSS_CHUNK_SIZE,
+    apply_fast_paths,
     attention_backend,
     choose_fast_paths,
     use_swiglu_kernel,
@@ -156,6 +157,17 @@ def test_explicit_settings_win_over_the_defaults():
 def test_unknown_fast_path_names_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
         choose_fast_paths(CPU, 16, 97, **settings)
+
+
+def test_apply_fast_paths_sets_the_model_and_compiles_only_when_asked():
+    model = tiny_model()
+    paths = choose_fast_paths(CPU, 16, 97, swiglu_kernel="compiled", loss_chunk_size=8)
+    assert apply_fast_paths(model, paths) is model  # compile is off on a CPU by default
+    assert model.loss_chunk_size == 8
+    assert all(layer.feed_forward.kernel == "compiled" for layer in model.layers)
+    compiled = apply_fast_paths(model, choose_fast_paths(CPU, 16, 97, compile=True))
+    assert compiled is not model and compiled._orig_mod is model
+    assert model.loss_chunk_size == 0 and model.layers[0].feed_forward.kernel == "eager"
 
 
 def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():
