@@ -7,7 +7,8 @@ At batch size B each decode step reads every weight once (and the KV cache of th
 produce B tokens, so when memory bandwidth is the limit:  tokens/s <= B * bandwidth / bytes read per step.
 The bandwidth is measured here, as a large device-to-device copy on a GPU (bytes read + written per
 second) and as a large read on a CPU, so the bound is one this device can actually reach. Weights have
-random values: speed does not depend on them.
+random values: speed does not depend on them. "compiled" is generation's compile=True: on CUDA torch.compile
+with CUDA graphs, on a CPU the step compiled ahead of time (llama_mini.ops.aot_step), built during warm-up.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The activation alone, silu(gate) * value on two (tokens, hidden) tensors, does a
 reads two tensors and writes one (forward), and reads three and writes two (backward), so it is bound by
 memory bandwidth, and on a GPU the table gives its speed as a share of the copy bandwidth measured in the
 same run. Eager PyTorch runs it as several kernels (silu, multiply, and their backwards) with intermediate
-tensors; torch.compile of the plain function, and the kernels of llama_mini.kernels ("compiled", and
+tensors; torch.compile of the plain function, and the kernels of llama_mini.ops.kernels ("compiled", and
 "triton" where Triton runs), make one pass each way, and the latter save two hidden-sized tensors for
 backward instead of three (the peak-memory column on a GPU). The whole FeedForward adds three matmuls,
 which dominate. Speedups are against the eager row of the same group (activation, FeedForward).
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.decode import copy_bandwidth  # noqa: E402
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
-from llama_mini.ffn import FeedForward  # noqa: E402
-from llama_mini.kernels import swiglu, triton_available  # noqa: E402
+from llama_mini.model.ffn import FeedForward  # noqa: E402
+from llama_mini.ops.kernels import swiglu, triton_available  # noqa: E402
 
 
 def swiglu_activation(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def swiglu_activation(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_kernel(kernel: str):
-    """The activation computed by one of llama_mini.kernels' SwiGLU kernels."""
+    """The activation computed by one of llama_mini.ops.kernels' SwiGLU kernels."""
     return lambda gate, value: swiglu(gate, value, kernel)
 
 

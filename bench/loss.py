@@ -8,7 +8,7 @@ both requiring grad, and measures its peak memory. Variants:
 
     plain              F.linear, then F.cross_entropy in float32 (the model's cross_entropy)
     plain, compiled    the same under torch.compile
-    chunked C          llama_mini.loss.linear_cross_entropy with chunk_size C
+    chunked C          llama_mini.ops.loss.linear_cross_entropy with chunk_size C
     chunked, compiled  linear_cross_entropy under torch.compile, at the largest chunk size
 
 On a GPU the step runs under bf16 autocast with float32 weights, as training does; on a CPU in float32.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
-from llama_mini.loss import linear_cross_entropy  # noqa: E402
+from llama_mini.ops.loss import linear_cross_entropy  # noqa: E402
 
 # (tokens, dim, vocab) when not given: a GPT-2-small-sized output layer on CUDA, about a minute on a CPU
 DEFAULT_SIZES = {"cuda": (8192, 768, 32000), "cpu": (2048, 288, 32000)}

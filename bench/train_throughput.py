@@ -5,8 +5,8 @@
         --variants plain compiled default compiled+chunked-loss compiled+swiglu-triton
 
 One step = forward, backward (bf16 autocast on a GPU, fp32 on a CPU) and an AdamW update: the work of
-llama_mini.training, built from the same pieces (llama_mini.fast_paths). MFU = tokens/s x (6N + 12 x
-n_layers x dim x seq_len) / peak FLOP/s, with the peak from llama_mini.training.PEAK_BF16_FLOPS (or
+llama_mini.train, built from the same pieces (llama_mini.ops.fast_paths). MFU = tokens/s x (6N + 12 x
+n_layers x dim x seq_len) / peak FLOP/s, with the peak from llama_mini.runtime.PEAK_BF16_FLOPS (or
 --peak-tflops). The variants:
 
     plain       no fast path: eager, the plain loss, eager SwiGLU, AdamW's for-each kernels
@@ -28,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import ModelArgs, Transformer, get_preset, training_flops_per_token  # noqa: E402
-from llama_mini.fast_paths import (  # noqa: E402
+from llama_mini.ops.fast_paths import (  # noqa: E402
     LOSS_CHUNK_SIZE,
     FastPaths,
     apply_fast_paths,
     attention_backend,
     choose_fast_paths,
 )
-from llama_mini.training import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
+from llama_mini.runtime import autocast, peak_flops  # noqa: E402
+from llama_mini.train import TrainConfig, make_optimizer  # noqa: E402
 
 
 def variant_fast_paths(
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def step(forward=forward, optimizer=optimizer, tokens=tokens, paths=paths):
                 with autocast(device, dtype), attention_backend(paths.attention):
-                    loss = forward(tokens[:, :-1], targets=tokens[:, 1:])
+                    loss = forward(tokens[:, :-1], tokens[:, 1:])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ms/step": 1000 * seconds,
             }
             if peak:
-                flops = training_flops_per_token(model, args.seq_len)
+                flops = training_flops_per_token(model_args, args.seq_len)
                 row["MFU %"] = 100 * tokens_per_second * flops / peak
             if device.type == "cuda":
                 row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -9,7 +9,7 @@ Measures, for each library, on the same device and dtype:
   - greedy decoding: prefill of a prompt, then new tokens one at a time with each library's KV cache,
     at batch 1 and batch 8 (equal-length prompts, so neither needs padding), as new tokens per second.
 llama_mini runs twice: plain (eager, no fast path) and fast (torch.compile of model + loss with the
-device's fast paths from llama_mini.fast_paths; decoding compiled with the static-shape cache, CUDA graphs
+device's fast paths from llama_mini.ops.fast_paths; decoding compiled with the static-shape cache, CUDA graphs
 on a GPU). transformers runs as users run it by default (eager, dynamic cache); with --peer-compile also
 compiled (training) and with its static cache compiled (decoding). The tables give each speed as a ratio
 of transformers' default (> 1 means faster than transformers).
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import Transformer, cross_entropy, get_preset  # noqa: E402
-from llama_mini.fast_paths import apply_fast_paths, attention_backend, choose_fast_paths  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
+from llama_mini.ops.fast_paths import apply_fast_paths, attention_backend, choose_fast_paths  # noqa: E402
 
 
 def build_pair(preset: str, device: torch.device, dtype: torch.dtype):
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with attention_backend(paths.attention):
             train["llama_mini fast"] = training_step_seconds(
-                ours_fast, lambda x, y: compiled_ours(x, targets=y), tokens, device
+                ours_fast, lambda x, y: compiled_ours(x, y), tokens, device
             )
         if args.peer_compile:
             train["transformers compiled"] = training_step_seconds(

@@ -1,9 +1,12 @@
 """llama_mini: a compact LLaMA-style language model in PyTorch, for training, generation and study."""
 
 from llama_mini.errors import CheckpointError, ConfigError, DataError, LlamaMiniError
-from llama_mini.ffn import FEED_FORWARDS, FeedForward
-from llama_mini.model import ModelArgs, Transformer, count_parameters, cross_entropy, training_flops_per_token
-from llama_mini.presets import PRESETS, get_preset
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.ffn import FEED_FORWARDS, FeedForward
+from llama_mini.model.presets import PRESETS, get_preset
+from llama_mini.model.sizes import count_parameters, training_flops_per_token
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops.loss import cross_entropy
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,8 @@
 
 A usage error (a wrong flag or value) prints `error: ... (see --help)` and exits with code 2, as argparse
 does but without the whole usage text; a `LlamaMiniError` raised while working (a missing file, a bad
-setting) prints `error: <message>` and returns 2. Bugs still raise, with their traceback.
+setting) prints `error: <message>` and returns 2; Ctrl-C returns 130. Bugs still raise, with their
+traceback. Every command's `main(argv)` is `run_command(its parser, its action, argv)`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 
 from llama_mini.errors import LlamaMiniError
 
+__all__ = ["ArgumentParser", "report_errors", "run_command"]
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (and exit code 2), not the whole usage."""
@@ -23,9 +26,30 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def report_errors(command: Callable[[], int | None]) -> int:
-    """Run `command`; its exit code, or 2 after printing a LlamaMiniError as one line on stderr."""
+    """Run `command`; its exit code, or 2 after printing a LlamaMiniError as one line on stderr, or 130
+    after Ctrl-C."""
     try:
         return command() or 0
     except LlamaMiniError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    action: Callable[[argparse.Namespace], int | None],
+    argv: list[str] | None,
+) -> int:
+    """Parse `argv` with `parser` and run `action(args)`: the exit code, with the conventions above.
+
+    --help returns 0 and a usage error 2 (argparse has already printed them), instead of exiting, so that
+    commands compose: `llama-mini`'s dispatcher and the tests call `main(argv)` and get a code back.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    return report_errors(lambda: action(args))

@@ -1,6 +1,34 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the `numerics` marker.
+
+The tests in NUMERICAL_MODULES compare floating-point results: each against an independent reference (a
+formula in float64, transformers, a recomputation) within a tolerance set by the dtype of the last rounding,
+or bit for bit where the same kernels run the same shapes in the same order (a save/load round trip, exact
+resume, the same forward pass twice). `make test` runs them a second time with one thread and PyTorch's
+unvectorised CPU kernels (ATEN_CPU_CAPABILITY=default), so that a tolerance which silently assumed one CPU's
+vector width, one thread count or one summation order fails here rather than on a user's machine.
+"""
+
+from pathlib import Path
 
 import pytest
+
+NUMERICAL_MODULES = {
+    "test_checkpoint.py",
+    "test_convert.py",
+    "test_fast_paths.py",
+    "test_ffn.py",
+    "test_generation.py",
+    "test_kernels.py",
+    "test_loss.py",
+    "test_model.py",
+    "test_training.py",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).name in NUMERICAL_MODULES:
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from llama_mini import ablate
-from llama_mini.ablate import (
+from llama_mini.data import MANIFEST
+from llama_mini.errors import ConfigError
+from llama_mini.model.ffn import FEED_FORWARDS
+from llama_mini.model.sizes import parameter_counts
+from llama_mini.study import ablate
+from llama_mini.study.ablate import (
     SHAZEER_TABLE1,
     AblationConfig,
+    findings,
     gated_gap,
     main,
     read_results,
@@ -19,9 +24,6 @@ from llama_mini.ablate import (
     spearman,
     summarize,
 )
-from llama_mini.errors import ConfigError
-from llama_mini.ffn import FEED_FORWARDS
-from llama_mini.inspect import parameter_counts
 
 # dim 48 keeps the FFNs matched: 8 * 48 / 3 = 128 and 4 * 48 = 192 are multiples of 16.
 TINY = dict(
@@ -121,7 +123,7 @@ def test_each_finished_run_is_one_line_of_results(finished):
 def test_runs_share_one_tokenizer_and_data_and_drop_checkpoints(finished):
     config, _, _ = finished
     out = Path(config.out)
-    assert (out / "tokenizer.model").exists() and (out / "data" / "train.bin").exists()
+    assert (out / "tokenizer.model").exists() and (out / "data" / MANIFEST).exists()
     run = out / "runs" / "relu-seed0"
     assert (run / "metrics.jsonl").exists()
     assert not (run / "data").exists() and not (run / "best").exists() and not list(run.glob("step-*"))
@@ -155,6 +157,43 @@ def test_results_made_with_other_settings_are_refused(finished):
     changed = AblationConfig(**{**dataclass_values(config), "max_steps": 3})
     with pytest.raises(ConfigError, match="max_steps 2 -> 3"):
         run_ablation(changed, log=lambda line: None)
+
+
+def test_every_run_starts_from_the_init_rule_of_the_ablation(finished):
+    config, _, _ = finished
+    assert config.weight_init == "scaled" and config.model_overrides("relu")["weight_init"] == "scaled"
+    assert (
+        AblationConfig(**{**dataclass_values(config), "weight_init": "gpt2"}).model_args("relu").weight_init
+        == "gpt2"
+    )
+
+
+def results_from_before_the_init_setting(config: AblationConfig, out: Path) -> None:
+    """A results.jsonl as llama_mini wrote it before `weight_init` existed: GPT-2's init, no such setting."""
+    settings = {key: value for key, value in config.settings().items() if key != "weight_init"}
+    out.mkdir(parents=True)
+    (out / ablate.RESULTS).write_text(json.dumps(fake_result("relu", 0, 5.0, settings)) + "\n")
+
+
+def test_results_from_before_the_init_setting_extend_an_ablation_with_init_gpt2(
+    finished, tmp_path, monkeypatch
+):
+    config, _, _ = finished
+    old = AblationConfig(**{**dataclass_values(config), "out": str(tmp_path / "out"), "weight_init": "gpt2"})
+    results_from_before_the_init_setting(old, tmp_path / "out")
+    monkeypatch.setattr(
+        ablate, "_train_one", lambda *args: pytest.fail("the run is already in results.jsonl")
+    )
+    outcome = run_ablation(dataclasses.replace(old, variants=["relu"]), log=lambda line: None)
+    assert [(r["variant"], r["val_loss"]) for r in outcome["results"]] == [("relu", 5.0)]
+
+
+def test_results_from_before_the_init_setting_are_refused_by_the_scaled_init(finished, tmp_path):
+    config, _, _ = finished
+    new = AblationConfig(**{**dataclass_values(config), "out": str(tmp_path / "out")})
+    results_from_before_the_init_setting(new, tmp_path / "out")
+    with pytest.raises(ConfigError, match="weight_init 'gpt2' -> 'scaled'"):
+        run_ablation(new, log=lambda line: None)
 
 
 def test_a_torn_last_line_is_skipped(tmp_path):
@@ -208,6 +247,21 @@ def test_gated_gap_is_paired_by_seed():
     assert gap["standard_errors"] == pytest.approx(-11.0)
 
 
+def test_findings_give_the_gap_of_each_seed_and_the_summed_training_time():
+    results = [
+        {**fake_result(variant, seed, loss), "seconds": 30.0}
+        for variant, seed, loss in (
+            ("relu", 0, 4.0),
+            ("swiglu", 0, 3.9),
+            ("relu", 1, 4.5),
+            ("swiglu", 1, 4.38),
+        )
+    ]
+    found = findings(summarize(results, ["relu", "swiglu"]), results)
+    assert "paired by seed: -0.1100 nats (per seed -0.1000, -0.1200; standard error 0.0100" in found[0]
+    assert found[-1].startswith("Training time: 120 s (2.0 min) summed over the 4 runs")
+
+
 def test_gated_gap_needs_two_seeds():
     assert gated_gap([fake_result("relu", 0, 4.0), fake_result("swiglu", 0, 3.9)]) is None
 
@@ -221,10 +275,7 @@ def test_gated_gap_needs_two_seeds():
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(capsys, tmp_path, argv, message):
-    try:
-        code = main([*argv, "--out", str(tmp_path / "out")])
-    except SystemExit as exit:
-        code = exit.code
+    code = main([*argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import decode, ffn, train_throughput, vs_transformers
+from bench import decode, decode_cpu, ffn, train_throughput, vs_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,3 +129,17 @@ def test_gpu_suite_script_is_valid_bash_and_refuses_an_unknown_part(tmp_path):
         ["bash", str(script), str(tmp_path), "nonsense"], capture_output=True, text=True
     )
     assert finished.returncode == 2 and "unknown part nonsense" in finished.stderr
+
+
+def test_decode_cpu_bench_runs_every_engine_on_the_same_weights(tmp_path, quick_compile, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    out = tmp_path / "decode_cpu.json"
+    argv = ["--preset", "tiny", "--vocab-size", "512", "--prompt-len", "4", "--new-tokens", "6"]
+    assert decode_cpu.main([*argv, "--json", str(out)]) == 0
+    rows = results(out)
+    engines = [row["engine"] for row in rows]
+    assert engines[:3] == ["llama_mini eager", "llama_mini compiled", "transformers"]
+    assert all(row["agree"] == "6/6" for row in rows)  # every engine decoded the same greedy tokens
+    if "llama.cpp" not in engines:
+        assert "llama.cpp skipped" in capsys.readouterr().out

@@ -20,7 +20,6 @@ from llama_mini.checkpoint import (
     HF_ACTIVATIONS,
     detect_format,
     find_tokenizer,
-    load_pretrained,
     model_args_from_hf_config,
     permute_for_hf,
     permute_from_hf,
@@ -29,9 +28,10 @@ from llama_mini.checkpoint import (
     to_hf_state_dict,
 )
 from llama_mini.errors import CheckpointError
-from llama_mini.ffn import GATED_FEED_FORWARDS
-from llama_mini.model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
-from llama_mini.presets import get_preset
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.ffn import GATED_FEED_FORWARDS
+from llama_mini.model.presets import get_preset
+from llama_mini.model.transformer import Transformer, apply_rotary_emb, precompute_freqs_cis
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -216,7 +216,7 @@ def test_sharded_transformers_checkpoint_loads_with_equal_logits(tmp_path):
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
 
-    model = load_pretrained(folder)
+    model = Transformer.from_pretrained(folder)
     batch = tokens(VOCAB, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(batch), reference(batch).logits, rtol=0, atol=1e-5)
@@ -255,7 +255,7 @@ def test_llama3_scaled_transformers_checkpoint_loads_with_equal_logits(version, 
         config.update(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **SCALING})
         (tmp_path / "config.json").write_text(json.dumps(config))
 
-    model = load_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
     assert (model.args.rope_theta, model.args.rope_scaling) == (50000.0, SCALING)
     batch = tokens(VOCAB)
     with torch.no_grad():
@@ -326,7 +326,7 @@ def test_other_rope_scalings_are_refused_not_ignored(rope_type, rope, tmp_path):
     config.pop("rope_parameters", None)
     (tmp_path / "config.json").write_text(json.dumps({**config, **rope}))
     with pytest.raises(CheckpointError, match=f"RoPE scaling '{rope_type}' is not supported") as error:
-        load_pretrained(tmp_path)
+        Transformer.from_pretrained(tmp_path)
     assert one_line(error).startswith(str(tmp_path / "config.json"))
     assert "use a model whose rope_type is 'default' or 'llama3'" in one_line(error)
 
@@ -379,10 +379,10 @@ def test_llama3_scaled_checkpoint_loads_in_transformers_with_equal_logits(tmp_pa
 def test_llama3_scaled_round_trip_is_bit_exact_and_the_hf_fields_agree(tmp_path):
     model = our_model(rope_scaling=SCALING)
     model.save_pretrained(tmp_path)
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
 
     assert loaded.args == model.args
-    assert torch.equal(loaded.freqs_cis, model.freqs_cis)  # the loader's table is the scaled one
+    assert torch.equal(loaded.rope.freqs_cis, model.rope.freqs_cis)  # the loader's table is the scaled one
     batch = tokens(VOCAB, seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -434,17 +434,17 @@ def test_bf16_save_writes_bf16_tensors_and_loads_them(tmp_path):
 
     assert {t.dtype for t in stored_tensors(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = load_pretrained(tmp_path)  # dtype=None keeps what is stored
+    loaded = Transformer.from_pretrained(tmp_path)  # dtype=None keeps what is stored
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
-    assert loaded.freqs_cis.dtype == torch.float32  # the RoPE table stays float32
+    assert loaded.rope.freqs_cis.dtype == torch.float32  # the RoPE table stays float32
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight.bfloat16())
 
 
 def test_load_casts_to_the_requested_dtype(tmp_path):
     our_model().save_pretrained(tmp_path)
-    loaded = load_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
+    loaded = Transformer.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert loaded.freqs_cis.dtype == torch.float32
+    assert loaded.rope.freqs_cis.dtype == torch.float32
 
 
 def test_wrapper_prefixes_never_reach_the_file(tmp_path):
@@ -492,7 +492,7 @@ def test_save_leaves_other_files_alone_and_overwrites_its_own(tmp_path):
         "model.safetensors",
         "training_state.pt",
     ]  # no temporary files left behind
-    assert torch.equal(load_pretrained(tmp_path).output.weight, second.output.weight)
+    assert torch.equal(Transformer.from_pretrained(tmp_path).output.weight, second.output.weight)
 
 
 def test_generation_config_has_token_ids_and_sampling_defaults(tmp_path):
@@ -517,7 +517,7 @@ def test_generation_config_has_token_ids_and_sampling_defaults(tmp_path):
 def test_non_gated_checkpoint_round_trips_and_is_marked_llama_mini_only(ffn, extra, tmp_path):
     model = our_model(ffn=ffn, **extra)
     model.save_pretrained(tmp_path)
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
 
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys()
@@ -563,7 +563,7 @@ def test_meta_checkpoint_loads_with_equal_logits(tmp_path):
     model = our_model(norm_eps=1e-5)
     write_meta(tmp_path, [meta_state_dict(model)], meta_params(model.args))
 
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
     assert detect_format(tmp_path) == "meta"
     assert (loaded.args.vocab_size, loaded.args.hidden_dim, loaded.args.max_seq_len) == (VOCAB, None, 4096)
     assert loaded.layers[0].feed_forward.hidden_dim == 192  # LLaMA's rule, as the file's w1 says
@@ -594,7 +594,7 @@ def test_two_shard_meta_checkpoint_concatenates_along_the_parallel_dims(tmp_path
             shard[name] = part.clone()
     write_meta(tmp_path, shards, meta_params(model.args))
 
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
     batch = tokens(VOCAB, seed=6)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -603,7 +603,7 @@ def test_two_shard_meta_checkpoint_concatenates_along_the_parallel_dims(tmp_path
 def test_meta_hidden_dim_comes_from_w1_when_the_rule_disagrees(tmp_path):
     model = our_model(norm_eps=1e-5, hidden_dim=100)  # the rule gives 192 for dim 64, multiple_of 32
     write_meta(tmp_path, [meta_state_dict(model)], meta_params(model.args))
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
     assert loaded.args.hidden_dim == 100
     batch = tokens(VOCAB, seed=7)
     with torch.no_grad():
@@ -623,10 +623,11 @@ def test_meta_scaled_rope_loads_with_metas_settings(extra, factor, tmp_path):
     params = {**meta_params(model.args), "use_scaled_rope": True, **extra}
     write_meta(tmp_path, [meta_state_dict(model)], params)
 
-    loaded = load_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
     assert loaded.args.rope_scaling == scaling
-    assert torch.equal(loaded.freqs_cis[:64], model.freqs_cis)  # loaded's table is longer: max_seq_len 4096
-    assert not torch.equal(model.freqs_cis, with_plain_rope(model).freqs_cis)
+    # loaded's table is longer (max_seq_len 4096): its first 64 rows are the model's
+    assert torch.equal(loaded.rope.freqs_cis[:64], model.rope.freqs_cis)
+    assert not torch.equal(model.rope.freqs_cis, with_plain_rope(model).rope.freqs_cis)
     batch = tokens(VOCAB, seed=10)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -646,20 +647,20 @@ def saved(tmp_path):
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as error:
-        load_pretrained(tmp_path / "nowhere")
+        Transformer.from_pretrained(tmp_path / "nowhere")
     assert "nowhere" in one_line(error)
 
 
 def test_folder_without_config_or_params_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="neither config.json .* nor params.json") as error:
-        load_pretrained(tmp_path)
+        Transformer.from_pretrained(tmp_path)
     assert str(tmp_path) in one_line(error)
 
 
 def test_missing_weights_file_is_a_clear_error(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
 
 
 def test_truncated_safetensors_is_a_clear_error(saved):
@@ -667,7 +668,7 @@ def test_truncated_safetensors_is_a_clear_error(saved):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -675,7 +676,7 @@ def test_garbage_safetensors_is_a_clear_error(saved):
     weights = saved / "model.safetensors"
     weights.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -685,7 +686,7 @@ def test_tensor_with_the_wrong_shape_is_a_clear_error(saved):
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # config: 2 kv heads -> (32, 64)
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError) as error:
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
     assert one_line(error) == (
         f"{weights}: tensor 'model.layers.1.self_attn.k_proj.weight' has shape [64, 64] but the config needs "
         "[32, 64]; the weights and config come from different models"
@@ -700,7 +701,7 @@ def test_missing_tensor_is_a_clear_error(saved):
     with pytest.raises(
         CheckpointError, match=r"missing tensor\(s\) model.layers.0.mlp.up_proj.weight;"
     ) as error:
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -710,20 +711,20 @@ def test_unexpected_tensor_is_a_clear_error(saved):
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported") as error:
-        load_pretrained(tmp_path)
+        Transformer.from_pretrained(tmp_path)
     assert one_line(error).startswith(str(tmp_path / "config.json"))
 
 
 def test_invalid_config_json_is_a_clear_error(saved):
     (saved / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
 
 
 def test_shard_missing_from_index_is_a_clear_error(saved):
@@ -731,7 +732,7 @@ def test_shard_missing_from_index_is_a_clear_error(saved):
     index = {"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
     (saved / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model-00001-of-00001.safetensors: listed in .* but missing"):
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
 
 
 def test_truncated_meta_weights_are_a_clear_error(tmp_path):
@@ -740,14 +741,14 @@ def test_truncated_meta_weights_are_a_clear_error(tmp_path):
     weights = tmp_path / "consolidated.00.pth"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        load_pretrained(tmp_path)
+        Transformer.from_pretrained(tmp_path)
     assert one_line(error).startswith(str(weights))
 
 
 def test_pytorch_bin_only_folder_is_a_clear_error(saved):
     (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="has only pytorch_model.bin"):
-        load_pretrained(saved)
+        Transformer.from_pretrained(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -766,14 +767,13 @@ def test_tokenizer_config_files_describe_the_sentencepiece_model(tmp_path, sente
     our_model().save_pretrained(tmp_path, tokenizer_path=sentencepiece_model.parent)  # a folder works too
     tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert tokenizer_config == {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
         "pad_token": None,
         "add_bos_token": True,
         "add_eos_token": False,
-        "legacy": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 64,
     }

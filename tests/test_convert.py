@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama_mini.checkpoint import load_pretrained
 from llama_mini.convert import main
-from llama_mini.model import Transformer
-from llama_mini.presets import get_preset
+from llama_mini.model.presets import get_preset
+from llama_mini.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96
@@ -75,7 +74,7 @@ def test_dtype_bf16_casts_every_stored_tensor(tmp_path, capsys):
     assert "bfloat16" in capsys.readouterr().out
     with safe_open(str(tmp_path / "dst" / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}
-    converted = load_pretrained(tmp_path / "dst")
+    converted = Transformer.from_pretrained(tmp_path / "dst")
     for name, tensor in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor.bfloat16()), name
 
@@ -102,7 +101,7 @@ def test_transformers_checkpoint_converts_with_its_tokenizer(tmp_path, sentencep
     assert json.loads((tmp_path / "dst" / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
     batch = tokens(seed=2)
     with torch.no_grad():
-        converted = load_pretrained(tmp_path / "dst")
+        converted = Transformer.from_pretrained(tmp_path / "dst")
         torch.testing.assert_close(converted(batch), reference(batch).logits, rtol=0, atol=1e-5)
 
 
@@ -136,6 +135,17 @@ def test_non_empty_destination_needs_force(tmp_path, capsys):
     assert main([str(tmp_path / "src"), str(tmp_path / "dst"), "--force"]) == 0
     assert (tmp_path / "dst" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "dst" / "model.safetensors").is_file()
+
+
+def test_a_run_folder_converts_its_best_checkpoint_and_says_so(tmp_path, capsys):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "run" / "best")
+    assert main([str(tmp_path / "run"), str(tmp_path / "dst")]) == 0
+    err = capsys.readouterr().err
+    assert err == f"loading {tmp_path / 'run' / 'best'} (the checkpoint of run folder {tmp_path / 'run'})\n"
+    converted = Transformer.from_pretrained(tmp_path / "dst")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated", "gpt2"])

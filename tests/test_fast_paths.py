@@ -9,17 +9,21 @@ from test_training import TINY_MODEL, make_config, synthetic_corpus
 
 import train as train_cli
 from llama_mini.errors import ConfigError
-from llama_mini.fast_paths import (
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.ffn import GEGLU, FeedForward
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops.fast_paths import (
     LOSS_CHUNK_SIZE,
+    FastPaths,
+    FusedSwiGLU,
     apply_fast_paths,
     attention_backend,
     choose_fast_paths,
     use_swiglu_kernel,
 )
-from llama_mini.ffn import GEGLU, FeedForward
-from llama_mini.model import ModelArgs, Transformer, cross_entropy
+from llama_mini.ops.loss import NextTokenLoss
 from llama_mini.tokenizer import train_tokenizer
-from llama_mini.training import METRICS, TrainConfig, Trainer, make_optimizer
+from llama_mini.train import METRICS, TrainConfig, Trainer, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -29,65 +33,43 @@ def tiny_model(**overrides) -> Transformer:
     return Transformer(ModelArgs(**{"vocab_size": 97, **TINY_MODEL, **overrides}))
 
 
-# ------------------------------------------------------------------------------- the model's loss path
-
-
-@pytest.mark.parametrize("chunk", [0, 5, 64, 1000])
-def test_forward_with_targets_equals_cross_entropy_of_the_logits(chunk):
-    model = tiny_model().double()
-    tokens = torch.randint(0, 97, (3, 22), generator=torch.Generator().manual_seed(1))
-    tokens[0, 5] = -100  # an ignored target
-    x, y = tokens[:, :-1].clamp(min=0), tokens[:, 1:]
-
-    expected = cross_entropy(model(x), y)
-    expected.backward()
-    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-
-    model.loss_chunk_size = chunk
-    loss = model(x, targets=y)
-    loss.backward()
-    assert loss.dtype == torch.float32  # the loss is float32 whatever the model's dtype
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+# ------------------------------------------------------------------------------- applying them
 
 
 def test_compiled_model_with_the_cuda_defaults_equals_the_plain_eager_model():
     """The combination a CUDA run gets by default (compile, chunked loss, fused SwiGLU kernel), on a CPU."""
-    plain = tiny_model()
-    fast = tiny_model()
-    fast.loss_chunk_size = 24
-    use_swiglu_kernel(fast, "compiled")
+    plain, fast = tiny_model(), tiny_model()
+    paths = FastPaths(compile=False, fused_adamw=False, attention="auto", swiglu_kernel="compiled",
+                      loss_chunk_size=24)  # fmt: skip
     tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(3))
     x, y = tokens[:, :-1], tokens[:, 1:]
     torch._dynamo.reset()
-    compiled = torch.compile(fast, fullgraph=True)  # fullgraph: no graph break in model, loss or kernel
+    # fullgraph: no graph break in the model, the loss or the kernel
+    compiled = torch.compile(apply_fast_paths(fast, paths), fullgraph=True)
 
-    expected = plain(x, targets=y)
+    expected = NextTokenLoss(plain)(x, y)
     expected.backward()
-    loss = compiled(x, targets=y)
+    loss = compiled(x, y)
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     for (name, reference), param in zip(plain.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_chunked_loss_path_never_builds_the_logits():
-    """Saved for backward: the plain path keeps a (tokens, vocab) tensor; the chunked one none at all."""
-    model = tiny_model(vocab_size=4096, max_seq_len=128)
-    tokens = torch.randint(0, 4096, (4, 129))
-    logits_elements = 4 * 128 * 4096
-
-    def largest_saved(chunk: int) -> int:
-        sizes = []
-        model.loss_chunk_size = chunk
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            model(tokens[:, :-1], targets=tokens[:, 1:])
-        return max(sizes)
-
-    assert largest_saved(0) >= logits_elements
-    assert largest_saved(16) <= 4096 * TINY_MODEL["dim"]  # at most the output matrix's gradient
+def test_fused_swiglu_computes_the_feed_forward_formula_with_the_same_weights():
+    model = tiny_model().double()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    names_before = [name for name, _ in model.named_parameters()]
+    weights_before = [id(param) for param in model.parameters()]
+    with torch.no_grad():
+        expected = model(tokens)
+        assert use_swiglu_kernel(model, "compiled") == TINY_MODEL["n_layers"]
+        assert all(type(layer.feed_forward) is FusedSwiGLU for layer in model.layers)
+        torch.testing.assert_close(model(tokens), expected, rtol=1e-12, atol=1e-12)  # float64 arithmetic
+    assert [name for name, _ in model.named_parameters()] == names_before  # checkpoints unaffected
+    assert [id(param) for param in model.parameters()] == weights_before  # the same tensors, not copies
+    use_swiglu_kernel(model, "eager")
+    assert all(type(layer.feed_forward) is FeedForward for layer in model.layers)
 
 
 # ------------------------------------------------------------------------------- choosing the fast paths
@@ -159,25 +141,24 @@ def test_unknown_fast_path_names_are_clear_errors(settings, message):
         choose_fast_paths(CPU, 16, 97, **settings)
 
 
-def test_apply_fast_paths_sets_the_model_and_compiles_only_when_asked():
+def test_apply_fast_paths_wraps_the_model_in_its_loss_and_compiles_only_when_asked():
     model = tiny_model()
     paths = choose_fast_paths(CPU, 16, 97, swiglu_kernel="compiled", loss_chunk_size=8)
-    assert apply_fast_paths(model, paths) is model  # compile is off on a CPU by default
-    assert model.loss_chunk_size == 8
+    loss = apply_fast_paths(model, paths)  # compile is off on a CPU by default
+    assert type(loss) is NextTokenLoss and loss.model is model and loss.chunk_size == 8
     assert all(layer.feed_forward.kernel == "compiled" for layer in model.layers)
     compiled = apply_fast_paths(model, choose_fast_paths(CPU, 16, 97, compile=True))
-    assert compiled is not model and compiled._orig_mod is model
-    assert model.loss_chunk_size == 0 and model.layers[0].feed_forward.kernel == "eager"
+    assert type(compiled._orig_mod) is NextTokenLoss and compiled._orig_mod.model is model
+    assert compiled._orig_mod.chunk_size == 0 and type(model.layers[0].feed_forward) is FeedForward
 
 
 def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():
     swiglu_model = tiny_model()
-    assert use_swiglu_kernel(swiglu_model, "compiled") == TINY_MODEL["n_layers"]
-    assert all(layer.feed_forward.kernel == "compiled" for layer in swiglu_model.layers)
+    assert use_swiglu_kernel(swiglu_model, "triton") == TINY_MODEL["n_layers"]
+    assert all(layer.feed_forward.kernel == "triton" for layer in swiglu_model.layers)
     geglu_model = tiny_model(ffn="geglu")
     assert use_swiglu_kernel(geglu_model, "compiled") == 0
-    assert isinstance(geglu_model.layers[0].feed_forward, GEGLU)
-    assert FeedForward.kernel == "eager"  # the class default is untouched
+    assert type(geglu_model.layers[0].feed_forward) is GEGLU
     with pytest.raises(ConfigError, match="unknown SwiGLU kernel"):
         use_swiglu_kernel(swiglu_model, "fastest")
 
@@ -221,7 +202,7 @@ def test_fused_adamw_takes_the_steps_of_the_for_each_adamw():
     tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(2))
     for _ in range(3):
         for model, optimizer in zip(models, optimizers, strict=True):
-            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+            NextTokenLoss(model)(tokens[:, :-1], tokens[:, 1:]).backward()
             optimizer.step()
             optimizer.zero_grad()
     for (name, plain), fused in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
@@ -291,8 +272,7 @@ def test_cli_fast_path_mistakes_are_one_line_and_exit_2(args, message, tmp_path,
 
 
 def test_cli_help_lists_every_fast_path_switch(capsys):
-    with pytest.raises(SystemExit):
-        train_cli.main(["--help"])
+    assert train_cli.main(["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     for switch in ("--no-compile", "--no-fused-adamw", "--attention", "--swiglu-kernel", "--loss-chunk-size"):
         assert switch in help_text

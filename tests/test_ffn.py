@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_mini.ffn import (
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.ffn import (
     FEED_FORWARDS,
     GATED_FEED_FORWARDS,
     FeedForward,
@@ -18,7 +19,6 @@ from llama_mini.ffn import (
     build_feed_forward,
     llama_hidden_dim,
 )
-from llama_mini.model import ModelArgs
 
 SHAPES = [(3, 16), (2, 5, 16), (2, 3, 4, 16)]  # several batch dimensions, dim = 16
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_mini.checkpoint import load_pretrained, save_pretrained
-from llama_mini.generation import decode_continuation, generate, row_seed
-from llama_mini.model import Transformer
-from llama_mini.presets import get_preset
+from llama_mini.checkpoint import save_pretrained
+from llama_mini.generation import command, decode_continuation, generate, row_seed
+from llama_mini.model.presets import get_preset
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
 from llama_mini.tokenizer import train_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "generate.py"
@@ -54,12 +55,21 @@ def library(checkpoint):
     """The saved model and tokenizer, loaded as the library sees them: the reference for the CLI's text."""
     from llama_mini.tokenizer import Tokenizer
 
-    return load_pretrained(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
+    return Transformer.from_pretrained(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
 
 
 @pytest.fixture(autouse=True)
 def no_stdin(monkeypatch):
     monkeypatch.setattr("sys.stdin", Terminal(""))
+
+
+@pytest.fixture(autouse=True)
+def compile_cache(monkeypatch, tmp_path) -> Path:
+    """The command's default compile cache, moved from the user's cache folder into the test's own."""
+    folder = tmp_path / "compiled"
+    defaults = command.COMMAND_SAMPLING.replace(compile_cache=str(folder))
+    monkeypatch.setattr(command, "COMMAND_SAMPLING", defaults)
+    return folder
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -165,6 +175,28 @@ def test_verbose_reports_prefill_and_decode_speed(checkpoint, capsys):
     assert lines[1].startswith("prefill: 2 tokens in ") and " tokens/s); decode: " in lines[1]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not aot_step.cpp_compiler_available(), reason="--compile on a CPU needs a C++ compiler")
+def test_compile_saves_a_step_that_later_runs_load_and_prints_the_same_text(
+    checkpoint, library, capsys, compile_cache, monkeypatch
+):
+    flags = ["--checkpoint", checkpoint, "--prompt", "the king", "--temperature", "0", "--max-new-tokens", 12]
+    expected = expected_text(library, "the king", 12, temperature=0)
+    assert run(capsys, *flags, "--compile") == (0, expected, "")
+    assert len(list(compile_cache.glob("*.pt2"))) == 1  # built once, into the default compile cache
+    monkeypatch.setattr(aot_step, "_LOADED", {})  # as in a new process: the step is on disk only
+    monkeypatch.setattr(aot_step, "_build", lambda *args: pytest.fail("rebuilt a saved step"))
+    runs = []
+    real_bound_to = aot_step.CompiledStep.bound_to
+    monkeypatch.setattr(
+        aot_step.CompiledStep, "bound_to", lambda self, model: runs.append(1) or real_bound_to(self, model)
+    )
+    assert run(capsys, *flags, "--compile") == (0, expected, "")  # loads the saved step
+    assert run(capsys, *flags) == (0, expected, "")  # no flag: runs the saved step too
+    assert run(capsys, *flags, "--no-compile") == (0, expected, "")  # eager
+    assert len(runs) == 2
+
+
 def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(checkpoint, library, capsys):
     code, out, err = run(
         capsys,
@@ -213,6 +245,34 @@ def one_line_error(code: int, out: str, err: str) -> str:
     return err
 
 
+def test_a_training_run_folder_is_read_through_its_best_checkpoint(checkpoint, library, tmp_path, capsys):
+    """`--checkpoint RUN` (the --out folder train.py printed) uses RUN/best and says so on stderr."""
+    import shutil
+
+    run_folder = tmp_path / "run"
+    shutil.copytree(checkpoint, run_folder / "best")
+    shutil.copytree(checkpoint, run_folder / "step-0000004")
+    code, out, err = run(
+        capsys, "--checkpoint", run_folder, "--prompt", "the king", "--temperature", 0, "--max-new-tokens", 8
+    )
+    assert code == 0, err
+    assert out == expected_text(library, "the king", 8, temperature=0)
+    assert err == f"loading {run_folder / 'best'} (the checkpoint of run folder {run_folder})\n"
+
+
+def test_a_run_folder_without_best_uses_its_latest_step_checkpoint(checkpoint, tmp_path):
+    import shutil
+
+    from llama_mini.checkpoint import resolve_checkpoint
+
+    run_folder = tmp_path / "run"
+    for step in ("step-0000002", "step-0000010"):
+        shutil.copytree(checkpoint, run_folder / step)
+    (run_folder / "step-0000020").mkdir()  # not a checkpoint (no config.json): ignored
+    assert resolve_checkpoint(run_folder) == run_folder / "step-0000010"
+    assert resolve_checkpoint(run_folder / "step-0000002") == run_folder / "step-0000002"
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     err = one_line_error(*run(capsys, "--checkpoint", tmp_path / "nowhere", "--prompt", "x"))
     assert f"checkpoint {tmp_path / 'nowhere'} does not exist" in err
@@ -230,15 +290,99 @@ def test_prompt_longer_than_the_context_is_a_one_line_error(checkpoint, capsys):
     assert "prompt 1 has" in err and "context is 64 positions" in err and "pass --truncate" in err
 
 
+# ------------------------------------------------------------------ damaged and hostile checkpoints
+
+
+class RunsCodeWhenUnpickled:
+    """A pickled object that would create a file if it were ever unpickled: Meta's .pth files are pickles,
+    and loading must refuse anything but tensors (torch.load(weights_only=True))."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def damage(checkpoint: Path, folder: Path, how: str) -> str:
+    """A damaged copy of `checkpoint` in `folder`; returns what the one-line error must say."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, folder)
+    config_path, weights = folder / "config.json", folder / "model.safetensors"
+    config = json.loads(config_path.read_text())
+    if how == "nan weights":
+        tensors = load_file(weights)
+        tensors["model.layers.1.mlp.down_proj.weight"] = torch.full_like(
+            tensors["model.layers.1.mlp.down_proj.weight"], float("nan")
+        )
+        save_file(tensors, str(weights))
+        return f"{weights}: tensor 'model.layers.1.mlp.down_proj.weight' holds non-finite values (NaN or inf)"
+    if how == "huge vocabulary":  # built on the meta device, so refused by shape, never allocated
+        config["llama_mini"]["model_args"]["vocab_size"] = 10**11
+        config_path.write_text(json.dumps(config))
+        return "has shape [300, 64] but the config needs [100000000000, 64]"
+    if how == "negative layers":
+        config["llama_mini"]["model_args"]["n_layers"] = -2
+        config_path.write_text(json.dumps(config))
+        return "n_layers must be a positive integer, got -2"
+    if how == "invalid json":
+        config_path.write_text("{ not json")
+        return f"{config_path}: not valid JSON"
+    if how == "garbage tokenizer":
+        (folder / "tokenizer.model").write_bytes(bytes(range(256)) * 4)
+        return "is not a valid sentencepiece model"
+    if how == "huge safetensors header":
+        data = weights.read_bytes()
+        weights.write_bytes((2**63).to_bytes(8, "little") + data[8:])
+        return f"{weights}: is truncated or corrupted"
+    if how == "pickled code":
+        for name in ("config.json", "model.safetensors", "generation_config.json"):
+            (folder / name).unlink()
+        (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+        torch.save({"tok_embeddings.weight": torch.zeros(3, 64), "x": RunsCodeWhenUnpickled(folder / "ran")},
+                   folder / "consolidated.00.pth")  # fmt: skip
+        return (
+            f"{folder / 'consolidated.00.pth'}: holds Python objects other than tensors, which are not loaded"
+        )
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["nan weights", "huge vocabulary", "negative layers", "invalid json", "garbage tokenizer",
+     "huge safetensors header", "pickled code"],
+)  # fmt: skip
+def test_a_damaged_or_hostile_checkpoint_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, how):
+    folder = tmp_path / "damaged"
+    expected = damage(checkpoint, folder, how)
+    err = one_line_error(*run(capsys, "--checkpoint", folder, "--prompt", "the king", "--max-new-tokens", 4))
+    assert expected in err, err
+    assert not (folder / "ran").exists()  # nothing in a checkpoint runs code
+
+
+def test_generation_refuses_non_finite_logits_in_one_line(library):
+    from llama_mini.generation import GenerationError
+
+    model, tokenizer = library
+    broken = Transformer(model.args)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.layers[0].feed_forward.w2.weight.fill_(float("inf"))
+    with pytest.raises(GenerationError, match="logits at position 3 are not finite"):
+        generate(broken, [tokenizer.encode("the king", bos=True)[:3]], 4, temperature=0.8, top_p=0.9)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--top-p", "1.5"], "error: argument --top-p: must be in (0, 1], got 1.5 (see --help)"),
-        (["--top-k", "0"], "error: argument --top-k: must be an integer >= 1, got 0 (see --help)"),
-        (
-            ["--temperature", "hot"],
-            "error: argument --temperature: must be a number >= 0, got 'hot' (see --help)",
-        ),
+        (["--top-p", "1.5"], "error: top_p must be in (0, 1], or None to turn it off; got 1.5"),
+        (["--top-k", "0"], "error: top_k must be an integer >= 1, or None to turn it off; got 0"),
+        (["--temperature", "-1"], "error: temperature must be >= 0 (0 = greedy), got -1.0"),
+        (["--temperature", "hot"], "error: argument --temperature: invalid float value: 'hot' (see --help)"),
         (["--dtype", "fp8"], "error: argument --dtype: invalid choice: 'fp8'"),
         (["--device", "tpu"], "error: unknown --device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
     ],

@@ -7,15 +7,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from llama_mini import generation
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.generation import (
     GenerationError,
     GenerationStats,
-    _compiled_decode_step,
-    _ensure_cache,
     apply_repetition_penalty,
     apply_temperature,
+    decode,
     decode_continuation,
     fit_to_context,
     generate,
@@ -26,8 +24,10 @@ from llama_mini.generation import (
     top_k_filter,
     top_p_filter,
 )
-from llama_mini.model import Transformer
-from llama_mini.presets import get_preset
+from llama_mini.generation.decode import _compiled_decode_step, _ensure_cache
+from llama_mini.model.presets import get_preset
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
 from llama_mini.tokenizer import train_tokenizer
 
 INF = float("inf")
@@ -237,10 +237,11 @@ def test_max_new_tokens_zero_returns_empty_lists_without_running_the_model(model
 
 
 def test_repetition_penalty_in_the_loop_equals_the_reference(model):
-    prompt = [1]  # greedy from BOS alone falls into a loop (179, 97, 179, 97, ...), which the penalty breaks
-    expected = greedy_by_recomputation(model, prompt, 12, penalty=1.5)
-    assert generate(model, [prompt], 12, temperature=0, repetition_penalty=1.5) == [expected]
-    assert expected != greedy_by_recomputation(model, prompt, 12)  # the penalty did change something
+    expected = [greedy_by_recomputation(model, prompt, 12, penalty=1.5) for prompt in PROMPTS]
+    assert generate(model, PROMPTS, 12, temperature=0, repetition_penalty=1.5) == expected
+    # The penalty did change something: some row repeats a token without it (which row depends on the
+    # random weights), and the penalty breaks the repetition.
+    assert expected != [greedy_by_recomputation(model, prompt, 12) for prompt in PROMPTS]
 
 
 def test_greedy_equals_transformers_generate_on_the_same_weights(model, tmp_path):
@@ -281,9 +282,7 @@ def test_next_token_logits_are_the_last_positions_logits(model):
     tokens = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     with torch.no_grad():
         expected = model(tokens)[:, -1]
-        torch.testing.assert_close(
-            generation.next_token_logits(model, tokens, 0), expected, rtol=1e-5, atol=1e-6
-        )
+        torch.testing.assert_close(decode.next_token_logits(model, tokens, 0), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_kv_cache_is_sized_to_the_request_and_grows_when_needed():
@@ -318,15 +317,18 @@ def test_stats_count_prefill_and_decode_positions(model):
     assert "tokens/s" in stats.summary()
 
 
-def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
+def test_torch_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
+    """The torch.compile step: CUDA's compiled path, and a CPU's where the ahead-of-time step is not
+    available (tests/test_decode_compiled.py tests that one)."""
     real_compile = torch.compile
     calls = []
 
     def compile_eagerly(function, **options):  # dynamo traces, but no C++ compiler runs: fast on a CPU
         calls.append(options)
-        return real_compile(function, backend="eager", **options)
+        return real_compile(function, backend="eager")
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
+    monkeypatch.setattr(aot_step, "aot_compile_available", lambda: False)  # as on torch < 2.8
     _compiled_decode_step.cache_clear()
     torch._dynamo.reset()
     counters.clear()
@@ -335,7 +337,8 @@ def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
     finally:
         _compiled_decode_step.cache_clear()
     assert compiled == generate(model, PROMPTS[:2], 12, temperature=0)
-    assert calls == [{"mode": None}]  # "reduce-overhead" (CUDA graphs) only on CUDA
+    # No mode: "reduce-overhead" (CUDA graphs) only on CUDA; on a CPU the matrix-vector rewrite.
+    assert calls == [{"options": {"post_grad_custom_pre_pass": aot_step.matvec_pass()}}]
     # Static shapes: the position is a tensor, so the 11 decode steps share one compiled graph.
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -408,10 +411,10 @@ def tokenizer(tmp_path_factory):
 
 
 def scripted_next_token_logits(script: list[int], prompt_len: int):
-    """generation.next_token_logits with a large bonus on the scripted id at each position, so that the
+    """decode.next_token_logits with a large bonus on the scripted id at each position, so that the
     greedy continuation of a prompt of `prompt_len` tokens is `script`: lets a test choose what a real
     model (cache and all) generates."""
-    real = generation.next_token_logits
+    real = decode.next_token_logits
 
     def scripted(model, tokens, start_pos):
         logits = real(model, tokens, start_pos)  # (B, V): scores for position start_pos + T
@@ -433,7 +436,7 @@ def test_stream_yields_whole_characters_and_keeps_the_leading_space(tokenizer, m
 
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
-    monkeypatch.setattr(generation, "next_token_logits", scripted_next_token_logits(script, len(prompt_ids)))
+    monkeypatch.setattr(decode, "next_token_logits", scripted_next_token_logits(script, len(prompt_ids)))
     pieces = list(stream(model, tokenizer, "the queen", len(script), temperature=0, eos_id=-1))
     assert "".join(pieces) == SCRIPT_TEXT == decode_continuation(tokenizer, prompt_ids, script)
     assert pieces[0].startswith(" ")  # decode(script) alone would drop this space

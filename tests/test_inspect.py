@@ -4,88 +4,20 @@ import json
 
 import pytest
 
-from llama_mini.ffn import FEED_FORWARDS
-from llama_mini.inspect import (
-    build_on_meta,
-    hidden_dim_steps,
+from llama_mini.model.presets import get_preset
+from llama_mini.model.sizes import count_parameters
+from llama_mini.model.transformer import Transformer
+from llama_mini.study.inspector import (
     inspect_model,
-    kv_cache_bytes_per_token,
     main,
-    parameter_counts,
     shape_walk,
-    training_flops,
 )
-from llama_mini.model import Transformer, count_parameters, training_flops_per_token
-from llama_mini.presets import PRESETS, get_preset
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_counts_equal_count_parameters_of_every_preset_on_meta(name):
-    args = get_preset(name)
-    assert parameter_counts(args) == count_parameters(build_on_meta(args))
-
-
-@pytest.mark.parametrize("ffn", list(FEED_FORWARDS))
-@pytest.mark.parametrize("tied", [False, True])
-def test_counts_equal_count_parameters_for_every_variant_tied_or_not(ffn, tied):
-    args = get_preset("tiny", ffn=ffn, tie_embeddings=tied, swish_beta_trainable=ffn == "swish")
-    assert parameter_counts(args) == count_parameters(build_on_meta(args))
-
-
-def test_counts_equal_a_real_model_on_cpu():
-    args = get_preset("tiny")
-    assert parameter_counts(args) == count_parameters(Transformer(args))
-
-
-def test_build_on_meta_allocates_no_storage():
-    model = build_on_meta(get_preset("llama3-8b"))
-    assert all(param.device.type == "meta" for param in model.parameters())
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_hidden_dim_equals_the_built_models(name):
-    for ffn in ("swiglu", "relu"):
-        args = get_preset(name, ffn=ffn)
-        hidden, _ = hidden_dim_steps(args)
-        assert hidden == build_on_meta(args).layers[0].feed_forward.hidden_dim
-
-
-def test_hidden_dim_steps_for_llama_7b():
-    hidden, steps = hidden_dim_steps(get_preset("llama-7b"))
-    assert hidden == 11008
-    assert steps[0] == "4 * dim = 4 * 4096 = 16384"
-    assert steps[1].startswith("int(2 * 16384 / 3) = 10922")
-    assert steps[-1] == "round 10922 up to a multiple of 256 = 11008"
-
-
-def test_hidden_dim_steps_show_the_multiplier_for_llama3_8b():
-    hidden, steps = hidden_dim_steps(get_preset("llama3-8b"))
-    assert hidden == 14336
-    assert any(step.startswith("int(1.3 * 10922) = 14198") for step in steps)
-
-
-def test_hidden_dim_steps_say_when_the_size_is_explicit():
-    hidden, steps = hidden_dim_steps(get_preset("tiny", hidden_dim=100))
-    assert hidden == 100
-    assert steps == ["explicit hidden_dim = 100 (no rounding rule applied)"]
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_training_flops_equal_the_models_formula(name):
-    args = get_preset(name)
-    assert training_flops(args)["total"] == training_flops_per_token(build_on_meta(args))
-
-
-def test_kv_cache_of_llama3_8b_in_bf16_is_128_kib_per_token():
-    args = get_preset("llama3-8b")
-    assert kv_cache_bytes_per_token(args, "bf16") == 131072
-    assert kv_cache_bytes_per_token(args, "fp32") == 262144
 
 
 def test_shape_walk_runs_on_meta_and_ends_in_batch_seq_vocab():
@@ -176,6 +108,14 @@ def test_checkpoint_is_inspected_from_its_config_alone(capsys, tmp_path):
     assert f"{count_parameters(Transformer(args))['total']:,}" in out
 
 
+def test_a_run_folder_is_inspected_through_its_best_checkpoint(capsys, tmp_path):
+    Transformer(get_preset("tiny")).save_pretrained(tmp_path / "best")
+    code, out, err = run_cli(capsys, "--checkpoint", str(tmp_path))
+    assert code == 0, err
+    assert err == f"loading {tmp_path / 'best'} (the checkpoint of run folder {tmp_path})\n"
+    assert f"{count_parameters(Transformer(get_preset('tiny')))['total']:,}" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -186,10 +126,7 @@ def test_checkpoint_is_inspected_from_its_config_alone(capsys, tmp_path):
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(capsys, argv, message):
-    try:
-        code = main(argv)
-    except SystemExit as exit:  # argparse's own mistakes (a missing flag) exit instead of returning
-        code = exit.code
+    code = main(argv)  # every mistake returns 2, argparse's own (a missing flag) included
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1

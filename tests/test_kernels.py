@@ -2,7 +2,7 @@
 
 Every kernel is checked against the formula h = a * sigmoid(a) * b evaluated in float64, with its gradients
 from float64 autograd. The Triton kernels run on CPU tensors under Triton's interpreter, which must be on
-before llama_mini.kernels is imported: those checks run in a subprocess with TRITON_INTERPRET=1 (this file
+before llama_mini.ops.kernels is imported: those checks run in a subprocess with TRITON_INTERPRET=1 (this file
 imported there for its helpers), and the tests here assert on what it returns.
 """
 
@@ -16,9 +16,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from llama_mini import kernels
 from llama_mini.errors import ConfigError
-from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel, swiglu, triton_available
+from llama_mini.ops import kernels
+from llama_mini.ops.kernels import SWIGLU_KERNELS, best_swiglu_kernel, swiglu, triton_available
 
 SHAPE = (3, 7, 1001)  # 21,021 elements: not a multiple of the Triton block (1024), so the tail is masked
 # (dtype, how the kernel rounds) -> tolerance against float64. "fused": float32 arithmetic, one rounding to

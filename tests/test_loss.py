@@ -4,15 +4,20 @@ while saving only the two gradients for backward instead of N x V tensors.
 The reference is computed in float64 from the same float32 inputs; linear_cross_entropy runs in float32.
 """
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_mini.errors import ConfigError
-from llama_mini.loss import chunked_loss_pays, linear_cross_entropy
-from llama_mini.model import IGNORE_INDEX
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops.loss import (
+    IGNORE_INDEX,
+    NextTokenLoss,
+    chunked_loss_pays,
+    cross_entropy,
+    linear_cross_entropy,
+)
 
 DIM, VOCAB = 16, 50
 SHAPES = [(39,), (3, 13)]  # token shapes: flat, and (B, T); 39 tokens
@@ -74,11 +79,6 @@ def test_custom_ignore_index_is_skipped():
     chunked = loss_and_gradients(linear_cross_entropy, hidden, weight, targets, chunk_size=7, ignore_index=0)
     reference = loss_and_gradients(float64_loss, hidden, weight, targets, ignore_index=0)
     assert_close_to_float64(chunked, reference)
-
-
-def test_default_ignore_index_is_the_models():
-    default = inspect.signature(linear_cross_entropy).parameters["ignore_index"].default
-    assert default == IGNORE_INDEX
 
 
 def test_upstream_gradient_scales_both_gradients():
@@ -205,3 +205,71 @@ def test_chunked_loss_pays_from_eight_mebibytes_of_logits():
     assert not chunked_loss_pays(256, 4096, cpu)  # 4 MiB of float32 logits: the two paths tie
     assert chunked_loss_pays(512, 4096, cpu)  # 8 MiB
     assert chunked_loss_pays(16 * 256, 32000, cpu)  # a stories15M micro-batch: 500 MiB
+
+
+def test_cross_entropy_of_bf16_logits_is_float32_and_skips_ignored_targets():
+    logits = torch.randn(2, 5, 11).bfloat16()
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :2] = IGNORE_INDEX
+    loss = cross_entropy(logits, targets)
+    keep = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    expected = -log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_cross_entropy_of_float64_logits_stays_float64():
+    logits = torch.randn(3, 7, 13, dtype=torch.float64)
+    targets = torch.randint(0, 13, (3, 7))
+    loss = cross_entropy(logits, targets)
+    expected = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).mean()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+
+
+def tiny_model(**overrides) -> Transformer:
+    """A two-layer model, the shape of test_training's TINY_MODEL."""
+    torch.manual_seed(0)
+    settings = dict(vocab_size=97, dim=32, n_layers=2, n_heads=2, max_seq_len=32, multiple_of=16)
+    return Transformer(ModelArgs(**{**settings, **overrides}))
+
+
+# ------------------------------------------------------------------------------- NextTokenLoss
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 64, 1000])
+def test_next_token_loss_equals_cross_entropy_of_the_logits(chunk):
+    model = tiny_model().double()
+    tokens = torch.randint(0, 97, (3, 22), generator=torch.Generator().manual_seed(1))
+    tokens[0, 5] = -100  # an ignored target
+    x, y = tokens[:, :-1].clamp(min=0), tokens[:, 1:]
+
+    expected = cross_entropy(model(x), y)
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    loss = NextTokenLoss(model, chunk)(x, y)
+    loss.backward()
+    assert loss.dtype == torch.float64  # float64 logits keep float64, on both paths
+    # float64 sums of the same terms in other orders: a few hundred ulps at most
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_chunked_loss_path_never_builds_the_logits():
+    """Saved for backward: the plain path keeps a (tokens, vocab) tensor; the chunked one none at all."""
+    model = tiny_model(vocab_size=4096, max_seq_len=128)
+    tokens = torch.randint(0, 4096, (4, 129))
+    logits_elements = 4 * 128 * 4096
+
+    def largest_saved(chunk: int) -> int:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            NextTokenLoss(model, chunk)(tokens[:, :-1], tokens[:, 1:])
+        return max(sizes)
+
+    assert largest_saved(0) >= logits_elements
+    assert largest_saved(16) <= 4096 * 32  # at most the output matrix's gradient (dim 32)

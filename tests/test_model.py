@@ -8,21 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from llama_mini.errors import ConfigError
-from llama_mini.model import (
-    IGNORE_INDEX,
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.presets import PRESETS, get_preset
+from llama_mini.model.sizes import count_parameters
+from llama_mini.model.transformer import (
+    INIT_OUTPUT_GAIN,
     Attention,
-    ModelArgs,
     RMSNorm,
     Transformer,
     apply_rotary_emb,
-    count_parameters,
-    cross_entropy,
     llama3_scaled_frequencies,
     precompute_freqs_cis,
     repeat_kv,
-    training_flops_per_token,
 )
-from llama_mini.presets import PRESETS, get_preset
+from llama_mini.ops.loss import cross_entropy
 
 # Llama 3.1's RoPE scaling as Meta's code and config.json give it, and a small one for head_dim 16: there
 # the pairs' wavelengths are 6.3, 20, 63, ... (theta 1e4) or 6.3, 24, 94, ... (theta 5e4) positions, so an
@@ -103,7 +102,7 @@ def test_invalid_rope_scaling_names_the_field(rope_scaling, message):
 def test_config_round_trips_through_dict_and_rejects_unknown_fields():
     args = tiny_args(ffn="geglu", tie_embeddings=True)
     assert ModelArgs.from_dict(args.to_dict()) == args
-    with pytest.raises(ConfigError, match="unknown model config field.*n_experts"):
+    with pytest.raises(ConfigError, match="unknown setting.*'n_experts' in the model config"):
         ModelArgs.from_dict({**args.to_dict(), "n_experts": 8})
 
 
@@ -121,7 +120,11 @@ def test_llama32_preset_has_its_published_rope_scaling_and_owns_its_copy():
     assert get_preset("llama3.2-1b").rope_scaling["factor"] == 32.0
     with torch.device("meta"):
         model = Transformer(get_preset("llama3.2-1b"))
-    assert model.freqs_cis.is_meta and model.freqs_cis.shape == (131072, 32, 2)  # no table allocated
+    assert model.rope.freqs_cis.is_meta and model.rope.freqs_cis.shape == (
+        131072,
+        32,
+        2,
+    )  # no table allocated
 
 
 def test_unknown_preset_lists_the_choices():
@@ -130,32 +133,6 @@ def test_unknown_preset_lists_the_choices():
 
 
 # Published totals of real checkpoints, counted on the meta device (no weights allocated).
-PUBLISHED_PARAMETER_COUNTS = {
-    "llama-7b": 6_738_415_616,
-    "llama2-7b": 6_738_415_616,
-    "llama3-8b": 8_030_261_248,
-    "llama3.2-1b": 1_235_814_400,
-}
-
-
-@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETER_COUNTS))
-def test_preset_matches_published_parameter_count(name):
-    with torch.device("meta"):
-        model = Transformer(get_preset(name))
-    assert count_parameters(model)["total"] == PUBLISHED_PARAMETER_COUNTS[name]
-
-
-def test_stories_presets_have_llama2c_sizes():
-    hidden = {"stories260k": 172, "stories15m": 768, "stories42m": 1376, "stories110m": 2048}
-    for name, expected in hidden.items():
-        with torch.device("meta"):
-            model = Transformer(get_preset(name))
-        assert model.layers[0].feed_forward.hidden_dim == expected
-    with torch.device("meta"):
-        model = Transformer(get_preset("stories15m"))
-    assert round(count_parameters(model)["total"] / 1e6) == 15
-
-
 def test_every_preset_builds():
     for name in PRESETS:
         with torch.device("meta"):
@@ -177,13 +154,14 @@ def test_rmsnorm_equals_formula():
 def test_rmsnorm_of_bf16_input_is_computed_in_float32():
     norm = RMSNorm(512).bfloat16()
     x = (torch.randn(4, 512) * 30).bfloat16()
-    # Reference: normalise in float64, round once to bf16. Squaring and summing 512 values in bf16 would be
-    # off by far more than one bf16 rounding.
+    # Reference: normalise in float64, round once to bf16.
     x64 = x.double()
     expected = (x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
     out = norm(x)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # float32 arithmetic rounded once to bf16 may land one bf16 step (2^-7 relative) from the float64
+    # value rounded once, when the exact value lies near a rounding boundary; squaring in bf16 misses by more.
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
 
 
 # ------------------------------------------------------------------------------------------ RoPE
@@ -233,11 +211,11 @@ def test_rope_dot_product_depends_only_on_relative_offset():
 
 def test_rope_table_stays_float32_when_model_is_cast_to_bf16():
     model = Transformer(tiny_args())
-    reference = model.freqs_cis.clone()
+    reference = model.rope.freqs_cis.clone()
     model.to(torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
-    assert model.freqs_cis.dtype == torch.float32
-    assert torch.equal(model.freqs_cis, reference)
+    assert model.rope.freqs_cis.dtype == torch.float32
+    assert torch.equal(model.rope.freqs_cis, reference)
 
 
 def test_rope_table_is_rebuilt_after_meta_to_empty():
@@ -245,7 +223,7 @@ def test_rope_table_is_rebuilt_after_meta_to_empty():
         model = Transformer(tiny_args())
     model.to_empty(device="cpu")
     expected = precompute_freqs_cis(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
-    assert torch.equal(model.freqs_cis, expected)
+    assert torch.equal(model.rope.freqs_cis, expected)
 
 
 def llama3_scaling_reference(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -314,13 +292,13 @@ def test_model_rope_table_honours_rope_scaling_through_casts_and_meta_builds():
     expected = precompute_freqs_cis(16, 64, 10000.0, SMALL_SCALING)
     assert not torch.equal(expected, precompute_freqs_cis(16, 64, 10000.0))
     model = Transformer(args)
-    assert torch.equal(model.freqs_cis, expected)
+    assert torch.equal(model.rope.freqs_cis, expected)
     model.to(torch.bfloat16)
-    assert torch.equal(model.freqs_cis, expected)
+    assert torch.equal(model.rope.freqs_cis, expected)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
-    assert torch.equal(model.freqs_cis, expected)
+    assert torch.equal(model.rope.freqs_cis, expected)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -421,49 +399,6 @@ def test_tied_embeddings_share_one_matrix_counted_once():
     assert count_parameters(tied)["total"] == sum(p.numel() for p in tied.parameters())
 
 
-def test_parameter_counts_by_part():
-    args = tiny_args()  # dim 64, 2 layers, 4 heads, 2 kv heads (head_dim 16), vocab 256, ffn hidden 192
-    counts = count_parameters(Transformer(args))
-    assert counts["embedding"] == 256 * 64
-    assert counts["output"] == 256 * 64
-    assert counts["attention"] == 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64)
-    assert counts["feed_forward"] == 2 * 3 * 64 * 192
-    assert counts["norms"] == (2 * 2 + 1) * 64
-    assert counts["total"] == sum(p.numel() for p in Transformer(args).parameters())
-    assert counts["non_embedding"] == counts["total"] - counts["embedding"]
-
-
-def test_training_flops_per_token_is_6n_plus_attention_term():
-    model = Transformer(tiny_args())
-    counts = count_parameters(model)
-    assert training_flops_per_token(model, seq_len=64) == 6 * counts["non_embedding"] + 12 * 2 * 64 * 64
-    tied = Transformer(tiny_args(tie_embeddings=True))
-    # the tied output projection is still a (dim x vocab) matmul per token
-    assert training_flops_per_token(tied, 64) == training_flops_per_token(model, 64)
-
-
-def test_initialisation_scales_residual_projections():
-    model = Transformer(get_preset("stories15m", vocab_size=512))
-    expected = 0.02 / math.sqrt(2 * 6)
-    for layer in model.layers:
-        assert layer.attention.wo.weight.std().item() == pytest.approx(expected, rel=0.05)
-        assert layer.feed_forward.w2.weight.std().item() == pytest.approx(expected, rel=0.05)
-        assert layer.attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
-        assert torch.equal(layer.ffn_norm.weight, torch.ones(288))
-
-
-def test_cross_entropy_is_float32_and_skips_ignored_targets():
-    logits = torch.randn(2, 5, 11).bfloat16()
-    targets = torch.randint(0, 11, (2, 5))
-    targets[0, :2] = IGNORE_INDEX
-    loss = cross_entropy(logits, targets)
-    keep = targets != IGNORE_INDEX
-    log_probs = torch.log_softmax(logits.double(), dim=-1)
-    expected = -log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
-    assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-
-
 @pytest.mark.parametrize("ffn", ["swiglu", "relu", "swish"])
 def test_every_parameter_receives_a_gradient(ffn):
     model = Transformer(tiny_args(ffn=ffn, swish_beta_trainable=True))
@@ -485,7 +420,8 @@ def test_a_few_optimizer_steps_drive_the_loss_down():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[0] == pytest.approx(math.log(256), abs=0.1)  # starts at chance: uniform over the vocab
+    # starts near chance: logits of std INIT_OUTPUT_GAIN cost INIT_OUTPUT_GAIN^2 / 2 nats over uniform (test_init.py)
+    assert losses[0] == pytest.approx(math.log(256) + INIT_OUTPUT_GAIN**2 / 2, abs=0.1)
     assert losses[-1] < 0.5 * losses[0]  # memorises the fixed batch
 
 

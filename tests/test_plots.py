@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_mini import plots
 from llama_mini.checkpoint import save_pretrained
-from llama_mini.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
-from llama_mini.model import Transformer
-from llama_mini.presets import get_preset
+from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
+from llama_mini.model.presets import get_preset
+from llama_mini.model.transformer import Transformer
+from llama_mini.study import plots
 from llama_mini.tokenizer import train_tokenizer
 
 matplotlib.use("Agg")  # no display in tests; figures are written to files only
@@ -136,11 +136,12 @@ def test_ffn_stats_command_writes_histograms(ffn, tokenizer_path, tmp_path, caps
     assert_images(printed)
 
 
-def test_a_run_folder_means_its_best_checkpoint(tokenizer_path, tmp_path):
+def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokenizer_path, tmp_path, capsys):
     run = tmp_path / "run"
     save_tiny_checkpoint(run / "best", tokenizer_path, "swiglu")
-    assert plots._checkpoint_folder(run) == run / "best"
-    assert plots._checkpoint_folder(run / "best") == run / "best"
+    printed = plots.plot_ffn_stats(run, tmp_path / "img")
+    assert [Path(path).name for path in printed] == ["ffn_stats.png"]
+    assert capsys.readouterr().err == f"loading {run / 'best'} (the checkpoint of run folder {run})\n"
 
 
 # --------------------------------------------------------------------------------------------- the curves

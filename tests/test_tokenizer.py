@@ -8,7 +8,8 @@ import pytest
 import sentencepiece as spm
 
 from llama_mini.errors import DataError
-from llama_mini.tokenizer import StreamDecoder, Tokenizer, _training_sentences, train_tokenizer
+from llama_mini.tokenizer import StreamDecoder, Tokenizer, train_tokenizer
+from llama_mini.tokenizer.training import _training_sentences
 
 VOCAB_SIZE = 360  # 259 byte and special pieces, the corpus's ~50 characters, and some merges
 
@@ -246,3 +247,48 @@ def test_training_sample_is_spread_evenly_over_a_large_corpus():
     sample = list(_training_sentences(documents, max_characters=len("".join(documents)) // 4))
     assert sample == [f"document {i:02d}\n" for i in range(3, 100, 4)]
     assert list(_training_sentences(documents, max_characters=10**9)) == documents
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tokenizer.model in a checkpoint folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_folder_loads_its_tokenizer_model(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = Tokenizer(tmp_path)
+    assert loaded.model_path == tmp_path / "tokenizer.model" and loaded.sha256 == tokenizer.sha256
+    assert loaded.special_token_names == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    assert (loaded.eos_ids, loaded.add_bos, loaded.chat_template) == ((2,), True, None)
+
+
+def test_a_folder_without_a_tokenizer_says_what_is_missing(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path} has no tokenizer.model or tokenizer.json: pass"):
+        Tokenizer(tmp_path)
+
+
+def test_end_ids_and_chat_template_are_read_beside_the_model(tmp_path, tokenizer):
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.model_path.read_bytes())
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 2, 7]}')
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": false}')
+    loaded = Tokenizer(tmp_path / "tokenizer.model")
+    assert loaded.eos_ids == (2, 5, 7)  # eos_id first, then the list without repeats
+    assert (loaded.chat_template, loaded.add_bos) == ("{{ messages }}", False)
+    assert loaded.sha256 == tokenizer.sha256  # the files beside the model do not change what it encodes
+
+
+def test_unreadable_generation_config_is_a_clear_error(tmp_path, tokenizer):
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.model_path.read_bytes())
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "two"}')
+    with pytest.raises(DataError, match=r"eos_token_id 'two' is not a token id or a list of them"):
+        Tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"generation_config.json cannot be read as JSON"):
+        Tokenizer(tmp_path)
+
+
+def test_parse_special_turns_control_pieces_into_their_ids(tokenizer):
+    text = "<s>the king</s>"
+    assert tokenizer.encode(text, parse_special=True) == tokenizer.encode("the king", bos=True, eos=True)
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # without parse_special, text is text

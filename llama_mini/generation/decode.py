@@ -1,9 +1,7 @@
-"""Text generation: sampling helpers, a KV-cached decode loop over ragged batches, and streaming text.
+"""Decoding: a KV-cached decode loop over ragged batches, and streaming text.
 
-The pieces, from the bottom up:
+The pieces, from the bottom up (the sampling itself is in sampling.py):
 
-    apply_repetition_penalty, apply_temperature,     pure functions over next-token logits (B, V)
-    top_k_filter, top_p_filter, sample_next          -> token ids (B,)
     iter_new_tokens(model, prompts, ...)             the decode loop; yields (row, token_id) as they come
     generate(model, prompts, ...)                    the same, collected: one list of new ids per prompt
     stream(model, tokenizer, prompt, ...)            one prompt; yields text pieces as they come
@@ -32,156 +30,66 @@ seed, model, device and dtype, row i's sample depends on its prompt and i alone:
 their lengths or the batch size. Pass a list of seeds to choose each row's seed yourself (e.g. to split a
 batch in two and get the same samples).
 
-Compiling. The decode step always feeds a (B, 1) token tensor. `compile=True` wraps that step in
-`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA unless `cuda_graphs=False`; the
-default mode elsewhere) and passes the position as a 0-d tensor, so attention reads the whole
-preallocated KV cache (sized to the request, see `_ensure_cache`) under a position mask
-(`KVCache.update_static`): every step has the same shapes, and one recorded graph replays for every token.
+Settings. Each function takes a `SamplingConfig` (`sampling=`), or its fields as keywords
+(`temperature=0.8, top_p=0.9, eos_id=2, seed=1, compile=True, ...`), or both: keywords change the config.
+
+Compiling. The decode step (`_decode_step`) feeds a (B, 1) token tensor and returns the next-token logits
+and each row's argmax, so greedy decoding chooses inside the step and reads back B integers. A compiled
+step gets the position as a 0-d tensor, so attention reads the whole preallocated KV cache (a
+`StaticKVCache`, sized to the request, see `_ensure_cache`) under a position mask: every step has the same
+shapes, and one compiled step serves every token. Which step runs (`_decode_step_for`):
+
+    compile   CPU                                               GPU (or MPS)
+    True      ahead of time (llama_mini.ops.aot_step): loaded    torch.compile, "reduce-overhead" (CUDA
+              from the compile cache, or built and saved there   graphs) on CUDA unless cuda_graphs=False
+    None      the saved ahead-of-time step if the compile        eager
+              cache holds one for this model shape, else eager
+    False     eager                                              eager
+
+On a CPU the ahead-of-time step is one call into C++ code that inductor generated for the whole step,
+its matrix-vector products fused into vectorised loops (docs/BENCHMARKS.md: 6.3x eager for the
+stories15m shape on 2 cores, 1.35x llama.cpp); it is a file, so a later process loads it in well under a
+second instead of compiling again.
 Eager decoding passes the position as an int and attends only to the filled part of the cache, which is
-cheaper without a graph.
+cheaper without a compiled step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from llama_mini.errors import LlamaMiniError
-from llama_mini.model import Transformer
+from llama_mini.generation.sampling import (
+    GenerationError,
+    SamplingConfig,
+    apply_repetition_penalty,
+    row_seed,
+    sample_next,
+)
+from llama_mini.model.cache import StaticKVCache
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
+from llama_mini.runtime import clock
 
 if TYPE_CHECKING:  # only for annotations: generation works with any object that has the Tokenizer methods
     from llama_mini.tokenizer import Tokenizer
 
 __all__ = [
-    "GenerationError",
     "GenerationStats",
-    "apply_repetition_penalty",
-    "apply_temperature",
     "decode_continuation",
     "fit_to_context",
     "generate",
     "iter_new_tokens",
-    "row_seed",
-    "sample_next",
+    "next_token_logits",
     "stream",
-    "top_k_filter",
-    "top_p_filter",
 ]
-
-
-class GenerationError(LlamaMiniError, ValueError):
-    """A generation request is invalid: an empty or too-long prompt, a token id outside the vocabulary,
-    or a sampling setting out of range."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sampling: pure functions over next-token logits (B, V)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def apply_repetition_penalty(
-    logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float
-) -> torch.Tensor:
-    """Make tokens already in the context less likely (CTRL, Keskar et al. 2019): (B, V) -> (B, V).
-
-    For every id in row b of `previous_ids` (B, T): logit / penalty if the logit is positive, logit * penalty
-    if negative, so penalty > 1 always lowers it (dividing a negative logit would raise it). Each id counts
-    once however often it occurred. penalty = 1 changes nothing. The same rule as transformers'
-    `RepetitionPenaltyLogitsProcessor`.
-    """
-    scores = logits.gather(-1, previous_ids)  # (B, T): the logits of the ids seen so far
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, previous_ids, scores)  # a repeated id writes the same value twice
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature, (B, V) -> (B, V), for temperature > 0.
-
-    softmax(logits / t) sharpens the distribution for t < 1 (t -> 0 tends to argmax) and flattens it for
-    t > 1. Temperature 0 is not a division: `sample_next` takes the argmax instead.
-    """
-    return logits / temperature
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row and set the rest to -inf: (B, V) -> (B, V).
-
-    Ties: every logit equal to the k-th largest is kept, so a row may keep more than k tokens. Cutting
-    ties to exactly k would keep whichever tied tokens `torch.topk` happens to list first, an order it does
-    not specify and which may differ between devices; keeping them all is the same everywhere (and is what
-    transformers' `TopKLogitsWarper` does). k >= V keeps everything.
-    """
-    if k >= logits.shape[-1]:
-        return logits
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filtering (Holtzman et al. 2019): keep the most likely tokens whose mass reaches p, (B, V).
-
-    Sort each row's probabilities in descending order and keep the shortest prefix whose sum is >= p:
-    a token is kept when the mass strictly ahead of it is still < p, so the token that crosses p is kept,
-    and so is the most likely token, always. The rest are set to -inf. As in `top_k_filter`, every token
-    tied with the least likely kept one is kept too, so the result does not depend on the sort's order
-    among equal logits. p >= 1 keeps everything.
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    probs = sorted_logits.float().softmax(dim=-1)
-    mass_ahead = probs.cumsum(dim=-1) - probs  # (B, V): mass of the tokens before each one in the order
-    kept = (mass_ahead < p).sum(dim=-1, keepdim=True)  # (B, 1), >= 1 since the first token's mass_ahead is 0
-    smallest_kept = sorted_logits.gather(-1, kept - 1)  # (B, 1)
-    return logits.masked_fill(logits < smallest_kept, float("-inf"))
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Choose the next token of each row: logits (B, V) -> token ids (B,) int64.
-
-    temperature 0 is greedy: the argmax (the lowest id among equal maxima, as `torch.argmax` returns),
-    and top_k, top_p and generator are ignored. Otherwise: divide by temperature, filter by top_k, then by
-    top_p (the order transformers uses), and draw from the softmax. `generator` is None (torch's global
-    generator), one generator for the whole batch, or one per row: row b then draws from generator[b]
-    alone, so its draw does not depend on the other rows.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)  # (B, V); filtered tokens have probability 0
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    if len(generator) != probs.shape[0]:
-        raise GenerationError(
-            f"got {len(generator)} generators for {probs.shape[0]} rows: pass one generator per row"
-        )
-    draws = [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generator, strict=True)]
-    return torch.cat(draws)
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The seed of row `row`'s generator when a batch is sampled with `seed`: a hash of (seed, row).
-
-    numpy's SeedSequence mixes the pair, so nearby seeds and rows give unrelated streams (seed + row would
-    make seed 1 row 0 the same as seed 0 row 1).
-    """
-    return int(np.random.SeedSequence([seed, row]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,36 +137,18 @@ def generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    seed: int | Sequence[int] | None = None,
-    repetition_penalty: float | None = None,
-    compile: bool = False,
-    cuda_graphs: bool = True,
+    sampling: SamplingConfig | None = None,
+    *,
     stats: GenerationStats | None = None,
+    **settings: Any,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens.
 
-    Returns one list of new token ids per prompt, in order. A row stops at eos_id (which is not included
-    in its list) or after max_new_tokens. The arguments are those of `iter_new_tokens`.
+    Returns one list of new token ids per prompt, in order. A row stops at an eos id (which is not
+    included in its list) or after max_new_tokens. The arguments are those of `iter_new_tokens`.
     """
     new_ids: list[list[int]] = [[] for _ in prompts]
-    for row, token_id in iter_new_tokens(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=eos_id,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        compile=compile,
-        cuda_graphs=cuda_graphs,
-        stats=stats,
-    ):
+    for row, token_id in iter_new_tokens(model, prompts, max_new_tokens, sampling, stats=stats, **settings):
         new_ids[row].append(token_id)
     return new_ids
 
@@ -267,59 +157,35 @@ def iter_new_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    seed: int | Sequence[int] | None = None,
-    repetition_penalty: float | None = None,
-    compile: bool = False,
-    cuda_graphs: bool = True,
+    sampling: SamplingConfig | None = None,
+    *,
     stats: GenerationStats | None = None,
+    **settings: Any,
 ) -> Iterator[tuple[int, int]]:
     """Generate for a ragged batch of prompts; yield (row, token_id) for each new token as it is chosen.
 
     prompts: B lists of token ids, each non-empty (start them with the tokenizer's bos_id, as in
         training), with len(prompt) + max_new_tokens <= model.args.max_seq_len.
-    temperature: 0 is greedy; top_k (>= 1) and top_p (in (0, 1]) filter before sampling, None = off.
-    eos_id: a row stops when it samples this id, which is not yielded; None (or a negative id, which
-        sentencepiece uses for "no such piece") never stops early.
-    seed: an int seeds row i's generator with row_seed(seed, i); a list gives each row's seed as is;
-        None draws the seeds from torch's global generator (so `torch.manual_seed` makes runs repeatable).
-    repetition_penalty: CTRL's penalty (> 0; 1 or None = off) on every id in a row's prompt and output.
-    compile: run the decode step through torch.compile (see the module docstring).
-    cuda_graphs: when compiling on CUDA, replay the step as a CUDA graph (False: compiled kernels only).
+    sampling, settings: a SamplingConfig and/or its fields as keywords (temperature, top_k, top_p,
+        repetition_penalty, eos_id, seed, compile, compile_cache, cuda_graphs; see SamplingConfig). seed:
+        an int seeds row i's generator with row_seed(seed, i); a list gives each row's seed as is; None
+        draws the seeds from torch's global generator (so `torch.manual_seed` makes runs repeatable).
     stats: a GenerationStats to fill with token counts and timings.
 
     Uses the model's KV cache if it has one for at least B rows (and leaves it in place), otherwise sets one
     up and removes it afterwards. The model runs in eval mode and under torch.inference_mode; its training
     flag is restored afterwards. Invalid arguments raise GenerationError here, before the first token.
     """
+    sampling = (sampling or SamplingConfig()).replace(**settings)
     prompts = [[int(token_id) for token_id in prompt] for prompt in prompts]
-    _check_request(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_request(model, prompts, max_new_tokens)
     # Greedy needs no generators, and must not draw seeds from torch's global generator (which would
     # change what the caller's next torch.randn returns); a given seed is still checked.
-    seeds = _row_seeds(seed, len(prompts)) if temperature > 0 or seed is not None else None
-    if eos_id is not None and eos_id < 0:
-        eos_id = None
-    if repetition_penalty == 1.0:
-        repetition_penalty = None
+    use_seeds = sampling.temperature > 0 or sampling.seed is not None
+    seeds = _row_seeds(sampling.seed, len(prompts)) if use_seeds else None
     if not prompts or max_new_tokens == 0:
         return iter(())
-    return _decode(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=eos_id,
-        seeds=seeds,
-        repetition_penalty=repetition_penalty,
-        compile=compile,
-        cuda_graphs=cuda_graphs,
-        stats=stats,
-    )
+    return _decode(model, prompts, max_new_tokens, sampling, seeds, stats)
 
 
 @torch.inference_mode()
@@ -327,15 +193,8 @@ def _decode(
     model: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int,
-    *,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_id: int | None,
+    sampling: SamplingConfig,
     seeds: list[int] | None,
-    repetition_penalty: float | None,
-    compile: bool,
-    cuda_graphs: bool,
     stats: GenerationStats | None,
 ) -> Iterator[tuple[int, int]]:
     """The loop of `iter_new_tokens`, for validated arguments (see the module docstring for the scheme)."""
@@ -347,70 +206,93 @@ def _decode(
     tokens = torch.zeros((batch, total_len), dtype=torch.long, device=device)  # 0 where nothing is yet
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    temperature = sampling.temperature
+    penalty = None if sampling.repetition_penalty in (None, 1.0) else sampling.repetition_penalty
+    # Greedy without a penalty takes the step's own argmax: the logits never leave the step.
+    greedy = temperature == 0 and penalty is None
+    stop_ids = sampling.stop_ids
     generators = None
     if temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    use_cuda_graphs = compile and cuda_graphs and device.type == "cuda"
-    decode_step = _compiled_decode_step(use_cuda_graphs) if compile else _decode_step
     produced = [0] * batch
     finished = [False] * batch
     stats = stats if stats is not None else GenerationStats()
 
-    made_cache = _ensure_cache(model, batch, total_len)
     was_training = model.training
     model.eval()
     try:
-        start = _clock(device)
-        logits = next_token_logits(model, tokens[:, :shortest], 0)  # (B, V): scores for position `shortest`
-        now = _clock(device)
-        stats.prefill_tokens += batch * shortest
-        stats.prefill_seconds += now - start
-        start = now
+        with _decode_step_for(model, sampling, batch, total_len) as (decode_step, static):
+            start = clock(device)
+            logits = next_token_logits(model, tokens[:, :shortest], 0)  # (B, V): scores for `shortest`
+            ids = _greedy_ids(logits)
+            now = clock(device)
+            stats.prefill_tokens += batch * shortest
+            stats.prefill_seconds += now - start
+            start = now
 
-        for position in range(shortest, total_len):
-            # Rows past their prompt and not yet finished sample this position; the others keep the
-            # token already in the buffer (their prompt's, or a placeholder after they stopped).
-            sampling_rows = [row for row in range(batch) if not finished[row] and position >= lengths[row]]
-            emitted = []
-            if sampling_rows:
-                index = torch.tensor(sampling_rows, device=device)
-                row_logits = logits[index].float()  # (R, V); sampling arithmetic in float32 under bf16
-                if repetition_penalty is not None:
-                    row_logits = apply_repetition_penalty(
-                        row_logits, tokens[index, :position], repetition_penalty
-                    )
-                row_generators = None if generators is None else [generators[row] for row in sampling_rows]
-                chosen = sample_next(row_logits, temperature, top_k, top_p, row_generators)  # (R,)
-                tokens[index, position] = chosen
-                for row, token_id in zip(sampling_rows, chosen.tolist(), strict=True):
-                    if token_id == eos_id:
-                        finished[row] = True
-                        continue
-                    produced[row] += 1
-                    finished[row] = produced[row] == max_new_tokens
-                    emitted.append((row, token_id))
+            for position in range(shortest, total_len):
+                # Rows past their prompt and not yet finished sample this position; the others keep the
+                # token already in the buffer (their prompt's, or a placeholder after they stopped).
+                sampling_rows = [
+                    row for row in range(batch) if not finished[row] and position >= lengths[row]
+                ]
+                emitted = []
+                if sampling_rows:
+                    greedy_ids = ids.tolist()  # one read of the step's results; -1: logits not finite
+                    if any(greedy_ids[row] < 0 for row in sampling_rows):
+                        raise GenerationError(
+                            f"the model's logits at position {position} are not finite (NaN or inf): its "
+                            "weights are broken, or they overflow in this dtype; try --dtype fp32, or an "
+                            "earlier checkpoint"
+                        )
+                    if greedy:
+                        chosen_ids = [greedy_ids[row] for row in sampling_rows]
+                        if len(sampling_rows) == batch:
+                            tokens[:, position] = ids
+                        else:
+                            tokens[sampling_rows, position] = ids[sampling_rows]
+                    else:
+                        index = torch.tensor(sampling_rows, device=device)
+                        row_logits = logits[index].float()  # (R, V); sampling arithmetic in float32
+                        if penalty is not None:
+                            row_logits = apply_repetition_penalty(
+                                row_logits, tokens[index, :position], penalty
+                            )
+                        row_generators = (
+                            None if generators is None else [generators[row] for row in sampling_rows]
+                        )
+                        chosen = sample_next(
+                            row_logits, temperature, sampling.top_k, sampling.top_p, row_generators
+                        )
+                        tokens[index, position] = chosen
+                        chosen_ids = chosen.tolist()
+                    for row, token_id in zip(sampling_rows, chosen_ids, strict=True):
+                        if token_id in stop_ids:
+                            finished[row] = True
+                            continue
+                        produced[row] += 1
+                        finished[row] = produced[row] == max_new_tokens
+                        emitted.append((row, token_id))
 
-            if emitted:  # hand the tokens over with the clock stopped: the caller's time is not ours
-                stats.decode_seconds += _clock(device) - start
-                stats.new_tokens += len(emitted)
-                yield from emitted
-                start = _clock(device)
-            if all(finished) or position == total_len - 1:
-                break
-            if use_cuda_graphs:
-                # Tell the CUDA-graph runner a new step begins, so it may reuse the last step's outputs.
-                torch.compiler.cudagraph_mark_step_begin()
-            # Compiled, the position goes in as a tensor: every step then has the same shapes and one
-            # CUDA graph serves them all (see Attention._keys_values_and_mask).
-            step_position = torch.tensor(position, device=device) if compile else position
-            logits = decode_step(model, tokens[:, position : position + 1], step_position)
-            stats.decode_steps += 1
-            stats.decode_tokens += batch
-        stats.decode_seconds += _clock(device) - start
+                if emitted:  # hand the tokens over with the clock stopped: the caller's time is not ours
+                    stats.decode_seconds += clock(device) - start
+                    stats.new_tokens += len(emitted)
+                    yield from emitted
+                    start = clock(device)
+                if all(finished) or position == total_len - 1:
+                    break
+                # Static shapes (a compiled step): the position goes in as a tensor and the tokens as a
+                # contiguous (B, 1) tensor, so every step has the same inputs (see llama_mini/model/cache.py).
+                step_tokens = tokens[:, position : position + 1]
+                if static:
+                    logits, ids = decode_step(step_tokens.contiguous(), torch.tensor(position, device=device))
+                else:
+                    logits, ids = decode_step(step_tokens, position)
+                stats.decode_steps += 1
+                stats.decode_tokens += batch
+            stats.decode_seconds += clock(device) - start
     finally:
         model.train(was_training)
-        if made_cache:
-            model.clear_cache()
 
 
 def next_token_logits(
@@ -431,55 +313,144 @@ def next_token_logits(
     return model.output(h)
 
 
-def _decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-    """One decode step: tokens (B, 1) at position start_pos -> next-token logits (B, V).
+def _greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the lowest id among equal maxima), or -1 where the row is not all finite:
+    logits (B, V) -> (B,) int64."""
+    return torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1)
 
-    Under CUDA graphs the result lives in the graph's output buffer, which the next replay overwrites:
-    the loop reads it (copying the rows it samples) before it calls the next step.
+
+def _decode_step(
+    model: Transformer, tokens: torch.Tensor, start_pos: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step: tokens (B, 1) at position start_pos -> next-token logits (B, V) and each row's
+    greedy choice (B,), -1 for a row whose logits are not finite. Compiled, this whole function is one call.
+
+    Under CUDA graphs the results live in the graph's output buffers, which the next replay overwrites:
+    the loop reads them (copying the rows it samples) before it calls the next step.
     """
-    return next_token_logits(model, tokens, start_pos)
+    logits = next_token_logits(model, tokens, start_pos)
+    return logits, _greedy_ids(logits)
 
 
 @functools.cache
-def _compiled_decode_step(cuda_graphs: bool) -> Callable[[Transformer, torch.Tensor, int], torch.Tensor]:
+def _compiled_decode_step(
+    cuda_graphs: bool, cpu: bool = False
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """`_decode_step` through torch.compile, built once (the model is an argument, so the compiled code
     is shared by every model with the same shapes, and no model is kept alive here). Mode
-    "reduce-overhead" records and replays CUDA graphs."""
+    "reduce-overhead" records and replays CUDA graphs. On a CPU (where the ahead-of-time step comes first,
+    see `_decode_step_for`) matrix-vector products become fused reductions (llama_mini.ops.aot_step)."""
+    if cpu:
+        return torch.compile(_decode_step, options={"post_grad_custom_pre_pass": aot_step.matvec_pass()})
     return torch.compile(_decode_step, mode="reduce-overhead" if cuda_graphs else None)
+
+
+@contextlib.contextmanager
+def _decode_step_for(
+    model: Transformer, sampling: SamplingConfig, batch: int, length: int
+) -> Iterator[tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], bool]]:
+    """The decode step a request of `batch` rows and `length` positions runs, with the model's KV cache
+    ready for it (and removed afterwards if the model had none). Yields (step, static): step(tokens (B, 1),
+    position) -> (logits (B, V), greedy ids (B,)); static: the step wants the position as a 0-d tensor and
+    reads the whole StaticKVCache.
+
+        compile   CPU                                          GPU (or MPS)
+        True      the ahead-of-time step: saved in the          torch.compile (CUDA graphs unless
+                  compile cache, or built now and saved          cuda_graphs=False)
+        None      the saved ahead-of-time step if the           eager
+                  compile cache has one, else eager
+        False     eager                                         eager
+    """
+    device = model.tok_embeddings.weight.device
+    wanted = sampling.compile or (sampling.compile is None and sampling.compile_cache is not None)
+    compiled = None
+    if device.type == "cpu" and wanted and aot_step.aot_compile_available():
+        # The step is named after the model's tensors, KV cache included: give it the cache it would run
+        # with, then look for (or build) the step.
+        previous = [layer.attention.cache for layer in model.layers]
+        made_cache = _ensure_cache(model, batch, length, static=True)
+        compiled = _ahead_of_time_step(model, sampling, batch)
+        if compiled is None and not sampling.compile:  # none saved: eager, with the caller's cache as it was
+            for layer, cache in zip(model.layers, previous, strict=True):
+                layer.attention.cache = cache
+            made_cache = _ensure_cache(model, batch, length, static=False)
+    else:
+        made_cache = _ensure_cache(model, batch, length, static=bool(sampling.compile))
+    try:
+        if compiled is not None:
+            with compiled.bound_to(model) as run:
+                yield (lambda tokens, position: tuple(run(tokens, position))), True
+        elif sampling.compile:
+            cuda_graphs = sampling.cuda_graphs and device.type == "cuda"
+            yield _torch_compiled_step(model, cuda_graphs, device.type == "cpu"), True
+        else:
+            yield functools.partial(_decode_step, model), False
+    finally:
+        if made_cache:
+            model.clear_cache()
+
+
+def _torch_compiled_step(
+    model: Transformer, cuda_graphs: bool, cpu: bool
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`_compiled_decode_step` for `model`; under CUDA graphs each call first tells the graph runner that a
+    new step begins, so it may reuse the last step's outputs (which the loop has read by then)."""
+    compiled = _compiled_decode_step(cuda_graphs, cpu)
+
+    def step(tokens: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, tokens, position)
+
+    return step
+
+
+def _ahead_of_time_step(
+    model: Transformer, sampling: SamplingConfig, batch: int
+) -> aot_step.CompiledStep | None:
+    """The AOTInductor decode step for this model, batch and KV cache: with compile=True the saved one or a
+    new one; with compile=None the saved one only. None if there is none (compile=None), or, with a
+    warning, if it cannot be built or loaded: the caller falls back to torch.compile (compile=True) or
+    eager (compile=None)."""
+    example_inputs = (torch.zeros((batch, 1), dtype=torch.long), torch.tensor(0))
+    find = aot_step.compiled_step if sampling.compile else aot_step.saved_step
+    try:
+        return find(_decode_step, model, example_inputs, sampling.compile_cache)
+    except Exception as error:  # noqa: BLE001 - any failure of export, the C++ build or loading: a slower path works
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fallback = "torch.compile" if sampling.compile else "eager decoding"
+        warnings.warn(
+            f"could not use a decode step compiled ahead of time ({reason}); using {fallback} instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 CACHE_LENGTH_MULTIPLE = 256  # KV caches are made a multiple of this long, so similar requests share one
 
 
-def _ensure_cache(model: Transformer, batch: int, length: int) -> bool:
-    """Give the model a KV cache for `batch` rows of `length` positions unless it has one large enough.
+def _ensure_cache(model: Transformer, batch: int, length: int, static: bool = False) -> bool:
+    """Give the model a KV cache for `batch` rows of `length` positions unless it has one large enough, of
+    the right kind (a StaticKVCache when `static`, for the compiled step; a KVCache otherwise).
 
-    True if the model had none, so the caller removes it afterwards; a cache too small is replaced by a
-    larger one, and kept. The length is rounded up to a multiple of CACHE_LENGTH_MULTIPLE (at most the
+    True if the model had none, so the caller removes it afterwards; a cache too small or of the other kind
+    is replaced, and kept. The length is rounded up to a multiple of CACHE_LENGTH_MULTIPLE (at most the
     model's context): the compiled step attends over the whole cache, so a cache sized to the request
     reads far less than one of the full context, and rounding lets requests of similar lengths reuse the
     compiled code and the buffers.
     """
     cache = model.layers[0].attention.cache
     if cache is not None:
-        rows, cached_length = cache.k_cache.shape[0], cache.k_cache.shape[2]
-        if rows >= batch and cached_length >= length:
+        same_kind = isinstance(cache, StaticKVCache) == static
+        if same_kind and cache.max_batch_size >= batch and cache.max_seq_len >= length:
             return False
-        batch, length = max(batch, rows), max(length, cached_length)
+        batch, length = max(batch, cache.max_batch_size), max(length, cache.max_seq_len)
     # Any stale keys and values in a reused cache are harmless: position t is written before any query
     # at t or later reads it, and the causal mask keeps queries from reading beyond their own position.
     length = -(-length // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-    model.setup_cache(batch, max_seq_len=length)
+    model.setup_cache(batch, max_seq_len=length, static=static)
     return cache is None
-
-
-def _clock(device: torch.device) -> float:
-    """time.perf_counter() after the device has finished its queued work (GPU kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    return time.perf_counter()
 
 
 def _row_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
@@ -502,26 +473,11 @@ def _is_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_request(
-    model: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float | None,
-) -> None:
-    """Raise GenerationError for the first invalid argument, naming it and the allowed values."""
+def _check_request(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Raise GenerationError for the first invalid prompt or length, naming it and the allowed values
+    (the sampling settings check themselves: SamplingConfig)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise GenerationError(f"top_k must be an integer >= 1, or None to turn it off; got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1], or None to turn it off; got {top_p!r}")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
     vocab_size, context = model.args.vocab_size, model.args.max_seq_len
     for index, prompt in enumerate(prompts):
         if not prompt:
@@ -553,19 +509,14 @@ def stream(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    seed: int | Sequence[int] | None = None,
-    repetition_penalty: float | None = None,
-    compile: bool = False,
-    cuda_graphs: bool = True,
+    sampling: SamplingConfig | None = None,
+    *,
     stats: GenerationStats | None = None,
+    **settings: Any,
 ) -> Iterator[str]:
     """Continue one prompt and yield its text piece by piece as tokens are generated.
 
-    prompt: text (encoded with bos first) or token ids (used as they are). eos_id defaults to the
+    prompt: text (encoded with bos first) or token ids (used as they are). The eos id(s) default to the
     tokenizer's. The other arguments are those of `iter_new_tokens` for a batch of one.
 
     Pieces come from the tokenizer's StreamDecoder, so a character spelled by several byte tokens appears
@@ -573,21 +524,11 @@ def stream(
     leading space (decoding new ids on their own would drop it, as at the start of a text): the pieces
     join to `decode_continuation(tokenizer, prompt_ids, new_ids)`, the text that follows the prompt.
     """
+    sampling = (sampling or SamplingConfig()).replace(**settings)
+    if sampling.eos_id is None:
+        sampling = sampling.replace(eos_id=getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id)
     prompt_ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
-    tokens = iter_new_tokens(
-        model,
-        [prompt_ids],
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=tokenizer.eos_id if eos_id is None else eos_id,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        compile=compile,
-        cuda_graphs=cuda_graphs,
-        stats=stats,
-    )
+    tokens = iter_new_tokens(model, [prompt_ids], max_new_tokens, sampling, stats=stats)
     return _stream_text(tokenizer, prompt_ids, tokens)
 
 

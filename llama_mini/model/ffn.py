@@ -23,16 +23,11 @@ rounds up to a hardware-friendly multiple; see `llama_hidden_dim`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mini.kernels import swiglu
-
-if TYPE_CHECKING:  # only for type hints: model.py imports this module
-    from llama_mini.model import ModelArgs
+from llama_mini.model.args import ModelArgs
 
 
 def round_up(n: int, multiple_of: int) -> int:
@@ -77,14 +72,11 @@ class FeedForward(nn.Module):
     `intermediate_size` gives, which the rule cannot always reproduce).
 
     The other gated variants subclass this one and change only the activation of the gate in `forward`.
-
-    `kernel` picks how silu(gate) * value is computed, never what: "eager" (PyTorch's two ops),
-    "compiled" or "triton" (one fused pass, and a backward that keeps two hidden-sized tensors instead of
-    three); see llama_mini.kernels. Training sets it per device; the class default is the plain path.
+    (Training may swap in `llama_mini.ops.fast_paths.FusedSwiGLU`, which computes silu(gate) * value in
+    one fused kernel; a test proves it equal to this formula.)
     """
 
     gated = True
-    kernel = "eager"
 
     def __init__(
         self,
@@ -102,7 +94,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # value projection V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x), self.kernel))  # swiglu(a, b) = silu(a) * b
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 SwiGLU = FeedForward  # the paper's name for LLaMA's FeedForward: one class, two names

@@ -8,10 +8,16 @@ allocating them (`torch.device("meta")`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from llama_mini.errors import ConfigError
-from llama_mini.model import ModelArgs
+from llama_mini.model.args import ModelArgs
+
+# The names below, as a type: settings that take a preset (TrainConfig.preset) offer exactly these choices.
+PresetName = Literal[
+    "tiny", "stories260k", "stories15m", "stories42m", "stories110m", "llama-7b", "llama2-7b", "llama3-8b",
+    "llama3.2-1b",
+]  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few thousand parameters, with grouped-query attention (4 query heads share 2 kv heads).

@@ -12,159 +12,40 @@ The parts, in the order a token meets them:
 Names follow Meta's reference code (`wq`, `wk`, `wv`, `wo`, `w1`..`w3`, `attention_norm`, `ffn_norm`,
 `tok_embeddings`, `output`), so this file, the LLaMA paper and Meta's checkpoints line up. Shapes use
 B = batch, T = sequence length, H = query heads, H_kv = key/value heads, D = head_dim = dim / H.
+
+The model computes logits and nothing else. The training loss (plain or chunked) is in
+llama_mini/ops/loss.py, the fused kernels and compilation in llama_mini/ops/fast_paths.py, and they are
+applied to a built model from outside, so this file reads the same whichever fast paths are on. Its
+settings are `ModelArgs` (args.py); the feed-forward family is in ffn.py, the KV caches in cache.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_mini.checkpoint import open_checkpoint, save_pretrained
 from llama_mini.errors import ConfigError
-from llama_mini.ffn import FEED_FORWARDS, FeedForward, build_feed_forward
-from llama_mini.loss import linear_cross_entropy
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.cache import KVCache, StaticKVCache
+from llama_mini.model.ffn import FeedForward, build_feed_forward
 
 __all__ = [
-    "IGNORE_INDEX",
-    "ROPE_SCALING_KEYS",
     "Attention",
     "FeedForward",
-    "KVCache",
     "ModelArgs",
     "RMSNorm",
+    "RotaryEmbedding",
     "Transformer",
     "TransformerBlock",
     "apply_rotary_emb",
-    "count_parameters",
-    "cross_entropy",
     "llama3_scaled_frequencies",
     "precompute_freqs_cis",
     "repeat_kv",
-    "training_flops_per_token",
 ]
-
-IGNORE_INDEX = -100  # target id that the loss skips (padding); the same default as F.cross_entropy
-
-# Llama 3.1's RoPE frequency scaling settings, under Hugging Face's names (see llama3_scaled_frequencies).
-ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArgs:
-    """Every size and choice of the model. Validated when built; `llama_mini.presets` has named shapes.
-
-    The defaults are a small model that trains in minutes on a laptop CPU.
-    """
-
-    dim: int = 192  # width of the residual stream
-    n_layers: int = 4
-    n_heads: int = 4  # query heads; head_dim = dim // n_heads
-    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None = n_heads (MHA)
-    vocab_size: int = 4096
-    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None  # widens the FFN hidden size (Llama 2-70B, Llama 3)
-    hidden_dim: int | None = None  # exact FFN hidden size; None = derive it by LLaMA's rule
-    norm_eps: float = 1e-5  # RMSNorm's epsilon
-    rope_theta: float = 10000.0  # RoPE base: larger means slower-turning angles, longer reach
-    # Llama 3.1's RoPE frequency scaling: a dict with the ROPE_SCALING_KEYS, or None for plain RoPE
-    rope_scaling: dict[str, float] | None = None
-    max_seq_len: int = 256  # longest sequence: size of the RoPE table and of the KV cache
-    dropout: float = 0.0  # on attention probabilities and on each residual branch, in training only
-    tie_embeddings: bool = False  # share one matrix between tok_embeddings and output
-    ffn: str = "swiglu"  # feed-forward variant, a name in ffn.FEED_FORWARDS
-    swish_beta: float = 1.0  # beta of ffn="swish"
-    swish_beta_trainable: bool = False  # learn beta (one scalar per layer) instead of fixing it
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        problems = []
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0):
-            problems.append(f"hidden_dim must be a positive integer or None, got {self.hidden_dim!r}")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            problems.append(f"ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
-        if not self.norm_eps > 0:
-            problems.append(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            problems.append(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if self.rope_scaling is not None:
-            problems += _rope_scaling_problems(self.rope_scaling)
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.ffn not in FEED_FORWARDS:
-            problems.append(f"ffn must be one of {', '.join(FEED_FORWARDS)}, got {self.ffn!r}")
-        if problems:  # report the basic problems before the divisibility checks that depend on them
-            raise ConfigError("invalid model config: " + "; ".join(problems))
-        if self.dim % self.n_heads:
-            problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        elif (self.dim // self.n_heads) % 2:
-            problems.append(
-                f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE's pairs"
-            )
-        if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if problems:
-            raise ConfigError("invalid model config: " + "; ".join(problems))
-        if self.rope_scaling is not None:
-            # Our own copy: a preset's dict is shared by every ModelArgs made from it, and must not change.
-            self.rope_scaling = dict(self.rope_scaling)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelArgs:
-        """Build from a dict such as a saved config; unknown keys are an error, not silently dropped."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-
-def _rope_scaling_problems(scaling: Any) -> list[str]:
-    """What is wrong with a `rope_scaling` value, one message per problem (empty if nothing)."""
-    keys = ", ".join(ROPE_SCALING_KEYS)
-    if not isinstance(scaling, dict):
-        return [f"rope_scaling must be a dict with {keys}, or None; got {scaling!r}"]
-    problems = []
-    missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
-    if missing:
-        problems.append(f"rope_scaling is missing {', '.join(missing)}; it needs all of {keys}")
-    unknown = sorted(set(scaling) - set(ROPE_SCALING_KEYS))
-    if unknown:
-        problems.append(f"rope_scaling has unknown key(s) {', '.join(map(str, unknown))}; known: {keys}")
-    for key in ROPE_SCALING_KEYS:
-        value = scaling.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key in scaling and not (number and math.isfinite(value) and value > 0):
-            problems.append(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
-    if not problems and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-        problems.append(
-            f"rope_scaling's high_freq_factor ({scaling['high_freq_factor']}) must be greater than its "
-            f"low_freq_factor ({scaling['low_freq_factor']})"
-        )
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,6 +161,37 @@ def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)  # (B, T, heads, D), back in x's dtype
 
 
+class RotaryEmbedding(nn.Module):
+    """RoPE's table for this model, `freqs_cis` (max_seq_len, D/2, 2), and its rows for given positions.
+
+    positions (T,) int64, or an int start plus T -> freqs_cis[positions] (T, D/2, 2). Not a parameter and
+    not saved: the table is rebuilt from the config. It must stay float32 whatever the weights' dtype, and
+    that is the one thing this module adds to a plain buffer: `.to()`, `.half()`, `.cuda()` and
+    `.to_empty()` all pass through `_apply`, where `model.to(torch.bfloat16)` would round the table (off by
+    up to ~4e-3 in bf16, enough to blur positions) and `to_empty()` after a build on the meta device would
+    leave it uninitialised; so after any of them the table is computed again, in float32, on its new device.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim, self.max_seq_len = args.head_dim, args.max_seq_len
+        self.theta, self.scaling = args.rope_theta, args.rope_scaling
+        self.register_buffer("freqs_cis", self.table(), persistent=False)
+
+    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The whole table, computed afresh (see `precompute_freqs_cis`)."""
+        table = precompute_freqs_cis(self.head_dim, self.max_seq_len, self.theta, self.scaling)
+        return table.to(device) if device is not None else table
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.freqs_cis[positions]  # (T, D/2, 2)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.freqs_cis = self.table(self.freqs_cis.device)
+        return self
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Attention: causal self-attention with grouped-query attention and a KV cache
 # ---------------------------------------------------------------------------------------------------------
@@ -297,47 +209,15 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return torch.repeat_interleave(x, n_rep, dim=1)
 
 
-class KVCache(nn.Module):
-    """Keys and values of the positions seen so far, for incremental decoding: (B, H_kv, max_seq_len, D).
-
-    Preallocated at its full size. `update` writes the new positions in place and returns the filled
-    prefix, which grows by one position per decode step. `update_static` returns the whole buffer instead,
-    so that every decode step has the same tensor shapes: what a CUDA graph, recorded once and replayed
-    for every token, needs. The positions not yet written are then masked out by the caller.
-    """
-
-    def __init__(
-        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None
-    ):
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write xk, xv (B, H_kv, T, D) at start_pos.. and return the keys, values of 0..start_pos+T."""
-        batch, _, seq_len, _ = xk.shape
-        end = start_pos + seq_len
-        self.k_cache[:batch, :, start_pos:end] = xk
-        self.v_cache[:batch, :, start_pos:end] = xv
-        return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
-
-    def update_static(
-        self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write xk, xv (B, H_kv, T, D) at `positions` (T,) and return the whole (B, H_kv, max_seq_len, D)."""
-        batch = xk.shape[0]
-        self.k_cache[:batch].index_copy_(2, positions, xk)
-        self.v_cache[:batch].index_copy_(2, positions, xv)
-        return self.k_cache[:batch], self.v_cache[:batch]
-
-
 class Attention(nn.Module):
     """Multi-head causal self-attention with RoPE and grouped-query attention: (B, T, dim) -> (B, T, dim).
 
     q = x wq (H heads), k = x wk, v = x wv (H_kv heads each); rotate q and k by RoPE;
     out_h = softmax(q_h k_g^T / sqrt(D) + causal mask) v_g  for query head h and its kv head g = h // n_rep;
     concatenate the heads and project with wo. No biases, as in LLaMA.
+
+    While decoding, `cache` (set by `Transformer.setup_cache`) holds the keys and values of the positions
+    already seen: the new ones are written to it, and the queries attend to all of them (cache.py).
     """
 
     def __init__(self, args: ModelArgs):
@@ -352,7 +232,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.resid_dropout = nn.Dropout(args.dropout)
-        self.cache: KVCache | None = None  # set by Transformer.setup_cache for incremental decoding
+        self.cache: KVCache | None = None
 
     def forward(
         self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
@@ -365,46 +245,21 @@ class Attention(nn.Module):
 
         # SDPA wants heads before positions: (B, heads, T, D).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        keys, values, mask = self._keys_values_and_mask(xk, xv, start_pos)  # keys, values (B, H_kv, S, D)
+        if self.cache is not None:  # decoding: attend to every cached position too
+            keys, values, mask = self.cache.update(xk, xv, start_pos)  # (B, H_kv, S, D), (T, S) or None
+        else:  # training, full recomputation: the T positions attend to each other, causally
+            keys, values, mask = xk, xv, None
         keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)  # (B, H, S, D)
         out = F.scaled_dot_product_attention(
             xq,
             keys,
             values,
             attn_mask=mask,
-            is_causal=mask is None and seq_len > 1,
+            is_causal=mask is None and seq_len > 1,  # no mask: causal among the T positions (S == T)
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D); softmax is done in float32 inside SDPA's kernels
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(out))
-
-    def _keys_values_and_mask(
-        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The keys and values the T new queries attend to, and the causal mask (None: SDPA's is_causal).
-
-        - No cache (training, full recomputation): the T new positions themselves; is_causal masks them.
-        - Cache, start_pos an int: positions 0..start_pos+T-1 from the cache. Query i (position
-          start_pos + i) may read keys 0..start_pos + i: a lower-triangular mask shifted right by
-          start_pos. With nothing cached yet (start_pos 0), is_causal does that; a single new query may
-          read every key, so needs no mask at all.
-        - Cache, start_pos a 0-d tensor: the whole max_seq_len cache, with a mask that hides the positions
-          after each query's own. Every step then has the same shapes, whatever the position (static
-          shapes for CUDA graphs), at the cost of attending over the whole buffer.
-        """
-        seq_len = xk.shape[2]
-        if self.cache is None:
-            return xk, xv, None
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos + torch.arange(seq_len, device=xk.device)  # (T,)
-            keys, values = self.cache.update_static(positions, xk, xv)
-            key_positions = torch.arange(keys.shape[2], device=xk.device)  # (max_seq_len,)
-            return keys, values, key_positions[None, :] <= positions[:, None]  # (T, max_seq_len)
-        keys, values = self.cache.update(start_pos, xk, xv)  # (B, H_kv, start_pos + T, D)
-        if start_pos == 0 or seq_len == 1:
-            return keys, values, None
-        allowed = torch.ones(seq_len, keys.shape[2], dtype=torch.bool, device=xk.device)
-        return keys, values, allowed.tril(diagonal=start_pos)  # (T, start_pos + T): True where it may look
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,50 +313,91 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             # One (vocab_size, dim) matrix both looks up input tokens and scores output tokens.
             self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(args)
+        self.init_weights()
 
-        # Tokens per chunk of the training loss (forward with targets); 0 = the plain loss over all the
-        # logits at once. A speed/memory setting, not part of the model: training sets it.
-        self.loss_chunk_size = 0
+    def init_weights(self) -> None:
+        """Draw every weight matrix afresh, by the rule `args.weight_init` names; RMSNorm weights start at 1.
 
-        # Not a parameter and not saved: recomputed from the config. Kept float32 (see `_apply`).
-        self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds the outputs of wo and w2 to the residual stream, so their
-        # weights start smaller by 1/sqrt(2 * n_layers) and the stream's variance stays near 1 at any depth.
+        "scaled" (the default) sets the scale of each matrix's outputs at the start, whatever the width.
+        Every branch reads a unit-RMS input (RMSNorm), so a matrix drawn from N(0, gain^2 / fan_in) gives
+        outputs of std `gain` (fan_in: the matrix's input width, dim or the FFN's hidden size for w2):
+
+            wq, wk, wv        gain INIT_ATTENTION_GAIN = 0.2     attention starts nearly uniform
+            w1, w3            gain INIT_FFN_GAIN = 1             the FFN's hidden units start at unit scale
+            wo, w2            gain INIT_RESIDUAL_GAIN = 0.2, / sqrt(2 * n_layers)
+            tok_embeddings    N(0, INIT_EMBEDDING_STD = 0.02)
+            output            gain INIT_OUTPUT_GAIN = 0.5: the first logits' std (tied: the one matrix)
+
+        wo and w2 write into the residual stream, which sums 2 * n_layers branch outputs: the extra
+        1 / sqrt(2 * n_layers) keeps that sum's variance the same at any depth (GPT-2's rule).
+
+        Why the FFN's gain matters most: a gated hidden unit act(w1 x) * w3 x is the product of two
+        projections, so its scale at the start is the product of theirs, and so is the effect of an
+        optimizer step on it. GPT-2's constant N(0, 0.02) was chosen for width 768; at width 96 it gives
+        each projection outputs of std 0.2 and a SwiGLU unit about 0.02, 7 times smaller than a ReLU unit
+        (docs/STUDY.md, "Why the initialisation matters more for gated FFNs"). The constants were chosen
+        by training the FFN ablation's model with every variant over a grid of them (bench/init_sweep.py;
+        docs/ABLATION.md, "The initialisation").
+
+        "gpt2" is GPT-2's rule, llama_mini's before issue 19: N(0, 0.02) for every matrix, and
+        0.02 / sqrt(2 * n_layers) for wo and w2 (the same distributions as before, not the same draws).
+        Loading a checkpoint replaces every weight: the rule matters only when training from scratch.
+        """
+        stds = init_stds(self)
         for name, param in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+            if name in stds:
+                nn.init.normal_(param, mean=0.0, std=stds[name])
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
 
-    def _rope_table(self) -> torch.Tensor:
-        args = self.args
-        return precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos .. start_pos + T - 1 -> logits (B, T, vocab_size).
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # N(0, 0.02) for every matrix (GPT-2, llama2.c); RMSNorm weights stay at 1.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        start_pos is an int, or, for decoding with static shapes (a StaticKVCache), a 0-d int64 tensor on
+        the model's device.
+        """
+        return self.output(self.hidden_states(tokens, start_pos))
 
-    def _apply(self, fn, recurse=True):
-        # `.to()`, `.half()`, `.to_empty()` and friends all pass through here. `model.to(torch.bfloat16)`
-        # would cast the cos/sin table too (off by up to ~4e-3 in bf16, enough to blur positions), and
-        # `to_empty()` after building on the meta device leaves it uninitialised. So after any of them,
-        # rebuild the table in float32 on the buffer's new device; it is small and cheap to compute.
-        super()._apply(fn, recurse)
-        self.freqs_cis = self._rope_table().to(self.freqs_cis.device)
-        return self
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The model up to the output layer: tokens (B, T) -> final normalised hidden states (B, T, dim).
+
+        `output` turns them into logits. The training loss and generation use the two apart: the chunked
+        loss never builds all the logits, and generation scores only the last position.
+        """
+        batch, seq_len = tokens.shape
+        if seq_len > self.args.max_seq_len:
+            raise ConfigError(
+                f"sequence of {seq_len} positions is longer than max_seq_len ({self.args.max_seq_len}); "
+                "use a shorter input or a model with a larger max_seq_len"
+            )
+        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
+        positions = start_pos + torch.arange(seq_len, device=tokens.device)  # (T,)
+        freqs_cis = self.rope(positions)  # (T, D/2, 2): these positions' angles
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos)
+        return self.norm(h)
+
+    # ------------------------------------------------------------------------------- decoding
 
     def setup_cache(
-        self, max_batch_size: int, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+        self,
+        max_batch_size: int,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+        static: bool = False,
     ) -> None:
         """Give every attention layer a KV cache for up to `max_batch_size` sequences of `max_seq_len`
-        positions (default: the model's whole context; generation asks for what a request needs, since
-        a model trained on 128K positions would otherwise hold, and under static shapes read, 128K)."""
+        positions (default: the model's whole context; generation asks for what a request needs, since a
+        model trained on 128K positions would otherwise hold, and under static shapes read, 128K).
+        `static`: a StaticKVCache, whose steps all have the same shapes (start_pos then a 0-d tensor)."""
         weight = self.tok_embeddings.weight
         context = self.args.max_seq_len
         max_seq_len = context if max_seq_len is None else min(max_seq_len, context)
+        cache_class = StaticKVCache if static else KVCache
         for layer in self.layers:
-            layer.attention.cache = KVCache(
+            layer.attention.cache = cache_class(
                 max_batch_size,
                 max_seq_len,
                 self.args.n_kv_heads,
@@ -515,125 +411,85 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    # ------------------------------------------------------------------------------- checkpoints
+
     @classmethod
     def from_pretrained(
         cls, path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Load a checkpoint folder: llama_mini's own, Hugging Face Llama, or Meta's original format."""
-        from llama_mini.checkpoint import load_pretrained  # imported here: checkpoint.py imports this module
-
-        return load_pretrained(path, device=device, dtype=dtype)
+        """Load a checkpoint folder: llama_mini's own, Hugging Face Llama, or Meta's original format (or a
+        training run folder: its best/ checkpoint). device: where the weights go (default CPU); dtype: cast
+        floating-point weights to it as they load (None keeps the stored dtype). RoPE's table is float32.
+        """
+        stored = open_checkpoint(path)  # the format's settings and tensors (llama_mini.checkpoint)
+        with torch.device("meta"):
+            # On the meta device tensors have shapes but no memory: the model costs nothing to build, and
+            # load_state_dict(assign=True) then makes the loaded tensors themselves the parameters, so a
+            # large model is never held twice.
+            model = cls(stored.args)
+        expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+        model.load_state_dict(stored.load_state_dict(expected, device, dtype), strict=False, assign=True)
+        if stored.args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
+        model.rope.freqs_cis = model.rope.table(device)  # not stored: computed, in float32
+        return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, tokenizer_path=None) -> None:
         """Write a Hugging Face Llama folder (config.json, model.safetensors, ...) that transformers loads.
 
-        `tokenizer_path` (a SentencePiece tokenizer.model) is copied in, with the files transformers needs.
+        `tokenizer_path` (a tokenizer.model or tokenizer.json) is copied in, with the files transformers
+        needs (llama_mini.checkpoint.save_pretrained).
         """
-        from llama_mini.checkpoint import save_pretrained
-
         save_pretrained(self, path, dtype=dtype, tokenizer_path=tokenizer_path)
 
-    def forward(
-        self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos .. start_pos + T - 1 -> logits (B, T, vocab_size).
-
-        start_pos is an int, or, for decoding with static shapes (CUDA graphs), a 0-d int64 tensor on the
-        model's device: the attention layers then read their whole KV cache (see `Attention`), and the
-        length is not checked here (that would need the tensor's value on the CPU at every step).
-
-        With `targets` (B, T), the next-token ids, the model returns the mean cross-entropy (a float32
-        scalar) instead of the logits: training's path. The loss then compiles together with the model,
-        and with `loss_chunk_size` > 0 the (B, T, vocab_size) logits are never built at all: the loss
-        is computed `loss_chunk_size` tokens at a time (see llama_mini.loss).
-        """
-        h = self.hidden_states(tokens, start_pos)
-        if targets is None:
-            return self.output(h)  # (B, T, vocab_size)
-        if self.loss_chunk_size > 0:
-            return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk_size)
-        return cross_entropy(self.output(h), targets)
-
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
-        """The model up to the output layer: tokens (B, T) -> final normalised hidden states (B, T, dim).
-
-        `output` turns them into logits. Generation uses the two apart, to score only the last position.
-        """
-        batch, seq_len = tokens.shape
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos + torch.arange(seq_len, device=tokens.device)
-            freqs_cis = self.freqs_cis.index_select(0, positions)  # (T, D/2, 2)
-        else:
-            if start_pos + seq_len > self.args.max_seq_len:
-                raise ConfigError(
-                    f"sequence of {start_pos + seq_len} positions is longer than max_seq_len "
-                    f"({self.args.max_seq_len}); use a shorter input or a model with a larger max_seq_len"
-                )
-            freqs_cis = self.freqs_cis[
-                start_pos : start_pos + seq_len
-            ]  # (T, D/2, 2): these positions' angles
-        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, freqs_cis, start_pos)
-        return self.norm(h)
-
-
-def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats: logits (B, T, V), targets (B, T) -> scalar float32.
-
-    The log-softmax runs in float32 even under bf16 autocast: over a large vocabulary the normaliser
-    sums many small exponentials. Targets equal to `ignore_index` (padding) are skipped.
-    """
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
-    )
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Sizes and costs
+# The initialisation: Transformer.init_weights draws each matrix from N(0, init_stds(model)[name])
 # ---------------------------------------------------------------------------------------------------------
 
-
-def count_parameters(model: Transformer) -> dict[str, int]:
-    """Parameters by part: embedding, output, attention, feed_forward, norms, plus total and non_embedding.
-
-    A tied output matrix is the embedding matrix, so it is counted once, under embedding (output = 0).
-    `non_embedding` leaves out the token-embedding table (a lookup, no arithmetic).
-    """
-    counts = {"embedding": 0, "output": 0, "attention": 0, "feed_forward": 0, "norms": 0}
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        if name.startswith("tok_embeddings."):
-            part = "embedding"
-        elif name.startswith("output."):
-            part = "output"
-        elif ".attention." in name:
-            part = "attention"
-        elif ".feed_forward." in name:
-            part = "feed_forward"
-        else:  # attention_norm, ffn_norm and the final norm
-            part = "norms"
-        counts[part] += param.numel()
-    counts["total"] = sum(counts.values())
-    counts["non_embedding"] = counts["total"] - counts["embedding"]
-    return counts
+# The constants of the "scaled" rule, chosen by bench/init_sweep.py (docs/ABLATION.md, "The
+# initialisation"): the ablation's model trained with each FFN variant over a grid of them. A gain is the
+# std of a projection's outputs at the start, for the unit-RMS inputs that RMSNorm gives every branch.
+INIT_ATTENTION_GAIN = 0.2  # wq, wk, wv ~ N(0, gain / sqrt(fan_in))
+INIT_FFN_GAIN = 1.0  # w1, w3 ~ N(0, gain / sqrt(fan_in))
+INIT_RESIDUAL_GAIN = 0.2  # wo, w2 ~ N(0, gain / sqrt(fan_in) / sqrt(2 * n_layers))
+INIT_EMBEDDING_STD = 0.02  # tok_embeddings ~ N(0, std), at any width
+INIT_OUTPUT_GAIN = 0.5  # output ~ N(0, gain / sqrt(dim)): the first logits' std
+GPT2_STD = 0.02  # the "gpt2" rule's std for every matrix
 
 
-def training_flops_per_token(model: Transformer, seq_len: int | None = None) -> int:
-    """Training FLOPs per token: 6N + 12 * n_layers * dim * seq_len (Kaplan et al. 2020; PaLM appendix B).
+def init_stds(
+    model: Transformer,
+    init: str | None = None,
+    *,
+    attention_gain: float = INIT_ATTENTION_GAIN,
+    ffn_gain: float = INIT_FFN_GAIN,
+    residual_gain: float = INIT_RESIDUAL_GAIN,
+    embedding_std: float = INIT_EMBEDDING_STD,
+    output_gain: float = INIT_OUTPUT_GAIN,
+) -> dict[str, float]:
+    """The standard deviation each weight matrix of `model` starts from, by parameter name.
 
-    N counts the parameters that do a multiply-add per token: every one but the embedding lookup, with
-    the output projection counted even when tied to the embedding (it is still a matmul). 6 = 2 FLOPs per
-    multiply-add x (1 forward + 2 backward). The second term is attention's q.k and p.v products, which
-    have no parameters: 2 matmuls x 2 FLOPs x 3 passes x n_layers x dim x seq_len.
+    `init` is a rule of ModelArgs.weight_init (default: the model's own); the other arguments are the "scaled"
+    rule's constants, given here so that bench/init_sweep.py measures this very rule at other values.
+    Only the matrices are listed: RMSNorm weights start at 1, and swish's trainable beta at its setting.
     """
     args = model.args
-    seq_len = args.max_seq_len if seq_len is None else seq_len
-    counts = count_parameters(model)
-    matmul_params = counts["non_embedding"] + (args.vocab_size * args.dim if args.tie_embeddings else 0)
-    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
+    init = init or args.weight_init
+    depth = 1 / math.sqrt(2 * args.n_layers)  # wo and w2: 2 * n_layers branches add to the stream
+    gains = {"wq": attention_gain, "wk": attention_gain, "wv": attention_gain, "w1": ffn_gain,
+             "w3": ffn_gain, "wo": residual_gain * depth, "w2": residual_gain * depth}  # fmt: skip
+    stds = {}
+    for name, param in model.named_parameters():  # a tied matrix is listed once, as tok_embeddings
+        if param.dim() != 2:
+            continue
+        if init == "gpt2":
+            stds[name] = GPT2_STD * (depth if name.endswith(("wo.weight", "w2.weight")) else 1.0)
+        elif name == "tok_embeddings.weight" and not args.tie_embeddings:
+            stds[name] = embedding_std
+        elif name in ("tok_embeddings.weight", "output.weight"):
+            stds[name] = output_gain / math.sqrt(args.dim)
+        else:
+            fan_in = param.shape[1]  # nn.Linear's weight is (out_features, in_features)
+            stds[name] = gains[name.split(".")[-2]] / math.sqrt(fan_in)
+    return stds

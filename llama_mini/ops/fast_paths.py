@@ -1,4 +1,4 @@
-"""The fast paths of training: what each one changes, the setting that turns it off, and its default.
+"""The fast paths of training, applied to a built model from outside: each changes how, never what.
 
 Every fast path computes what the plain path computes, only faster or in less memory; a test proves each
 one equal to its plain path (GPU-only paths skip without a GPU). Each is a TrainConfig field and a
@@ -13,9 +13,12 @@ train.py flag, so any one can be switched off to compare or to work around a pro
     chunked linear + cross-entropy     loss_chunk_size (--loss-chunk-size 0) logits, then cross_entropy
 
 The defaults ("auto", or None for the on/off ones) follow what docs/BENCHMARKS.md measured on each kind
-of device; `choose_fast_paths` is the one place that turns them into concrete choices. Decoding has its
-own fast path, the compiled static-shape step with CUDA graphs (generate.py --compile, see
-llama_mini.generation).
+of device; `choose_fast_paths` is the one place that turns them into concrete choices, and
+`apply_fast_paths` the one place that applies them: it swaps each SwiGLU feed-forward for `FusedSwiGLU`
+(same weights, the fused kernel for silu(gate) * value), wraps the model in the training loss
+(`NextTokenLoss`, plain or chunked) and compiles the two together. The model's own code (model.py, ffn.py)
+never changes. Decoding has its own fast path, the compiled static-shape step with CUDA graphs
+(generate.py --compile, see llama_mini.generation).
 """
 
 from __future__ import annotations
@@ -28,10 +31,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama_mini.errors import ConfigError
-from llama_mini.ffn import FeedForward
-from llama_mini.kernels import SWIGLU_KERNELS, best_swiglu_kernel, check_triton_kernel
-from llama_mini.loss import chunked_loss_pays
-from llama_mini.model import Transformer
+from llama_mini.model.ffn import FeedForward
+from llama_mini.ops.kernels import SWIGLU_KERNELS, best_swiglu_kernel, check_triton_kernel, swiglu
+from llama_mini.ops.loss import NextTokenLoss, chunked_loss_pays
 
 # The SDPA kernels a user may pin; "auto" lets PyTorch choose the fastest one that supports the inputs.
 ATTENTION_BACKENDS = {
@@ -135,27 +137,55 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
 
-def apply_fast_paths(model: Transformer, paths: FastPaths) -> nn.Module:
-    """Set `paths`' loss chunking and SwiGLU kernel on `model`; return it compiled if `paths.compile`.
+def apply_fast_paths(model: nn.Module, paths: FastPaths) -> nn.Module:
+    """The module training calls, `loss_module(tokens, targets) -> mean loss`, with `paths` applied.
 
-    The returned module is what to call (forward, loss); `model` itself stays the one to save and to load
-    state into (a compiled module shares its parameters). The optimizer and the attention kernel are
-    chosen where they are used: `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
+    SwiGLU feed-forwards get `paths.swiglu_kernel` (in place: `model` keeps its weights and stays the one to
+    save and to load state into), the loss is `NextTokenLoss(model, paths.loss_chunk_size)`, compiled with
+    the model when `paths.compile`. The optimizer and the attention kernel are chosen where they are used:
+    `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
     """
-    model.loss_chunk_size = paths.loss_chunk_size
     use_swiglu_kernel(model, paths.swiglu_kernel)
-    return torch.compile(model) if paths.compile else model
+    loss = NextTokenLoss(model, paths.loss_chunk_size)
+    return torch.compile(loss) if paths.compile else loss
+
+
+class FusedSwiGLU(FeedForward):
+    """LLaMA's FeedForward with silu(gate) * value computed by a fused kernel (llama_mini.ops.kernels):
+    w2(swiglu(w1 x, w3 x, kernel)), the same values as FeedForward's formula up to rounding, and a backward
+    that saves two hidden-sized tensors instead of three. Built from a FeedForward, sharing its weights."""
+
+    kernel = "compiled"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.kernel))
+
+
+def _same_weights_as(cls: type[FeedForward], feed_forward: FeedForward) -> FeedForward:
+    """A `cls` module holding `feed_forward`'s own w1, w2, w3 (no copy, no new allocation)."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.hidden_dim = feed_forward.hidden_dim
+    module.w1, module.w2, module.w3 = feed_forward.w1, feed_forward.w2, feed_forward.w3
+    return module
 
 
 def use_swiglu_kernel(model: nn.Module, kernel: str) -> int:
-    """Compute every SwiGLU feed-forward's activation in `model` with `kernel`; returns how many use it.
+    """Compute every SwiGLU feed-forward's activation in `model` with `kernel`; returns how many.
 
-    Only SwiGLU itself (`FeedForward`, LLaMA's FFN) has fused kernels; the other variants keep their own
-    activations.
+    "eager" leaves (or puts back) LLaMA's `FeedForward`; "compiled" and "triton" swap in `FusedSwiGLU`,
+    sharing the weights. Only SwiGLU has fused kernels; the other variants keep their own activations.
     """
     if kernel not in SWIGLU_KERNELS:
         raise ConfigError(f"unknown SwiGLU kernel {kernel!r}; choose one of: {', '.join(SWIGLU_KERNELS)}")
-    swiglu_modules = [module for module in model.modules() if type(module) is FeedForward]
-    for module in swiglu_modules:
-        module.kernel = kernel
-    return len(swiglu_modules)
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) not in (FeedForward, FusedSwiGLU):
+                continue
+            replacement = _same_weights_as(FeedForward if kernel == "eager" else FusedSwiGLU, child)
+            if kernel != "eager":
+                replacement.kernel = kernel
+            setattr(parent, name, replacement)
+            count += 1
+    return count

@@ -232,7 +232,7 @@ def _check_triton_runs(tensor: torch.Tensor) -> None:
         raise ConfigError(
             f"the 'triton' SwiGLU kernel runs on CUDA tensors, not {tensor.device.type} ones: use 'eager' or "
             "'compiled' instead (on a CPU, Triton's interpreter runs it, slowly, for tests, if "
-            "TRITON_INTERPRET=1 is set before llama_mini.kernels is imported)"
+            "TRITON_INTERPRET=1 is set before llama_mini.ops.kernels is imported)"
         )
     if tensor.dtype not in TRITON_DTYPES:
         raise ConfigError(

@@ -35,30 +35,77 @@ can be needed (torch.no_grad, or neither input requires grad) only the loss is c
 is not supported: the saved gradients are constants.
 
 Precision. The matmuls run in the inputs' dtype, or in the autocast dtype under torch.autocast (as
-nn.Linear would); the logits are then cast to float32, and logsumexp, softmax and the loss sum are float32.
-grad_weight is summed over chunks in float32 (or in float64 for float64 inputs) and cast to the weight's
-dtype at the end, so float32 master weights under bf16 autocast get a float32 gradient.
+nn.Linear would); the logits are then cast to float32, and logsumexp, softmax and the loss sum are float32
+(all of them float64 for float64 inputs, as in `cross_entropy`). grad_weight is summed over chunks in
+float32 (float64 for float64 inputs) and cast to the weight's dtype at the end, so float32 master weights
+under bf16 autocast get a float32 gradient.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from llama_mini.errors import ConfigError
 
-__all__ = ["CHUNKED_LOSS_MIN_BYTES", "LinearCrossEntropy", "chunked_loss_pays", "linear_cross_entropy"]
+__all__ = [
+    "CHUNKED_LOSS_MIN_BYTES",
+    "IGNORE_INDEX",
+    "LinearCrossEntropy",
+    "NextTokenLoss",
+    "chunked_loss_pays",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
 
-# The model's IGNORE_INDEX and F.cross_entropy's default; a literal here so that model.py may import this
-# module without an import cycle (tests/test_loss.py checks that the two agree).
-_IGNORE_INDEX = -100
+IGNORE_INDEX = (
+    -100
+)  # target id that the loss skips (padding, prompts in chat data); F.cross_entropy's default
 
 # chunked_loss_pays: from this size of the plain path's float32 logits, the chunked loss was faster on a CPU
 CHUNKED_LOSS_MIN_BYTES = 8 * 2**20
 
 
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean next-token cross-entropy in nats: logits (B, T, V), targets (B, T) -> scalar.
+
+    The log-softmax runs in float32 at least, even under bf16 autocast: over a large vocabulary the
+    normaliser sums many small exponentials. float64 logits stay float64 (as in RMSNorm), so a float64
+    model's loss is float64 too. Targets equal to `ignore_index` (padding) are skipped.
+    """
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32
+    return F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+
+
+class NextTokenLoss(nn.Module):
+    """The training objective around a model: (tokens, targets) (B, T) -> mean next-token cross-entropy.
+
+        chunk_size 0:   cross_entropy(model.output(h), targets)                   the plain path
+        chunk_size > 0: linear_cross_entropy(h, model.output.weight, targets)     never all the logits
+
+    with h = model.hidden_states(tokens). The model itself returns logits only; this module is what
+    training calls, compiles and wraps in DDP, so the loss is compiled together with the model and the
+    gradient synchronisation sees the whole step. It holds the model as a submodule: its parameters are the
+    model's (under the prefix "model.").
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 0):
+        super().__init__()
+        if chunk_size < 0:
+            raise ConfigError(f"chunk_size must not be negative (0 = the plain loss), got {chunk_size}")
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        hidden = self.model.hidden_states(tokens)  # (B, T, dim)
+        if self.chunk_size > 0:
+            return linear_cross_entropy(hidden, self.model.output.weight, targets, self.chunk_size)
+        return cross_entropy(self.model.output(hidden), targets)
+
+
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096, ignore_index: int = _IGNORE_INDEX
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """Mean cross-entropy of the logits hidden W^T: hidden (..., dim), weight (V, dim), targets (...) -> ().
 
@@ -154,23 +201,26 @@ def _loss_and_gradients(
     n_valid = valid.sum()
     safe_targets = torch.where(valid, targets, 0)  # any in-range id for ignored rows, which are masked out
     # d loss / d loss_i: 1 / n_valid for counted tokens, 0 for ignored ones (clamped: no 0 / 0 if none count)
-    token_weight = valid / n_valid.clamp(min=1)
     accumulate_dtype = torch.promote_types(compute_dtype, torch.float32)
+    token_weight = valid.to(accumulate_dtype) / n_valid.clamp(min=1)
 
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    loss_sum = torch.zeros((), dtype=accumulate_dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = (
         torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
     )
-    # one float32 (chunk, V) buffer for every chunk's logits, then their exponentials, then their gradient
-    logits_buffer = torch.empty(min(chunk_size, n_tokens), weight.shape[0], device=hidden.device)
+    # one float32 (float64 for float64 inputs) (chunk, V) buffer for every chunk's logits, then their
+    # exponentials, then their gradient
+    logits_buffer = torch.empty(
+        min(chunk_size, n_tokens), weight.shape[0], dtype=accumulate_dtype, device=hidden.device
+    )
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         hidden_chunk, chunk_targets = hidden_compute[start:end], safe_targets[start:end, None]
         logits = logits_buffer[: end - start]
-        if compute_dtype == torch.float32:
+        if compute_dtype == accumulate_dtype:
             torch.mm(hidden_chunk, weight_compute.T, out=logits)
-        else:  # the matmul in bf16/fp16/float64, its result cast to float32
+        else:  # the matmul in bf16/fp16, its result cast to float32
             logits.copy_(hidden_chunk @ weight_compute.T)
         target_logits = logits.gather(1, chunk_targets).squeeze(1)
         # logsumexp by hand so that its exponentials, exp(z - max), are kept in the logits' buffer for softmax

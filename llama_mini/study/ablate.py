@@ -37,22 +37,24 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_mini.cli import ArgumentParser, report_errors
+from llama_mini.console import ArgumentParser, run_command
 from llama_mini.data import load_documents, prepare_data, split_documents
 from llama_mini.errors import ConfigError, DataError
-from llama_mini.ffn import FEED_FORWARDS
-from llama_mini.inspect import hidden_dim_steps, parameter_counts
-from llama_mini.model import ModelArgs
+from llama_mini.model.args import FeedForwardName, InitName, ModelArgs
+from llama_mini.model.ffn import FEED_FORWARDS
+from llama_mini.model.sizes import hidden_dim_steps, parameter_counts
+from llama_mini.settings import add_flags, choice_problems, setting
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
-from llama_mini.training import TrainConfig, Trainer, list_step_checkpoints
+from llama_mini.train import TrainConfig, Trainer, list_step_checkpoints
 
 __all__ = [
     "SHAZEER_TABLE1",
     "AblationConfig",
+    "findings",
     "gated_gap",
     "main",
     "markdown_table",
@@ -60,6 +62,7 @@ __all__ = [
     "plot_results",
     "read_results",
     "run_ablation",
+    "spearman",
     "summarize",
 ]
 
@@ -87,6 +90,13 @@ SHAZEER_TABLE1: dict[str, tuple[float, float]] = {
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The training and model settings an ablation exposes (every run shares them); their help texts are
+# TrainConfig's and ModelArgs', their defaults the ablation's own, below.
+TRAIN_SETTINGS = ("data", "tokenizer", "vocab_size", "val_fraction", "split_seed", "max_steps", "batch_size",
+                  "lr", "min_lr", "warmup_steps", "eval_steps", "device", "dtype", "compile")  # fmt: skip
+MODEL_SETTINGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "weight_init")
+
+
 @dataclass
 class AblationConfig:
     """The ablation's settings; every run uses them all, with its own variant and seed.
@@ -94,39 +104,44 @@ class AblationConfig:
     The defaults finish 8 variants x 3 seeds in about 15 minutes on a 2-core CPU (docs/ABLATION.md).
     """
 
-    variants: list[str] = field(default_factory=lambda: list(FEED_FORWARDS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    out: str = "runs/ablation"
-    data: str = "shakespeare"  # any corpus train.py takes
-    tokenizer: str | None = None  # an existing tokenizer.model; None = train one once, into out
-    vocab_size: int = 2048  # of that tokenizer; small, so that the FFN is a large share of the model
-    val_fraction: float = 0.1
-    split_seed: int = 0  # one train/validation split for every run, whatever its seed
-    # the model (every run the same but for ffn)
-    dim: int = 96
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    multiple_of: int = 32
-    max_seq_len: int = 128
-    # training
-    max_steps: int = 200
-    batch_size: int = 8  # at a fixed budget of tokens, 200 steps of 8 beat 100 of 16 here (5.55 vs 5.97)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 20
-    eval_steps: int = 40  # validation batches at the end of each run
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | None = None
-    keep_checkpoints: bool = False
+    variants: list[FeedForwardName] = setting(
+        factory=lambda: list(FEED_FORWARDS), help="FFN variants to train"
+    )
+    seeds: list[int] = setting(factory=lambda: [0, 1, 2], help="seeds: initial weights and batch order")
+    out: str = setting(
+        "runs/ablation", "ablation folder: shared data, runs/, results.jsonl, ablation.md, ablation.png"
+    )
+    keep_checkpoints: bool = setting(False, "keep each run's checkpoints")
+    # TRAIN_SETTINGS, with the ablation's defaults
+    data: str = setting("shakespeare", flag=False)
+    tokenizer: str | None = setting(None, flag=False)  # None = train one once, into out
+    vocab_size: int = setting(2048, flag=False)  # small, so that the FFN is a large share of the model
+    val_fraction: float = setting(0.1, flag=False)
+    split_seed: int = setting(0, flag=False)  # one train/validation split for every run, whatever its seed
+    max_steps: int = setting(200, flag=False)
+    batch_size: int = setting(
+        8, flag=False
+    )  # at a fixed budget of tokens, 200 steps of 8 beat 100 of 16 here
+    lr: float = setting(2e-3, flag=False)
+    min_lr: float = setting(2e-4, flag=False)
+    warmup_steps: int = setting(20, flag=False)
+    eval_steps: int = setting(40, flag=False)  # validation batches at the end of each run
+    device: str = setting("auto", flag=False)
+    dtype: str = setting("auto", flag=False)
+    compile: bool | None = setting(None, flag=False)
+    # MODEL_SETTINGS: every run the same model but for ffn
+    dim: int = setting(96, flag=False)
+    n_layers: int = setting(4, flag=False)
+    n_heads: int = setting(4, flag=False)
+    n_kv_heads: int | None = setting(None, flag=False)
+    multiple_of: int = setting(32, flag=False)
+    max_seq_len: int = setting(128, flag=False)
+    weight_init: InitName = setting("scaled", flag=False)
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.variants if name not in FEED_FORWARDS]
-        if unknown:
-            raise ConfigError(
-                f"unknown --variants {', '.join(unknown)}; choose from: {', '.join(FEED_FORWARDS)}"
-            )
+        problems = choice_problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if not self.variants or not self.seeds:
             raise ConfigError("--variants and --seeds need at least one value each")
         if len(set(self.variants)) != len(self.variants) or len(set(self.seeds)) != len(self.seeds):
@@ -144,6 +159,7 @@ class AblationConfig:
             max_seq_len=self.max_seq_len,
             vocab_size=vocab_size or self.vocab_size,
             ffn=variant,
+            weight_init=self.weight_init,
         )
 
     def model_overrides(self, variant: str) -> dict[str, Any]:
@@ -218,6 +234,18 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return results
 
 
+def _with_old_defaults(result: dict[str, Any]) -> dict[str, Any]:
+    """A result line with the settings added since it was written, at the values it was made with.
+
+    Results written before the `weight_init` setting existed were made with GPT-2's N(0, 0.02) ("gpt2"), so
+    `--weight-init gpt2` extends such an ablation and the default ("scaled") refuses to mix with it.
+    """
+    settings = result.get("settings")
+    if isinstance(settings, dict) and "weight_init" not in settings:
+        result = {**result, "settings": {**settings, "weight_init": "gpt2"}}
+    return result
+
+
 def _check_settings(results: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
     for result in results:
         if result.get("settings") != settings:
@@ -259,7 +287,7 @@ def run_ablation(config: AblationConfig, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
     settings = config.settings()
-    results = read_results(results_path)
+    results = [_with_old_defaults(result) for result in read_results(results_path)]
     _check_settings(results, settings, results_path)
     done = {(result["variant"], result["seed"]) for result in results}
     todo = [
@@ -481,7 +509,8 @@ def markdown_table(
         f"Mean ± sample standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
         f"validation loss in nats per token after {config.max_steps} steps of {config.batch_size} x "
         f"{config.max_seq_len} tokens; model dim {config.dim}, {config.n_layers} layers, {config.n_heads} "
-        f"heads, vocabulary {config.vocab_size}, corpus {config.data}; device {', '.join(devices)}. "
+        f"heads, vocabulary {config.vocab_size}, {config.weight_init} init, lr {config.lr:g}, corpus "
+        f"{config.data}; device {', '.join(devices)}. "
         "Tokens/s: training tokens over the run's wall time, evaluation included. Ranks: 1 = lowest loss "
         "among the variants here. Shazeer's numbers are T5-base log-perplexities on C4: compare the "
         "orderings, not the values.",
@@ -503,9 +532,10 @@ def findings(summary: list[dict[str, Any]], results: list[dict[str, Any]]) -> li
     gap = gated_gap(results)
     if gap is not None:
         verdict = "more" if abs(gap["standard_errors"]) > 2 else "less"
+        per_seed = ", ".join(f"{difference:+.4f}" for difference in gap["per_seed"])
         found.append(
             f"Gated minus non-gated mean validation loss, paired by seed: {gap['gap']:+.4f} nats "
-            f"(standard error {gap['standard_error']:.4f} over {gap['seeds']} seeds, "
+            f"(per seed {per_seed}; standard error {gap['standard_error']:.4f} over {gap['seeds']} seeds, "
             f"{abs(gap['standard_errors']):.1f} standard errors: {verdict} than 2)."
         )
     stds = [row["val_loss_std"] for row in summary if row["val_loss_std"] is not None]
@@ -530,14 +560,19 @@ def findings(summary: list[dict[str, Any]], results: list[dict[str, Any]]) -> li
     rho = spearman(summary)
     if rho is not None:
         found.append(f"Spearman rank correlation between our ranking and Shazeer's: {rho:+.2f}.")
+    seconds = sum(r.get("seconds", 0.0) for r in results)
+    found.append(
+        f"Training time: {seconds:.0f} s ({seconds / 60:.1f} min) summed over the {len(results)} runs "
+        "(each run's wall time, evaluation included; preparing the shared data adds to a first run)."
+    )
     return found
 
 
 def _plot_title(config: AblationConfig, results: list[dict[str, Any]]) -> str:
     seeds = len({r["seed"] for r in results})
     return (
-        f"FFN variants: dim {config.dim}, {config.n_layers} layers, {config.max_steps} steps, "
-        f"{config.data}, {seeds} seed(s)"
+        f"FFN variants: dim {config.dim}, {config.n_layers} layers, {config.weight_init} init, "
+        f"{config.max_steps} steps, {config.data}, {seeds} seed(s)"
     )
 
 
@@ -674,67 +709,34 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "") 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     defaults = AblationConfig()
     parser = ArgumentParser(
-        prog="python -m llama_mini.ablate",
+        prog=prog or "python -m llama_mini.ablate",
         description="Train the same model with each feed-forward variant over several seeds and compare "
         "validation losses with Shazeer (2020), Table 1.",
     )
-
-    def add(flag: str, help_text: str, **options) -> None:
-        name = flag.removeprefix("--").replace("-", "_")
-        default = getattr(defaults, name)
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(flag, default=default, help=f"{help_text} (default: {shown})", **options)
-
-    add("--variants", "FFN variants to train", nargs="+", choices=list(FEED_FORWARDS), metavar="NAME")
-    add("--seeds", "seeds: initial weights and batch order", nargs="+", type=int, metavar="N")
-    add("--out", "ablation folder: shared data, runs/, results.jsonl, ablation.md, ablation.png")
-    add("--data", "corpus: shakespeare, tinystories, a .txt file, a folder of .txt, or a .jsonl")
-    add("--tokenizer", "an existing sentencepiece tokenizer.model (else one is trained on --data)")
-    add("--vocab-size", "pieces of the tokenizer trained on --data", type=int)
-    add("--val-fraction", "share of the documents held out for validation", type=float)
-    add("--split-seed", "seed of the train/validation split, the same for every run", type=int)
-    add("--dim", "model width", type=int)
-    add("--n-layers", "Transformer blocks", type=int)
-    add("--n-heads", "query heads", type=int)
-    add("--n-kv-heads", "key/value heads", type=int)
-    add("--multiple-of", "round FFN hidden sizes up to a multiple of this", type=int)
-    add("--max-seq-len", "context length of training windows", type=int)
-    add("--max-steps", "optimizer steps per run", type=int)
-    add("--batch-size", "sequences per step", type=int)
-    add("--lr", "peak learning rate", type=float)
-    add("--min-lr", "learning rate at the end of the cosine", type=float)
-    add("--warmup-steps", "steps of linear warmup", type=int)
-    add("--eval-steps", "validation batches in each run's final evaluation", type=int)
-    add("--device", "auto, cpu, cuda, cuda:N or mps")
-    add(
-        "--dtype",
-        "auto (bf16 on recent GPUs, fp32 on CPU), fp32, bf16 or fp16",
-        choices=["auto", "fp32", "bf16", "fp16"],
+    add_flags(parser, AblationConfig)
+    add_flags(
+        parser.add_argument_group("training (every run)"), TrainConfig, only=TRAIN_SETTINGS, defaults=defaults
     )
-    add(
-        "--compile",
-        "torch.compile each run (default None: on for CUDA)",
-        action=argparse.BooleanOptionalAction,
+    add_flags(
+        parser.add_argument_group("model (every run)"), ModelArgs, only=MODEL_SETTINGS, defaults=defaults
     )
-    add("--keep-checkpoints", "keep each run's checkpoints", action=argparse.BooleanOptionalAction)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = vars(_parser().parse_args(argv))
-    try:
-        return report_errors(lambda: _ablate(options))
-    except KeyboardInterrupt:  # between runs (a run itself stops cleanly and returns)
-        print("interrupted; run the same command again to go on", file=sys.stderr)
-        return 130
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return run_command(_parser(prog), lambda options: _ablate(vars(options)), argv)
 
 
 def _ablate(options: dict[str, Any]) -> int:
     started = time.perf_counter()
-    outcome = run_ablation(AblationConfig(**options), log=lambda line: print(line, flush=True))
+    try:
+        outcome = run_ablation(AblationConfig(**options), log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # between runs (a run itself stops cleanly and returns)
+        print("interrupted; run the same command again to go on", file=sys.stderr)
+        return 130
     if outcome["table"] is None:
         print("interrupted before any run finished; run the same command again to go on", file=sys.stderr)
         return 130

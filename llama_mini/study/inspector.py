@@ -1,24 +1,19 @@
 """Look inside a model without training or loading it: its parameters, sizes, costs and tensor shapes.
 
-    python -m llama_mini.inspect --preset llama3-8b
-    python -m llama_mini.inspect --checkpoint out/demo/best --json
-    python -m llama_mini.inspect --preset stories15m --ffn relu --dtype fp32
+    llama-mini inspect --preset llama3-8b                  (or python -m llama_mini.inspect ...)
+    llama-mini inspect --checkpoint out/demo --json        (a run folder: its best/ checkpoint)
+    llama-mini inspect --preset stories15m --ffn relu --dtype fp32
 
 The report holds, for a preset or a checkpoint's config:
 
-- parameters by part, from the formulas below, with totals (V = vocab_size, d = dim, L = n_layers,
-  H = n_heads, H_kv = n_kv_heads, D = head_dim, h = the FFN hidden size):
-
-      embeddings     V * d                                    the tok_embeddings table
-      output         V * d, or 0 when tied to the embeddings  the last projection to logits
-      attention      L * (d*H*D + 2 * d*H_kv*D + H*D*d)       wq, wk and wv, wo
-      feed-forward   L * 3*d*h (gated) or L * 2*d*h (+ L if swish's beta is trained)
-      norms          (2L + 1) * d                             two RMSNorms per block and the final one
-
-  and, as a check, the count of the real model built on the meta device (`count_parameters`);
+- parameters by part, from the formulas of llama_mini/model/sizes.py, with totals, and, as a check, the
+  count of the real model built on the meta device (`count_parameters`);
 - the FFN hidden size h and each step of the rounding that produced it (see `hidden_dim_steps`);
 - training FLOPs per token, 6N + 12 * L * d * T (Kaplan et al. 2020, PaLM appendix B);
 - KV-cache bytes per token, 2 * L * H_kv * D * bytes(dtype), and for a full context of max_seq_len;
+- the memory plan of training per GPU, DDP against FSDP over --gpus N GPUs: weights, gradients, AdamW's
+  moments, the compute-dtype copies, and activations per token with and without activation checkpointing
+  (`training_memory`);
 - a walk of tensor shapes through one forward pass of a short input (see `shape_walk`).
 
 Everything is computed from `ModelArgs`; no weights are allocated. Published sizes such as llama3-8b
@@ -36,12 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_mini.checkpoint import read_model_args
-from llama_mini.cli import ArgumentParser, report_errors
+from llama_mini.checkpoint import describe_resolution, read_model_args
+from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import ConfigError
-from llama_mini.ffn import FEED_FORWARDS
-from llama_mini.model import ModelArgs, Transformer, count_parameters
-from llama_mini.presets import PRESETS, get_preset
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.ffn import FEED_FORWARDS
+from llama_mini.model.presets import PRESETS, get_preset
+from llama_mini.model.sizes import (
+    DTYPE_BYTES,
+    count_parameters,
+    hidden_dim_steps,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+    training_flops,
+    training_memory,
+)
+from llama_mini.model.transformer import Transformer
 
 __all__ = [
     "DTYPE_BYTES",
@@ -57,13 +62,11 @@ __all__ = [
     "training_flops",
 ]
 
-# Bytes per element of the dtypes a KV cache (or the weights) may be stored in.
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
 # The output shape of each kind of module, by the last part of its name, as a formula in the model's
 # sizes. The shape walk measures the real shapes and checks them against these.
 SHAPE_FORMULAS: dict[str, tuple[str, ...]] = {
     "tok_embeddings": ("B", "T", "dim"),
+    "rope": ("T", "D/2", "2"),  # freqs_cis: cos and sin of each position's angles
     "attention_norm": ("B", "T", "dim"),
     "wq": ("B", "T", "H*D"),
     "wk": ("B", "T", "H_kv*D"),
@@ -79,93 +82,6 @@ SHAPE_FORMULAS: dict[str, tuple[str, ...]] = {
     "norm": ("B", "T", "dim"),
     "output": ("B", "T", "vocab"),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sizes and costs, from the config alone
-# ---------------------------------------------------------------------------------------------------------
-
-
-def hidden_dim_steps(args: ModelArgs) -> tuple[int, list[str]]:
-    """The FFN hidden size h and the steps that produce it, one readable line each.
-
-    Gated variants (three matrices) follow LLaMA's rule, non-gated ones (two matrices) skip the 2/3:
-
-        h = 4 * dim
-        h = int(2 * h / 3)                    gated only: 3 matrices of d x 2/3 h cost what 2 of d x h did
-        h = int(ffn_dim_multiplier * h)       if set (Llama 2-70B, Llama 3)
-        h = multiple_of * ceil(h / multiple_of)
-
-    An explicit `hidden_dim` (from a Hugging Face config's intermediate_size) is used as it is.
-    Written out here independently of `ffn.llama_hidden_dim`; the tests check the two agree.
-    """
-    if args.hidden_dim is not None:
-        return args.hidden_dim, [f"explicit hidden_dim = {args.hidden_dim} (no rounding rule applied)"]
-    gated = FEED_FORWARDS[args.ffn].gated
-    hidden = 4 * args.dim
-    steps = [f"4 * dim = 4 * {args.dim} = {hidden}"]
-    if gated:
-        cut = int(2 * hidden / 3)
-        steps.append(f"int(2 * {hidden} / 3) = {cut}   (gated: 3 matrices instead of 2)")
-        hidden = cut
-    if args.ffn_dim_multiplier is not None:
-        widened = int(args.ffn_dim_multiplier * hidden)
-        steps.append(f"int({args.ffn_dim_multiplier} * {hidden}) = {widened}   (ffn_dim_multiplier)")
-        hidden = widened
-    multiple = args.multiple_of
-    rounded = multiple * -(-hidden // multiple)  # ceil division on integers, exact at any size
-    steps.append(f"round {hidden} up to a multiple of {multiple} = {rounded}")
-    return rounded, steps
-
-
-def parameter_counts(args: ModelArgs) -> dict[str, int]:
-    """Parameters by part, from the formulas in the module docstring; the keys of `count_parameters`.
-
-    A tied output matrix is the embedding matrix, so it counts once, under embedding (output = 0);
-    `non_embedding` leaves out the token-embedding table.
-    """
-    d, layers, heads, kv_heads, head = args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim
-    hidden, _ = hidden_dim_steps(args)
-    matrices = 3 if FEED_FORWARDS[args.ffn].gated else 2
-    trained_beta = 1 if args.ffn == "swish" and args.swish_beta_trainable else 0
-    counts = {
-        "embedding": args.vocab_size * d,
-        "output": 0 if args.tie_embeddings else args.vocab_size * d,
-        "attention": layers * (d * heads * head + 2 * d * kv_heads * head + heads * head * d),
-        "feed_forward": layers * (matrices * d * hidden + trained_beta),
-        "norms": (2 * layers + 1) * d,
-    }
-    counts["total"] = sum(counts.values())
-    counts["non_embedding"] = counts["total"] - counts["embedding"]
-    return counts
-
-
-def training_flops(args: ModelArgs, seq_len: int | None = None) -> dict[str, int]:
-    """Training FLOPs per token, 6N + 12 * L * d * T (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, B).
-
-    N: parameters that do a multiply-add per token, every one but the embedding lookup, with a tied
-    output matrix counted (it is still a matmul). 6 = 2 FLOPs per multiply-add x 3 passes (forward, and
-    backward to activations and to weights). 12 * L * d * T: attention's q.k^T and p.v, which have no
-    parameters, 2 matmuls x 2 x 3 passes per layer, over a context of T = seq_len (max_seq_len if None).
-    Same formula as `model.training_flops_per_token`, from the config instead of a built model.
-    """
-    seq_len = args.max_seq_len if seq_len is None else seq_len
-    counts = parameter_counts(args)
-    matmul_params = counts["non_embedding"] + (args.vocab_size * args.dim if args.tie_embeddings else 0)
-    weights = 6 * matmul_params
-    attention = 12 * args.n_layers * args.dim * seq_len
-    return {"seq_len": seq_len, "weights": weights, "attention": attention, "total": weights + attention}
-
-
-def kv_cache_bytes_per_token(args: ModelArgs, dtype: str = "bf16") -> int:
-    """Bytes the KV cache holds per token of one sequence: 2 * n_layers * n_kv_heads * head_dim * bytes.
-
-    2 for the key and the value; each layer stores one vector of head_dim per kv head. Grouped-query
-    attention shrinks it by n_heads / n_kv_heads (4x for Llama-3-8B: 128 KiB per token instead of 512).
-    """
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_BYTES)}")
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * DTYPE_BYTES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,6 +104,8 @@ def _symbols(args: ModelArgs, batch_size: int, seq_len: int) -> dict[str, int]:
         "dim": args.dim,
         "H*D": args.n_heads * args.head_dim,
         "H_kv*D": args.n_kv_heads * args.head_dim,
+        "D/2": args.head_dim // 2,
+        "2": 2,
         "hidden": hidden,
         "vocab": args.vocab_size,
     }
@@ -202,7 +120,7 @@ def _kind(name: str) -> str:
 def _expected_modules(args: ModelArgs) -> list[str]:
     """The modules of a forward pass in the order they finish, for when shapes are computed by hand."""
     ffn = ["w1", "w3", "w2"] if FEED_FORWARDS[args.ffn].gated else ["w1", "w2"]
-    names = ["tok_embeddings"]
+    names = ["tok_embeddings", "rope"]
     for i in range(args.n_layers):
         block = f"layers.{i}"
         names += [f"{block}.attention_norm"]
@@ -292,11 +210,17 @@ def _inside_attention(args: ModelArgs, batch_size: int, seq_len: int) -> list[di
 
 
 def inspect_model(
-    args: ModelArgs, name: str = "", seq_len: int = 8, batch_size: int = 1, dtype: str = "bf16"
+    args: ModelArgs,
+    name: str = "",
+    seq_len: int = 8,
+    batch_size: int = 1,
+    dtype: str = "bf16",
+    gpus: int = 8,
 ) -> dict[str, Any]:
     """Everything the inspector reports about `args`, as a JSON-ready dict (`format_report` prints it).
 
-    `dtype` sizes the KV cache and the weights in memory; `seq_len` and `batch_size` shape the walk.
+    `dtype` sizes the KV cache, the weights in memory and training's compute; `seq_len` and `batch_size`
+    shape the walk; `gpus` is the N of the FSDP memory plan.
     """
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPE_BYTES)}")
@@ -324,6 +248,7 @@ def inspect_model(
             "max_seq_len": args.max_seq_len,
             "bytes_per_sequence": per_token * args.max_seq_len,
         },
+        "training_memory": training_memory(args, gpus, dtype),
         "shape_walk": shape_walk(args, batch_size=batch_size, seq_len=seq_len, model=model),
     }
 
@@ -388,6 +313,38 @@ def _walk_lines(walk: dict[str, Any], n_layers: int) -> list[str]:
             for item in inside:
                 what = f"  {item['what']}"
                 lines.append(f"  {what:<{width}} {tuple(item['shape'])!s:<22} {item['formula']}  by hand")
+    return lines
+
+
+def _memory_lines(plan: dict[str, Any]) -> list[str]:
+    """The training memory plan as a table: DDP and FSDP side by side, then activations and totals."""
+    n, dtype, ddp, fsdp = plan["processes"], plan["dtype"], plan["ddp"], plan["fsdp"]
+    per_token, parts = plan["activations_per_token"], plan["activation_parts"]
+    tokens = plan["tokens_per_process"]
+    lines = [
+        f"training memory per GPU: AdamW, float32 master weights, compute in {dtype}; "
+        f"DDP against FSDP over {n} GPUs",
+        f"  {'':<40} {'DDP':>12} {f'FSDP / {n}':>12}",
+    ]
+    rows = [
+        ("weights, float32", "weights"),
+        ("gradients, float32", "gradients"),
+        ("AdamW's two moments, float32", "adamw"),
+        (f"{dtype} copies (autocast / gathered units)", "compute_copies"),
+    ]
+    for label, key in rows:
+        lines.append(f"  {label:<40} {_bytes(ddp[key]):>12} {_bytes(fsdp[key]):>12}")
+    lines.append(
+        f"  activations per token: {_bytes(per_token['plain'])}, {_bytes(per_token['checkpointed'])} with "
+        f"activation checkpointing (per block {_bytes(parts['block'])}, head {_bytes(parts['head'])})"
+    )
+    if plan["loss_gradient"]:
+        lines.append(f"  chunked loss: the output matrix's gradient, {_bytes(plan['loss_gradient'])}")
+    totals = plan["totals"]
+    lines.append(f"  total with {tokens:,} tokens per GPU per micro-step:")
+    for name, label in (("plain", "without checkpointing"), ("checkpointed", "activation checkpointing")):
+        ddp_total, fsdp_total = totals[f"ddp_{name}"], totals[f"fsdp_{name}"]
+        lines.append(f"    {label:<38} {_bytes(ddp_total):>12} {_bytes(fsdp_total):>12}")
     return lines
 
 
@@ -461,6 +418,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"  {context:<28} {kv['bytes_per_sequence']:>20,} bytes  ({_bytes(kv['bytes_per_sequence'])})"
     )
 
+    lines += [""] + _memory_lines(report["training_memory"])
+
     walk = report["shape_walk"]
     batch, seq = walk["input"]
     lines += ["", f"shape walk: one forward pass of B = {batch}, T = {seq} tokens ({walk['source']})"]
@@ -473,9 +432,9 @@ def format_report(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m llama_mini.inspect",
+        prog=prog or "python -m llama_mini.inspect",
         description="Parameters, FFN size, FLOPs, KV-cache size and tensor shapes of a model, "
         "computed on the meta device (no weights are allocated or loaded).",
     )
@@ -494,23 +453,30 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=8, help="tokens in the shape walk's input (default: 8)"
     )
     parser.add_argument("--batch-size", type=int, default=1, help="sequences in the shape walk (default: 1)")
+    parser.add_argument(
+        "--gpus", type=int, default=8, help="GPUs that FSDP shards over in the memory plan (default: 8)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = _parser().parse_args(argv)
-    return report_errors(lambda: _inspect(options))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return run_command(_parser(prog), _inspect, argv)
 
 
 def _inspect(options: argparse.Namespace) -> None:
+    if options.gpus < 1:
+        raise ConfigError(f"--gpus must be positive, got {options.gpus}")
     if options.preset is not None:
         args, name = get_preset(options.preset), options.preset
     else:
+        note = describe_resolution(options.checkpoint)  # a run folder: which of its checkpoints is read
+        if note:
+            print(note, file=sys.stderr)
         args, name = read_model_args(options.checkpoint), options.checkpoint
     if options.ffn is not None:
         args = ModelArgs.from_dict({**args.to_dict(), "ffn": options.ffn})
-    report = inspect_model(args, name, options.seq_len, options.batch_size, options.dtype)
+    report = inspect_model(args, name, options.seq_len, options.batch_size, options.dtype, options.gpus)
     print(json.dumps(report, indent=2) if options.json else format_report(report))
 
 

@@ -19,7 +19,7 @@ one curve is therefore one of two different slices of that surface:
 
 The `glu` command draws the surface with both slices marked on it, and each slice beside it, captioned.
 All curves come from the functions the model itself runs: the GLU surfaces from the FeedForward classes of
-`llama_mini.ffn`, the activations from `F.silu`, `F.gelu`, `llama_mini.ffn.swish`, ..., and every
+`llama_mini.model.ffn`, the activations from `F.silu`, `F.gelu`, `llama_mini.model.ffn.swish`, ..., and every
 derivative from `torch.autograd.grad`, never from a formula typed in by hand.
 """
 
@@ -40,15 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mini.cli import ArgumentParser, report_errors
+from llama_mini.checkpoint import describe_resolution, detect_format, find_tokenizer, resolve_checkpoint
+from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import LlamaMiniError
-from llama_mini.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS, swish
+from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS, swish
+from llama_mini.model.transformer import Transformer
+from llama_mini.tokenizer import Tokenizer
 
 if typing.TYPE_CHECKING:  # only for type hints: matplotlib is imported when a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-    from llama_mini.model import Transformer
 
 __all__ = [
     "ACTIVATIONS",
@@ -692,14 +693,6 @@ Must give us pause.
 """  # Hamlet III.1; the demo model is trained on Shakespeare, so this is text of the kind it knows
 
 
-def _checkpoint_folder(path: str | Path) -> Path:
-    """The checkpoint to load: `path`, or a run folder's best/ checkpoint when `path` is a run folder."""
-    folder = Path(path)
-    best = folder / "best"
-    is_checkpoint = (folder / "config.json").is_file() or (folder / "params.json").is_file()
-    return best if not is_checkpoint and (best / "config.json").is_file() else folder
-
-
 def _histogram_range(values: torch.Tensor) -> tuple[float, float]:
     """The central 99.8% of `values`: a few outliers (common in trained FFNs) would squeeze the rest into
     one bin. Quantiles of an evenly strided sample of at most a million values (torch.quantile has a size
@@ -724,18 +717,18 @@ def plot_ffn_stats(
     """ffn_stats.<format>: per-layer histograms of the gate pre-activations a = w1 x, of act(a) and of the
     hidden activation act(a) * w3 x on a text, with each layer's share of near-zero gates.
 
-    `checkpoint` is anything `load_pretrained` reads, or a run folder (its best/ checkpoint). The text
-    (default: a passage of Hamlet) is tokenized with the checkpoint's tokenizer.model (or `tokenizer`),
+    `checkpoint` is anything `Transformer.from_pretrained` reads, a run folder included (its best/). The
+    text (default: a passage of Hamlet) is tokenized with the checkpoint's tokenizer (or `tokenizer`),
     with BOS first, and cut to max_seq_len tokens. `compare_init` overlays the same statistics of a freshly
     initialised model of the same shape (grey), so the picture shows what training changed.
     """
-    from llama_mini.checkpoint import detect_format, find_tokenizer, load_pretrained
-    from llama_mini.model import Transformer
-    from llama_mini.tokenizer import Tokenizer
 
     _check_format(image_format)
     _matplotlib()  # fail on a missing matplotlib before the slow part
-    folder = _checkpoint_folder(checkpoint)
+    folder = resolve_checkpoint(checkpoint)
+    note = describe_resolution(checkpoint)
+    if note:
+        print(note, file=sys.stderr)
     detect_format(folder)  # a missing or unknown folder is reported as such, before the tokenizer
     tokenizer_path = Path(tokenizer) if tokenizer is not None else find_tokenizer(folder)
     if tokenizer_path is None:
@@ -745,7 +738,7 @@ def plot_ffn_stats(
     text = DEFAULT_TEXT if text is None else text
     if not text.strip():
         raise PlotError("the text is empty: pass --text or --text-file with some text in it")
-    model = load_pretrained(folder, dtype=torch.float32)
+    model = Transformer.from_pretrained(folder, dtype=torch.float32)
     ids = Tokenizer(tokenizer_path).encode(text, bos=True)[: model.args.max_seq_len]
     tokens = torch.tensor(ids, dtype=torch.long)
     if int(tokens.max()) >= model.args.vocab_size:
@@ -857,12 +850,12 @@ def _run(args: argparse.Namespace) -> list[Path]:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, metavar="DIR", help="folder to write the images into")
     common.add_argument("--format", choices=FORMATS, default="png", help="image format (default: png)")
     parser = ArgumentParser(
-        prog="python -m llama_mini.plots",
+        prog=prog or "python -m llama_mini.plots",
         description="Plots for studying llama_mini: activations, the GLU family, training runs, FFN gates.",
     )
     commands = parser.add_subparsers(
@@ -911,12 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, or a usage error already printed on one line
-        return exit.code if isinstance(exit.code, int) else 2
-    return report_errors(lambda: print(*_run(args), sep="\n"))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return run_command(build_parser(prog), lambda args: print(*_run(args), sep="\n"), argv)
 
 
 if __name__ == "__main__":

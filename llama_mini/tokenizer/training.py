@@ -1,10 +1,6 @@
-"""Text <-> token ids with a sentencepiece BPE model, as in LLaMA, and decoding one token at a time.
+"""Training a SentencePiece BPE tokenizer as LLaMA's, so that a model trained here and Meta's behave alike.
 
-`train_tokenizer` fits a byte-pair-encoding vocabulary to a corpus and writes a `tokenizer.model` file;
-`Tokenizer` loads that file, or any sentencepiece model such as LLaMA 2's, to encode and decode text;
-`StreamDecoder` turns generated ids into text as they arrive.
-
-The settings follow LLaMA's tokenizer, so that a model trained here and Meta's behave alike:
+`train_tokenizer` fits a byte-pair-encoding vocabulary to a corpus and writes a `tokenizer.model` file:
 
     model_type=bpe           merges learned from pair frequencies (Sennrich et al. 2016)
     byte_fallback=True       a character outside the vocabulary becomes its UTF-8 bytes, <0xE2> <0x80> ...,
@@ -14,11 +10,11 @@ The settings follow LLaMA's tokenizer, so that a model trained here and Meta's b
 
 Unlike LLaMA's, our normalisation is the identity and keeps every space: `decode(encode(text)) == text` for
 any text, including runs of spaces, tabs and newlines, so generated text keeps the corpus's layout.
+(add_dummy_prefix stays on, as in LLaMA: "Hello" is encoded as "▁Hello", the way it appears mid-text.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,14 +24,9 @@ import sentencepiece as spm
 
 from llama_mini.errors import DataError
 from llama_mini.files import atomic_file
+from llama_mini.tokenizer.core import Tokenizer
 
-__all__ = [
-    "DEFAULT_VOCAB_SIZE",
-    "MAX_TRAINING_CHARACTERS",
-    "StreamDecoder",
-    "Tokenizer",
-    "train_tokenizer",
-]
+__all__ = ["DEFAULT_VOCAB_SIZE", "MAX_TRAINING_CHARACTERS", "train_tokenizer"]
 
 # Small models want a small vocabulary: the embedding and output matrices cost 2 * vocab_size * dim
 # parameters (1.6M of the default model's 3.3M at vocab 4096 and dim 192), and the softmax over the
@@ -60,8 +51,6 @@ _SENTENCE_CHARACTERS = 2000
 
 _BYTE_PIECES = 256  # byte_fallback adds one piece per byte value, <0x00> .. <0xFF>
 _SPECIAL_PIECES = 3  # <unk>, <s>, </s>
-
-_REPLACEMENT_CHARACTER = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
 
 
 def train_tokenizer(
@@ -173,116 +162,3 @@ def _vocab_size_error(error: RuntimeError, vocab_size: int) -> DataError:
         f"sentencepiece could not train a {vocab_size}-piece tokenizer ({message}): "
         f"try another --vocab-size or check the corpus"
     )
-
-
-class Tokenizer:
-    """A sentencepiece model loaded from a `.model` file: ours, or any other such as LLaMA 2's.
-
-    `sha256` is the hex digest of the file's bytes; data shards record it, so a shard encoded with one
-    tokenizer is never silently read with another. `pad_id` is -1 when the model has no pad piece.
-    """
-
-    def __init__(self, model_path: str | Path):
-        self.model_path = Path(model_path)
-        try:
-            model_bytes = self.model_path.read_bytes()
-        except OSError as error:
-            raise DataError(
-                f"cannot read tokenizer model {self.model_path} ({error.strerror or error}): "
-                f"train one with train_tokenizer or pass the path of a sentencepiece .model file"
-            ) from error
-        # Hash and parse the same bytes, so the digest always describes the model actually loaded.
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
-        self._processor = spm.SentencePieceProcessor()
-        try:
-            self._processor.LoadFromSerializedProto(model_bytes)
-        except RuntimeError as error:
-            raise DataError(
-                f"tokenizer model {self.model_path} is not a valid sentencepiece model: "
-                f"delete it to train a new one, or pass the path of a sentencepiece .model file"
-            ) from error
-
-    @property
-    def vocab_size(self) -> int:
-        return self._processor.GetPieceSize()
-
-    @property
-    def bos_id(self) -> int:
-        return self._processor.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._processor.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self._processor.pad_id()
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`, with bos_id first and/or eos_id last when asked."""
-        return self._processor.Encode(text, add_bos=bos, add_eos=eos)
-
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        """`encode` for many texts in one call: sentencepiece spreads them over its threads, much faster
-        than a Python loop when the texts are many and short."""
-        return self._processor.Encode(list(texts), add_bos=bos, add_eos=eos)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`; control ids (bos, eos) decode to nothing."""
-        return self._processor.Decode(list(ids))
-
-    def id_to_piece(self, token_id: int) -> str:
-        """The vocabulary entry of `token_id`, e.g. '▁the' ('▁' marks a space) or '<0x0A>' (a byte)."""
-        return self._processor.IdToPiece(token_id)
-
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh `StreamDecoder` for one generated sequence."""
-        return StreamDecoder(self)
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
-
-
-class StreamDecoder:
-    """Decode generated ids one at a time, so text can be printed as it is generated.
-
-    Decoding each id on its own is wrong in two ways: a character outside the vocabulary arrives as 2-4
-    byte pieces that mean nothing until the last one (🙂 = <0xF0> <0x9F> <0x99> <0x82>), and sentencepiece
-    drops the leading space of the first piece of a text ('▁Hello' -> 'Hello'), which is right only at the
-    very start. So we decode a short window of recent ids twice, without and with the new ones, and emit
-    the difference:
-
-        prefix_text = decode(ids[prefix_start:read_start])      text already emitted
-        new_text    = decode(ids[prefix_start:])                 the same, plus what the new ids add
-        emit new_text[len(prefix_text):], unless new_text ends in U+FFFD (an unfinished character): wait
-
-    Both decodes begin at the same id, so the dropped leading space (if any) cancels out; and the window
-    starts at an id that produced text (empty-text ids like eos never advance it), so the first-piece rule
-    applies to the same piece in both. After each emission the window slides forward to the ids not yet
-    shown, so a push costs O(window), not O(everything generated). The concatenation of all pushes and the
-    final `flush` equals `tokenizer.decode(all_ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._ids: list[int] = []  # the window: ids from prefix_start on
-        self._read_start = 0  # index in the window of the first id whose text has not been emitted
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text it completes ('' while a character is unfinished)."""
-        self._ids.append(int(token_id))
-        prefix_text = self.tokenizer.decode(self._ids[: self._read_start])
-        new_text = self.tokenizer.decode(self._ids)
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHARACTER):
-            return ""
-        # Slide the window: the ids just emitted become the next window's prefix.
-        self._ids = self._ids[self._read_start :]
-        self._read_start = len(self._ids)
-        return new_text[len(prefix_text) :]
-
-    def flush(self) -> str:
-        """Return whatever is still held back (an unfinished character decodes to U+FFFD) and reset."""
-        prefix_text = self.tokenizer.decode(self._ids[: self._read_start])
-        new_text = self.tokenizer.decode(self._ids)
-        self._ids, self._read_start = [], 0
-        return new_text[len(prefix_text) :]

@@ -1,0 +1,91 @@
+"""KV caches for incremental decoding: the keys and values of the positions already seen.
+
+Decoding one token at a time, attention at position t needs the keys and values of positions 0..t. They
+do not change once computed (causal attention: a position never sees later ones), so each attention layer
+keeps them in a cache instead of recomputing the whole prefix at every step. Both caches here are
+preallocated, (B, H_kv, max_seq_len, D), and have one interface, which `Attention` calls:
+
+    keys, values, mask = cache.update(xk, xv, start_pos)
+
+It writes the new positions' keys and values and returns those every new query may attend to, with the
+causal mask; mask None means plain causal attention among equally many queries and keys (SDPA's
+is_causal), or, for a single query, no mask at all. The two caches differ in what they return:
+
+    KVCache        the filled prefix 0 .. start_pos + T - 1 (start_pos an int): shapes grow by one
+                   position per decoding step; the cheapest for eager decoding.
+    StaticKVCache  the whole buffer with a mask over the positions not yet written (start_pos a 0-d
+                   tensor): every step has the same shapes, which a CUDA graph (recorded once, replayed for
+                   every token) needs, at the cost of attending over the whole buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llama_mini.errors import ConfigError
+
+__all__ = ["KVCache", "StaticKVCache"]
+
+
+class KVCache(nn.Module):
+    """The filled prefix of a preallocated (B, H_kv, max_seq_len, D) buffer: start_pos is an int."""
+
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None
+    ):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write xk, xv (B, H_kv, T, D) at start_pos..; return the keys and values of 0..start_pos+T-1
+        (B, H_kv, start_pos + T, D) and the causal mask (T, start_pos + T), or None where SDPA needs none.
+        """
+        batch, _, seq_len, _ = xk.shape
+        end = start_pos + seq_len
+        if end > self.max_seq_len:
+            raise ConfigError(
+                f"sequence of {end} positions is longer than the KV cache ({self.max_seq_len}); use a "
+                "shorter input or a larger cache (Transformer.setup_cache)"
+            )
+        self.k_cache[:batch, :, start_pos:end] = xk
+        self.v_cache[:batch, :, start_pos:end] = xv
+        keys, values = self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
+        if start_pos == 0 or seq_len == 1:
+            # Nothing cached before (queries and keys are the same T positions): plain causal attention.
+            # A single new query may read every key: no mask at all.
+            return keys, values, None
+        # Query i sits at position start_pos + i and may read keys 0 .. start_pos + i: a lower triangle
+        # shifted right by start_pos. True where it may look.
+        allowed = torch.ones(seq_len, end, dtype=torch.bool, device=xk.device)
+        return keys, values, allowed.tril(diagonal=start_pos)
+
+
+class StaticKVCache(KVCache):
+    """The whole preallocated buffer under a position mask: start_pos is a 0-d int64 tensor on the
+    cache's device, so every decoding step has the same shapes (and no Python int to recompile for)."""
+
+    def update(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write xk, xv (B, H_kv, T, D) at positions start_pos..; return the whole (B, H_kv, max_seq_len, D)
+        keys and values and the mask (T, max_seq_len) that hides each query's future and the positions not
+        yet written (stale entries of an earlier request included)."""
+        batch, _, seq_len, _ = xk.shape
+        positions = start_pos + torch.arange(seq_len, device=xk.device)  # (T,)
+        self.k_cache[:batch].index_copy_(2, positions, xk)
+        self.v_cache[:batch].index_copy_(2, positions, xv)
+        key_positions = torch.arange(self.max_seq_len, device=xk.device)  # (max_seq_len,)
+        return self.k_cache[:batch], self.v_cache[:batch], key_positions[None, :] <= positions[:, None]

@@ -1,0 +1,313 @@
+"""TrainConfig: every training setting, declared once, and how a run's settings are resolved.
+
+Each field carries its default, help text and choices (llama_mini.settings); train.py's flags, `--config
+run.toml` files and the ablation runner are made from these declarations. A run's settings come from, in
+increasing priority:
+
+    new run:   the defaults, then --preset (model shape), then --config FILE, then the flags given
+    --resume:  the checkpoint's saved settings, then --config FILE, then the flags given
+
+and the run folder keeps the resolved settings in OUT/config.toml, which `--config` reads back to
+reproduce the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from llama_mini.errors import ConfigError
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.presets import PRESETS, PresetName
+from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
+from llama_mini.runtime import DtypeName, device_setting, dtype_setting
+from llama_mini.settings import choice_problems, from_dict, read_config_file, setting, write_config_file
+from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE
+
+__all__ = [
+    "AttentionName",
+    "ParallelName",
+    "SwiGLUKernelName",
+    "TrainConfig",
+    "model_args_for",
+    "read_run_config",
+    "resumed_settings",
+    "write_run_config",
+]
+
+# The learning-rate schedule's defaults (TrainConfig._resolve_schedule_defaults), measured in
+# docs/BENCHMARKS.md ("Fine-tuning").
+FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
+FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
+
+# The SDPA kernels (llama_mini.ops.fast_paths.ATTENTION_BACKENDS) and the SwiGLU activation's kernels
+# (llama_mini.ops.kernels.SWIGLU_KERNELS) by name; a test checks that these lists agree with those.
+AttentionName = Literal["auto", "flash", "efficient", "cudnn", "math"]
+SwiGLUKernelName = Literal["auto", "eager", "compiled", "triton"]
+# How training spreads over the processes of a torchrun job (llama_mini.train.parallel).
+ParallelName = Literal["ddp", "fsdp"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; train.py's flags map one to one onto these fields (dashes for underscores)."""
+
+    data: str = setting(
+        "shakespeare",
+        "corpus: shakespeare, tinystories, hf:NAME[:CONFIG] (a Hugging Face dataset), a .txt, .jsonl or "
+        ".parquet file, a folder of one of those kinds, or a folder written by Dataset.save_to_disk",
+    )
+    text_field: str = setting(
+        "text", "the field or column holding each document's text in .jsonl, Parquet and Hugging Face data"
+    )
+    data_split: str = setting("train", "the split of a Hugging Face dataset to read (hf:NAME or saved)")
+    chat: bool | None = setting(
+        None,
+        'chat fine-tuning: read --data (.jsonl) as conversations, one {"messages": [{"role", "content"}, '
+        "...]} per line, rendered with the tokenizer's chat template (or llama_mini's default, then saved "
+        "with the checkpoints) and trained on the assistant tokens only; none = when the first record has "
+        '"messages"',
+    )
+    data_workers: int | None = setting(
+        None,
+        "processes that tokenize the corpus (none = the usable cores); the shards are identical for any "
+        "number",
+    )
+    tokenizer_sample_mb: float = setting(
+        20.0, "MB of the training split, from its start, that a tokenizer trained for the run learns from"
+    )
+    out: str = setting(
+        "out", "run folder: checkpoints (step-*/, best/), tokenizer, data, metrics, config.toml"
+    )
+    preset: PresetName | None = setting(None, "model shape by name; model flags override single fields")
+    tokenizer: str | None = setting(
+        None,
+        "an existing tokenizer (a tokenizer.model, a tokenizer.json, or a folder with one) to use instead of "
+        "training one on the corpus; with --init-from, the checkpoint's",
+    )
+    vocab_size: int = setting(DEFAULT_VOCAB_SIZE, "vocabulary of the tokenizer trained on the corpus")
+    val_fraction: float = setting(0.1, "share of the corpus's documents held out for validation")
+    split_seed: int = setting(
+        1337,
+        "chooses the validation documents (independent of --seed, so runs with other seeds share a split)",
+    )
+    data_dir: str | None = setting(
+        None, "folder for the tokenized shards (none = OUT/data); runs on one corpus can share it"
+    )
+    max_steps: int = setting(600, "optimizer steps to train for")
+    batch_size: int = setting(16, "sequences per micro-step, shared out over all processes under torchrun")
+    grad_accum: int = setting(
+        1, "micro-steps per optimizer step (tokens per step = batch size x grad accum x max seq len)"
+    )
+    lr: float | None = setting(
+        None,
+        f"peak learning rate, reached at the end of warmup; fine-tuning with --init-from defaults to "
+        f"{FINE_TUNING_LR:g} ({LORA_LR:g} with --lora-rank)",
+    )
+    min_lr: float | None = setting(
+        None, "learning rate at the end of the cosine decay; defaults to --lr / 10"
+    )
+    warmup_steps: int | None = setting(
+        None,
+        f"steps of linear warmup from 0 to --lr; fine-tuning with --init-from defaults to "
+        f"{FINE_TUNING_WARMUP}",
+    )
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = setting(
+        100,
+        "steps between evaluations, each also saving a checkpoint; the last step is always evaluated and "
+        "saved, so a run shorter than this still leaves best/",
+    )
+    eval_steps: int = setting(20, "validation batches per evaluation")
+    log_interval: int = setting(10, "steps between lines of metrics.jsonl and progress updates")
+    keep_last: int = setting(2, "step checkpoints to keep (besides best/)")
+    seed: int = setting(1337, "seeds the weights and the data order")
+    device: str = device_setting()
+    dtype: DtypeName = dtype_setting()
+    # Fast paths (llama_mini.ops.fast_paths): None / "auto" = the measured default for the device.
+    compile: bool | None = setting(None, "torch.compile the model and its loss (none = on for CUDA only)")
+    fused_adamw: bool | None = setting(None, "AdamW's fused kernel (none = on for CUDA only)")
+    attention: AttentionName = setting(
+        "auto", "SDPA kernel: auto (PyTorch chooses), flash, efficient, cudnn, or math (the plain one)"
+    )
+    swiglu_kernel: SwiGLUKernelName = setting(
+        "auto", "SwiGLU activation: auto, eager (the plain one), compiled or triton (fused)"
+    )
+    loss_chunk_size: int | None = setting(
+        None,
+        "compute the output layer and loss this many tokens at a time, never holding all the logits "
+        "(0 = off; none = auto, by vocabulary and batch size)",
+    )
+    # Parallelism and memory (llama_mini/train/parallel.py)
+    parallel: ParallelName = setting(
+        "ddp",
+        "under torchrun: ddp (each process holds the whole model, its gradients and AdamW state) or fsdp "
+        "(each holds 1/N of them, for models too large for ddp); one process trains the plain model",
+    )
+    activation_checkpointing: bool = setting(
+        False,
+        "keep only each block's input from forward to backward and recompute the rest in backward: far "
+        "less activation memory for about a third more compute",
+    )
+    peak_tflops: float | None = setting(
+        None, "the device's peak TFLOP/s for MFU (none = looked up for known GPUs)"
+    )
+    sample_tokens: int = setting(200, "tokens to sample at the end to show what the model learned (0 = none)")
+    sample_prompt: str = setting("\n", "the prompt of that sample")
+    # Fine-tuning (llama_mini/train/trainer.py; LoRA: llama_mini/ops/lora.py)
+    init_from: str | None = setting(
+        None,
+        "fine-tune a pretrained model: a llama_mini run folder or checkpoint, a Hugging Face Llama folder "
+        "or a Meta folder. Its shape, weights and tokenizer are used (no tokenizer is trained; --tokenizer "
+        "replaces the checkpoint's, e.g. for a folder without one); model flags that contradict it are "
+        "refused, but --max-seq-len (the training window) and --dropout may be set",
+    )
+    lora_rank: int = setting(
+        0,
+        "LoRA: freeze the --init-from model and train rank-R adapters on --lora-targets instead "
+        "(0 = full fine-tuning of every weight)",
+    )
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' update is scaled by alpha / rank")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input, in training")
+    lora_targets: str = setting(
+        DEFAULT_LORA_TARGETS, "LoRA: the layers to adapt, comma-separated, any of wq,wk,wv,wo,w1,w2,w3"
+    )
+
+    def __post_init__(self) -> None:
+        self._resolve_schedule_defaults()
+        problems = choice_problems(self)
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps", "log_interval",
+                    "keep_last", "vocab_size")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_tokens"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.data_workers is not None and self.data_workers < 1:
+            problems.append(
+                f"--data-workers must be at least 1 (or none for every core), got {self.data_workers}"
+            )
+        if not self.tokenizer_sample_mb > 0:
+            problems.append(f"--tokenizer-sample-mb must be positive, got {self.tokenizer_sample_mb}")
+        if not self.text_field or not self.data_split:
+            problems.append("--text-field and --data-split must not be empty")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            problems.append(
+                f"need 0 < --lr and 0 <= --min-lr <= --lr, got lr {self.lr}, min-lr {self.min_lr}"
+            )
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append("--grad-clip and --weight-decay must not be negative")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            problems.append(f"--loss-chunk-size must not be negative (0 = off), got {self.loss_chunk_size}")
+        problems += self._fine_tuning_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _resolve_schedule_defaults(self) -> None:
+        """None (the default) for --lr, --min-lr, --warmup-steps becomes the value for this kind of run:
+        fine-tuning a pretrained model wants smaller, sooner steps than training from scratch, which would
+        undo much of what it learned in the first hundred steps; LoRA's adapters start at zero and take
+        larger ones. The resolved values are the run's (config.toml, checkpoints)."""
+        if self.lr is None:
+            self.lr = (LORA_LR if self.lora_rank else FINE_TUNING_LR) if self.init_from else FROM_SCRATCH_LR
+        if self.min_lr is None and isinstance(self.lr, (int, float)):
+            self.min_lr = round(self.lr / 10, 15)  # rounded: 3e-4 / 10 is 2.9999999999999997e-05 in binary
+        if self.warmup_steps is None:
+            self.warmup_steps = FINE_TUNING_WARMUP if self.init_from else FROM_SCRATCH_WARMUP
+
+    def _fine_tuning_problems(self) -> list[str]:
+        problems = []
+        if self.init_from is not None and self.preset is not None:
+            problems.append(
+                f"--preset {self.preset} and --init-from: the model's shape comes from the checkpoint; "
+                "drop --preset"
+            )
+        if self.lora_rank < 0:
+            problems.append(f"--lora-rank must not be negative (0 = full fine-tuning), got {self.lora_rank}")
+        if self.lora_rank > 0 and self.init_from is None:
+            problems.append("--lora-rank adapts a pretrained model: pass --init-from with it")
+        if not self.lora_alpha > 0:
+            problems.append(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        try:
+            parse_lora_targets(self.lora_targets)
+        except ConfigError as error:
+            problems.append(str(error))
+        return problems
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict such as a saved config; unknown keys are an error naming them."""
+        return from_dict(cls, values, "the training config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelArgs:
+    """The model's settings: the preset (if any), then `overrides` (flags, a config file); the tokenizer
+    sets vocab_size."""
+    base = dict(PRESETS[config.preset]) if config.preset else {}
+    return ModelArgs.from_dict({**base, **overrides, "vocab_size": vocab_size})
+
+
+# Settings a resumed run cannot change: they decide which weights exist and where they came from.
+FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def resumed_settings(
+    saved: dict[str, Any], explicit: dict[str, Any], model_overrides: dict[str, Any], out: str
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """The settings of a resumed run: the checkpoint's `saved` trainer_state (its "train_config" and
+    "model_args"), with the training settings given explicitly (`explicit`: flags, a config file) on top.
+    The model's shape cannot change, nor the FIXED_ON_RESUME settings: a setting that disagrees with the
+    checkpoint is a ConfigError."""
+    saved_model = dict(saved["model_args"])
+    for name, value in model_overrides.items():
+        if saved_model.get(name) != value:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value} conflicts with the checkpoint's {name} "
+                f"{saved_model.get(name)}: drop the flag to resume, or train into a new --out"
+            )
+    config = TrainConfig.from_dict({**saved["train_config"], **explicit, "out": out})
+    defaults = TrainConfig()
+    for name in FIXED_ON_RESUME:  # a saved config that predates one of them had its default
+        before, now = saved["train_config"].get(name, getattr(defaults, name)), getattr(config, name)
+        if before != now:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {now} differs from the resumed run's {before}: drop the flag to "
+                "resume, or train into a new --out"
+            )
+    return config, saved_model
+
+
+def read_run_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The [train] and [model] settings of a --config file, checked against TrainConfig and ModelArgs."""
+    tables = read_config_file(path, {"train": TrainConfig, "model": ModelArgs})
+    model = tables["model"]
+    if "vocab_size" in model:
+        raise ConfigError(
+            f"--config {path}: [model] vocab_size comes from the tokenizer; set [train] vocab_size (the size "
+            "of the tokenizer trained on the corpus) or [train] tokenizer instead"
+        )
+    return tables["train"], model
+
+
+def write_run_config(path: str | Path, config: TrainConfig, model_args: ModelArgs) -> None:
+    """OUT/config.toml: the run's resolved settings, which `train.py --config` reads back to reproduce it."""
+    model = model_args.to_dict()
+    del model["vocab_size"]  # the tokenizer's: [train] tokenizer / vocab_size reproduce it
+    header = (
+        "The resolved settings of this run. `python train.py --config THIS_FILE --out NEW_FOLDER` trains\n"
+        "the same run again; flags given on the command line override the values here."
+    )
+    write_config_file(path, {"train": config.to_dict(), "model": model}, header=header)

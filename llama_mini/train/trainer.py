@@ -1,0 +1,663 @@
+"""The training loop, on a CPU, one GPU, or many with torchrun (DDP or FSDP).
+
+Per optimizer step:
+
+    lr = warmup-then-cosine(step)
+    for each of grad_accum micro-batches:              (gradients add up; DDP syncs only on the last)
+        loss = loss_module(x, y) / grad_accum          (bf16/fp16 autocast on a GPU, float32 loss)
+        loss.backward()
+    clip the gradient norm, AdamW step
+    every eval_interval steps and at the last: validation loss and bits per byte, checkpoint (last k + best)
+
+The Trainer wires the rooms of llama_mini.train together and runs the loop:
+
+    config.py      the settings, and how a resumed run's settings are merged
+    runtime        the device, the dtype, the torchrun process group (llama_mini/runtime.py)
+    data_feed.py   the tokenizer, the token shards, the batches of each step
+    initial_model.py  the model a run starts from: random, --init-from's, LoRA's frozen base + adapters
+    run_folder.py  checkpoints, best/, rotation, resume state, metrics.jsonl, config.toml
+    sharded_state.py  the trainable weights and AdamW state in checkpoints, one file per process (DCP)
+    parallel.py    DDP, FSDP and activation checkpointing, applied to the built model
+    progress.py    the progress bar
+    optim.py       AdamW and the learning-rate schedule
+    ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
+
+Fine-tuning (--init-from) starts from a pretrained checkpoint instead of random weights: its shape, weights
+and tokenizer. With LoRA (--lora-rank) its weights stay frozen and only the adapters train
+(llama_mini/ops/lora.py); the run folder then keeps the frozen base once, in OUT/base/, and every
+checkpoint holds the fine-tuned model with the adapters merged (what generate.py, convert and
+transformers read) plus the adapter itself in PEFT's format in adapter/ (what resume and PEFT read).
+
+`--batch-size` is the global number of sequences per micro-step; under DDP or FSDP each of the N processes
+takes its 1/N share of the same rows, so one process and N processes compute the same steps, and a run
+saved by N processes resumes with M (the checkpoint's sharded state is resharded as it loads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from llama_mini.checkpoint import save_pretrained
+from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, save_adapter
+from llama_mini.errors import ConfigError, LlamaMiniError
+from llama_mini.generation.decode import generate
+from llama_mini.model.sizes import training_flops_per_token
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops.fast_paths import (
+    apply_fast_paths,
+    attention_backend,
+    check_attention_backend,
+    choose_fast_paths,
+)
+from llama_mini.ops.kernels import check_triton_kernel
+from llama_mini.ops.lora import merged_model, trainable_parameters
+from llama_mini.runtime import (
+    autocast,
+    clock,
+    peak_flops,
+    peak_memory_bytes,
+    resolve_device,
+    resolve_dtype,
+    setup_distributed,
+)
+from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
+from llama_mini.train.config import (
+    TrainConfig,
+    model_args_for,
+    resumed_settings,
+    write_run_config,
+)
+from llama_mini.train.data_feed import batches, prepare_shards, prepare_tokenizer
+from llama_mini.train.initial_model import (
+    LORA_BASE,
+    build_model,
+    lora_settings,
+    resolve_init_from,
+    skeleton,
+)
+from llama_mini.train.optim import learning_rate, make_optimizer
+from llama_mini.train.parallel import (
+    checkpoint_activations,
+    gather_full_state_dict,
+    materialize,
+    parallel_mode,
+    replicate,
+    shard,
+    unsharded,
+)
+from llama_mini.train.progress import Progress
+from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
+from llama_mini.train.sharded_state import load_sharded_state, save_sharded_state
+
+__all__ = ["TrainSummary", "Trainer", "TrainingError", "accumulate_gradients"]
+
+
+class TrainingError(LlamaMiniError):
+    """The run cannot go on (for example the loss became NaN); the message says what was kept."""
+
+
+@dataclass
+class TrainSummary:
+    step: int  # optimizer steps completed
+    train_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    best_val_loss: float | None
+    tokens: int  # training tokens seen
+    seconds: float
+    tokens_per_second: float
+    checkpoint: Path | None  # the last checkpoint written
+    interrupted: bool
+    sample: str | None
+    trainable_parameters: int = 0  # what the optimizer updates (LoRA: the adapters only)
+
+
+def accumulate_gradients(
+    loss_module: torch.nn.Module,
+    micro_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    grad_accum: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """Run forward and backward on `grad_accum` micro-batches; return their mean loss.
+
+    Each micro-batch's mean loss is divided by grad_accum, so the summed gradients equal those of one
+    batch grad_accum times larger. Under DDP, `no_sync` skips the gradient all-reduce on all but the last
+    micro-step: the reduction of the summed gradients happens once per optimizer step. Under FSDP every
+    micro-step reduce-scatters its gradients and each process adds its piece to its sharded gradient:
+    skipping it would keep every block's whole gradient until the last micro-step, the memory FSDP saves.
+    """
+    total = None  # summed in the loss's own dtype: float32, or float64 for a float64 model
+    for micro_step, (x, y) in enumerate(micro_batches):
+        last = micro_step == grad_accum - 1
+        ddp = isinstance(loss_module, DistributedDataParallel)
+        with nullcontext() if last or not ddp else loss_module.no_sync():
+            with autocast(device, dtype):
+                loss = loss_module(x, y) / grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total.item()
+
+
+class Trainer:
+    """One run: `Trainer(config, model_overrides)` sets it up, `run()` trains to max_steps.
+
+    `model_overrides` are ModelArgs fields set on the command line or in a config file; they apply on top
+    of `config.preset`. On resume, the checkpoint's settings win: only the training settings given
+    explicitly in `resume_overrides` (such as a larger --max-steps) change, and model settings must agree.
+    With `config.init_from` the model's shape comes from that checkpoint, and `model_overrides` may only
+    agree with it (or set initial_model.ADJUSTABLE_WHEN_FINE_TUNING).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_overrides: dict[str, Any] | None = None,
+        resume: bool = False,
+        resume_overrides: dict[str, Any] | None = None,
+        show_progress: bool = True,
+    ):
+        model_overrides = dict(model_overrides or {})
+        self.run_folder = RunFolder(config.out)
+        self.resume_from = self._resume_checkpoint() if resume else None
+        if self.resume_from is not None:
+            saved = RunFolder.read_trainer_state(self.resume_from)
+            config, model_overrides = resumed_settings(
+                saved, resume_overrides or {}, model_overrides, config.out
+            )
+        self.config, self.show_progress = config, show_progress
+
+        # Where: the process group, the device and the dtype.
+        self.dist = setup_distributed(config.device)
+        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.parallel = parallel_mode(config.parallel, self.dist.world_size)  # single, ddp or fsdp
+        self.run_folder.dist = self.dist
+
+        # From what: a new fine-tuning run takes its model's shape and tokenizer from --init-from.
+        self.lora = lora_settings(config)  # None: every weight trains
+        self.init_folder = None
+        if config.init_from is not None and self.resume_from is None:  # on resume, its checkpoint has all
+            self.init_folder, config, model_overrides = resolve_init_from(config, model_overrides, self.lora)
+            self.config = config  # with --init-from's tokenizer as its --tokenizer
+        self._check_before_slow_work(model_overrides)
+
+        # What: the tokenizer, the data and the model's shape (its vocabulary is the tokenizer's, or when
+        # fine-tuning the checkpoint's, which may be padded past the tokenizer's).
+        self.tokenizer = prepare_tokenizer(config, self.out, self.dist, resuming=self.resume_from is not None)
+        self.train_data, self.val_data = prepare_shards(config, self.out, self.tokenizer, self.dist)
+        vocab_size = model_overrides["vocab_size"] if config.init_from else self.tokenizer.vocab_size
+        self.model_args = model_args_for(config, model_overrides, vocab_size)
+        self._check_data_fits_the_context()
+
+        # How: the model (random, --init-from's, or that frozen with LoRA adapters), activation
+        # checkpointing and the fast paths applied to it, spread over the processes (parallel.py), and the
+        # optimizer (of the trainable parameters only).
+        self.fast_paths = choose_fast_paths(
+            self.device,
+            tokens_per_micro_batch=config.batch_size // self.dist.world_size * self.model_args.max_seq_len,
+            vocab_size=self.model_args.vocab_size,
+            dtype=self.dtype,
+            compile=config.compile,
+            fused_adamw=config.fused_adamw,
+            attention=config.attention,
+            swiglu_kernel=config.swiglu_kernel,
+            loss_chunk_size=config.loss_chunk_size,
+        )
+        torch.manual_seed(config.seed)  # the same initial weights on every process, and as one process
+        if self.parallel == "fsdp":
+            self.raw_model, self.loss_module = self._build_sharded_model()
+        else:
+            self.raw_model = self._build_model(self.device)  # what is saved and loaded
+            self.loss_module = self._training_module(self.raw_model)  # what the steps call
+        self.optimizer = make_optimizer(self.raw_model, config, self.fast_paths.fused_adamw)
+        # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None  # on the main process
+        self.last_saved_step = -1  # on every process
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+        elif self.dist.is_main:
+            write_run_config(self.out / RUN_CONFIG, config, self.model_args)
+        if self.parallel == "ddp":
+            self.loss_module = replicate(self.loss_module, self.device)
+
+        self.tokens_per_step = config.batch_size * config.grad_accum * self.model_args.max_seq_len
+        self.flops_per_token = training_flops_per_token(self.model_args, self.model_args.max_seq_len)
+        self.peak_flops = peak_flops(self.device, config.peak_tflops)
+        self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
+
+    @property
+    def out(self) -> Path:
+        return self.run_folder.out
+
+    @property
+    def base_folder(self) -> Path:
+        """OUT/base: a LoRA run's frozen base model."""
+        return self.out / LORA_BASE
+
+    # ----------------------------------------------------------------------------------- set-up checks
+
+    def _resume_checkpoint(self) -> Path:
+        latest = self.run_folder.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {self.out} (expected step-* folders); "
+                "check --out, or drop --resume to start a new run"
+            )
+        return latest
+
+    def _check_before_slow_work(self, model_overrides: dict[str, Any]) -> None:
+        """Everything that can be refused before the tokenizer and the data are prepared."""
+        config = self.config
+        if config.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} must be divisible by the number of processes "
+                f"({self.dist.world_size}): each takes an equal share of every micro-batch"
+            )
+        self.run_folder.check_writable(self.dist.rank)
+        if self.parallel == "fsdp" and self.dtype == torch.float16:
+            raise ConfigError(
+                "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "
+                "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
+            )
+        saved_format = RunFolder.checkpoint_format(self.resume_from) if self.resume_from else None
+        if self.parallel == "fsdp" and saved_format == 1:
+            raise ConfigError(
+                f"{self.resume_from} was saved by an earlier llama_mini, whose checkpoints resume alone "
+                "or with --parallel ddp; resume it that way until its next checkpoint, then with fsdp"
+            )
+        # Fast-path settings that cannot run here (choose_fast_paths checks them again for its own callers).
+        check_attention_backend(config.attention, self.device, self.dtype)
+        if config.swiglu_kernel == "triton":
+            check_triton_kernel(self.device)
+        if self.resume_from is None and self.run_folder.checkpoints():
+            raise ConfigError(
+                f"{self.out} already holds checkpoints of a run: pass --resume to continue it, "
+                "or choose a new --out"
+            )
+        model_args_for(config, model_overrides, vocab_size=config.vocab_size or 1)  # the shape's own checks
+
+    def _check_data_fits_the_context(self) -> None:
+        window = self.model_args.max_seq_len + 1
+        if self.val_data.chat is not None:  # chat rows start at conversations and are padded: any length fits
+            return
+        if window > min(len(self.train_data), len(self.val_data)):
+            raise ConfigError(
+                f"--max-seq-len {self.model_args.max_seq_len} needs windows of {window} "
+                f"tokens, but the training split has {len(self.train_data)} and validation "
+                f"{len(self.val_data)}: lower --max-seq-len or use a larger corpus"
+            )
+
+    def _build_model(self, device: torch.device) -> Transformer:
+        """The starting model on `device`: random, --init-from's, or LoRA's base with fresh adapters."""
+        return build_model(
+            self.model_args,
+            device,
+            self.lora,
+            init_folder=self.init_folder,
+            base_folder=self.base_folder,
+            resuming=self.resume_from is not None,
+            write_base=self.dist.is_main,
+            tokenizer_path=self.tokenizer.model_path,
+        )
+
+    def _training_module(self, model: Transformer, compile: bool | None = None) -> nn.Module:
+        """`model` as training calls it: activation checkpointing if asked, then the fast paths, which wrap
+        it in the loss (NextTokenLoss, compiled with the model unless `compile` is False)."""
+        if self.config.activation_checkpointing:
+            checkpoint_activations(model)
+        paths = self.fast_paths if compile is None else dataclasses.replace(self.fast_paths, compile=compile)
+        return apply_fast_paths(model, paths)
+
+    def _build_sharded_model(self) -> tuple[Transformer, nn.Module]:
+        """FSDP: (the model, the sharded loss module around it), each process holding its pieces only.
+
+        Every process builds the model on the meta device and shards it (parallel.py); only the main
+        process builds the whole initial model, on the CPU, exactly as one process would (the same random
+        draws, --init-from's weights, or LoRA's base and fresh adapters), and broadcasts it, each process
+        keeping its pieces. A resumed full-training run skips that: its checkpoint holds every weight.
+        With --compile, each block is compiled before it is sharded; the loss module is not.
+        """
+        needs_initial_weights = self.resume_from is None or self.lora is not None
+        initial = None
+        if needs_initial_weights and self.dist.is_main:
+            initial = self._build_model(torch.device("cpu")).state_dict()
+        model = skeleton(self.model_args, self.lora)
+        loss_module = self._training_module(model, compile=False)
+        shard(loss_module, model, self.device, self.dist.world_size, self.dtype, self.fast_paths.compile)
+        if needs_initial_weights:
+            materialize(loss_module, model, self.device, initial)
+        else:
+            loss_module.to_empty(device=self.device)
+        del initial
+        self.dist.share_main_rng_state(self.device)  # the others drew nothing while building on meta
+        return model, loss_module
+
+    # ----------------------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainSummary:
+        config = self.config
+        start_step, started = self.step, time.perf_counter()
+        metrics = MetricsLog(self.out / METRICS, enabled=self.dist.is_main, after_step=start_step)
+        progress = Progress(config.max_steps, start_step, enabled=self.show_progress and self.dist.is_main)
+        progress.write(f"fast paths: {self.fast_paths.describe()} (train.py --help tells how to switch)")
+        if config.init_from:
+            progress.write(self._describe_fine_tuning())
+        train_loss, evaluation, interrupted = float("nan"), None, False
+        window_start, window_tokens = time.perf_counter(), 0
+        with self._stop_on_signals():
+            while self.step < config.max_steps:
+                train_loss = self.train_step(self.step)
+                self._stop_if_not_finite(train_loss)
+                self.step += 1
+                window_tokens += self.tokens_per_step
+                if self.step % config.log_interval == 0 or self.step == config.max_steps:
+                    record = self._train_record(
+                        train_loss, window_tokens / (clock(self.device) - window_start)
+                    )
+                    metrics.write(record)
+                    progress.update_postfix(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                progress.advance()
+                if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    eval_started = time.perf_counter()
+                    evaluation = self.evaluate()
+                    metrics.write(
+                        {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
+                    )
+                    progress.write(
+                        f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
+                        f"{evaluation['val_bpb']:.4f} bits/byte"
+                    )
+                    self.save_checkpoint(evaluation["val_loss"], train_loss)
+                    window_start += time.perf_counter() - eval_started  # tokens/s measures training only
+                if self.dist.any(self.stop_requested, self.device):
+                    interrupted = True
+                    break
+        if interrupted and self.last_saved_step != self.step:
+            self.save_checkpoint(None, train_loss)
+        progress.close()
+        return self._summary(start_step, started, train_loss, evaluation, interrupted)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step; returns the mean training loss (a non-finite loss skips the update)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.config)
+        self.loss_module.train()
+        with attention_backend(self.fast_paths.attention):
+            micro_batches = self._batches(self.train_data, step, self.config.grad_accum, stream=0)
+            loss = accumulate_gradients(
+                self.loss_module, micro_batches, self.config.grad_accum, self.device, self.dtype, self.scaler
+            )
+        loss = self.dist.mean(loss, self.device)
+        if not math.isfinite(loss):  # leave the weights as they were: the caller stops the run
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats per token) over eval_steps fixed batches, and bits per byte.
+
+        Bits per byte = loss * (tokens / bytes) / ln 2: the cost of the text itself, comparable across
+        tokenizers (a model with a bigger vocabulary has a higher loss per token but fewer tokens).
+        The same batches are drawn at every evaluation, so evaluations are comparable with each other.
+        """
+        self.loss_module.eval()
+        total = 0.0
+        for x, y in self._batches(self.val_data, 0, self.config.eval_steps, stream=1):
+            with autocast(self.device, self.dtype), attention_backend(self.fast_paths.attention):
+                total += self.loss_module(x, y).item()
+        val_loss = self.dist.mean(total / self.config.eval_steps, self.device)
+        meta = self.val_data.meta
+        # tokens per byte of the text the loss averages over (chat data: the assistant replies only)
+        return {"val_loss": val_loss, "val_bpb": val_loss * meta.loss_tokens_per_byte / math.log(2)}
+
+    def _batches(self, shard, step: int, count: int, stream: int):
+        seq_len = self.model_args.max_seq_len
+        return batches(shard, step, count, stream, self.config, seq_len, self.dist, self.device)
+
+    def _stop_if_not_finite(self, loss: float) -> None:
+        if math.isfinite(loss):
+            return
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was saved yet"
+        )
+        raise TrainingError(
+            f"loss became {loss} at step {self.step + 1}; {kept}. Lower --lr (now {self.config.lr}), "
+            "raise --warmup-steps, or train in --dtype fp32"
+        )
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.tokens_per_step
+
+    def _train_record(self, loss: float, tokens_per_second: float) -> dict[str, Any]:
+        record = {
+            "type": "train",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "loss": loss,
+            "lr": learning_rate(self.step - 1, self.config),
+            "tokens_per_second": tokens_per_second,
+        }
+        peak_memory = peak_memory_bytes(self.device)
+        if peak_memory is not None:  # on a GPU: the most this process's allocator has held so far
+            record["peak_memory_bytes"] = peak_memory
+        if self.peak_flops:
+            # MFU: the FLOPs the model needs per second at this speed, over what the GPUs could do.
+            record["mfu"] = (
+                tokens_per_second * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+            )
+        return record
+
+    def _summary(self, start_step: int, started: float, train_loss: float, evaluation, interrupted: bool):
+        seconds = time.perf_counter() - started
+        tokens = (self.step - start_step) * self.tokens_per_step
+        sample = None
+        # Under FSDP every process takes part (each layer's weights are gathered from all of them), and
+        # only once a step has run: FSDP learns which module is its root from the first forward pass.
+        sharded = self.parallel == "fsdp"
+        if self.config.sample_tokens and not interrupted and (self.dist.is_main or sharded):
+            if not sharded or self.step > start_step:
+                sample = self.sample(self.config.sample_prompt, self.config.sample_tokens)
+        self.dist.barrier()
+        return TrainSummary(
+            step=self.step,
+            train_loss=train_loss,
+            val_loss=evaluation["val_loss"] if evaluation else None,
+            val_bpb=evaluation["val_bpb"] if evaluation else None,
+            best_val_loss=self.best_val_loss,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+            checkpoint=self.last_checkpoint,
+            interrupted=interrupted,
+            sample=sample,
+            trainable_parameters=trainable_parameters(self.raw_model),
+        )
+
+    def _describe_fine_tuning(self) -> str:
+        total = sum(parameter.numel() for parameter in self.raw_model.parameters())
+        trained = trainable_parameters(self.raw_model)
+        how = f"LoRA rank {self.lora.rank} on {','.join(self.lora.targets)}" if self.lora else "every weight"
+        source = self.init_folder or self.config.init_from
+        return f"fine-tuning {source}: {how}, {trained:,} of {total:,} parameters ({trained / total:.2%})"
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, val_loss: float | None, train_loss: float) -> None:
+        """Write OUT/step-NNNNNNN (the Hugging Face folder of the whole model, every process's piece of the
+        trainable weights and AdamW state, the random states; for LoRA the adapter too), keep the last
+        `keep_last`, and make it OUT/best when its validation loss is the best so far, or when there is
+        no best/ yet (a run stopped before its first evaluation still leaves one to generate from). Every
+        process calls it; under FSDP the whole model is first gathered onto the main process's CPU."""
+        is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
+        if is_best:
+            self.best_val_loss = val_loss
+        is_best = is_best or (self.best_val_loss is None and not self.run_folder.best.exists())
+        whole = self._whole_model()
+        folder = self.run_folder.save_checkpoint(
+            self.step,
+            lambda path: save_sharded_state(path, self.raw_model, self.optimizer),
+            lambda folder: self._write_model(folder, whole),
+            self._training_state(),
+            {
+                "step": self.step,
+                "tokens": self.tokens_seen,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "best_val_loss": self.best_val_loss,
+                "train_config": self.config.to_dict(),
+                "model_args": self.model_args.to_dict(),
+            },
+            is_best=is_best,
+            keep_last=self.config.keep_last,
+        )
+        if self.dist.is_main:
+            self.last_checkpoint = folder
+        self.last_saved_step = self.step
+
+    def _whole_model(self) -> Transformer | None:
+        """The model with whole tensors, for the Hugging Face folder: `raw_model` itself, or under FSDP a
+        copy on the main process's CPU gathered from every process's pieces (every process must call
+        this; the others get None)."""
+        if self.parallel != "fsdp":
+            return self.raw_model
+        state = gather_full_state_dict(self.loss_module, self.raw_model)
+        if state is None:
+            return None
+        model = skeleton(self.model_args, self.lora)
+        model.load_state_dict(state, assign=True)
+        if self.model_args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
+        model.rope.freqs_cis = model.rope.table()  # not a state: computed, in float32
+        return model
+
+    def _write_model(self, folder: Path, model: Transformer) -> None:
+        """A checkpoint's model: a Hugging Face folder of the fine-tuned model, with LoRA's adapters merged
+        into it, and for LoRA the adapter itself in PEFT's format in folder/adapter/ (llama_mini.checkpoint.
+        peft says why a subfolder)."""
+        tokenizer = self.tokenizer.model_path
+        if self.lora is None:
+            save_pretrained(model, folder, tokenizer_path=tokenizer)
+            return
+        save_pretrained(merged_model(model), folder, tokenizer_path=tokenizer)
+        # PEFT's base_model_name_or_path: OUT/base, the frozen base as a Hugging Face folder.
+        base = str(self.base_folder.resolve())
+        save_adapter(model, folder / ADAPTER_FOLDER, base_model_name_or_path=base)
+
+    def _training_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside the sharded state: the random states (the main process's, which
+        every process continues from on resume) and fp16's loss scale."""
+        state: dict[str, Any] = {"cpu_rng_state": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """Continue from checkpoint `folder`: weights, AdamW state, random states, step and best loss.
+
+        Format 2: the trainable weights and AdamW state from sharded_state/, each process reading what it
+        holds (a LoRA run's frozen base came from OUT/base). Format 1, from earlier versions (never
+        under FSDP, refused earlier): the weights from the Hugging Face folder (LoRA: the adapter), the
+        optimizer's state dict from training_state.pt.
+        """
+        state = RunFolder.read_training_state(folder)
+        if RunFolder.checkpoint_format(folder) >= 2:
+            load_sharded_state(folder / SHARDED_STATE, self.raw_model, self.optimizer)
+        else:
+            if self.lora is not None:  # the frozen base came from OUT/base; the adapters are the step's own
+                load_adapter(self.raw_model, folder / ADAPTER_FOLDER)
+            else:
+                saved = Transformer.from_pretrained(folder, device=self.device)
+                self.raw_model.load_state_dict(saved.state_dict())
+                del saved
+            self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["cpu_rng_state"])
+        if "cuda_rng_state" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng_state"], self.device)
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        trainer_state = RunFolder.read_trainer_state(folder)
+        self.step = trainer_state["step"]
+        self.best_val_loss = trainer_state["best_val_loss"]
+        self.last_checkpoint = folder
+        self.last_saved_step = self.step
+
+    # ----------------------------------------------------------------------------------- signals, sample
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second
+        Ctrl-C stops at once."""
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @torch.no_grad()
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """A sample from the trained model, to show what it learned (temperature 0.8, top-k 50). Under FSDP
+        every process generates the same tokens in step (see `unsharded`)."""
+        self.raw_model.eval()
+        if self.train_data.chat is not None:  # a chat run: the reply to the prompt as a user's message
+            message = [{"role": "user", "content": prompt.strip() or "Hello!"}]
+            ids = encode_chat(self.tokenizer, message, add_generation_prompt=True).ids
+            stop_ids = chat_stop_ids(self.tokenizer)
+        else:
+            ids, stop_ids = self.tokenizer.encode(prompt, bos=True), self.tokenizer.eos_ids
+        room = self.model_args.max_seq_len - len(ids)
+        with unsharded(self.loss_module):
+            new = generate(
+                self.raw_model,
+                [ids],
+                max_new_tokens=min(max_new_tokens, room),
+                temperature=0.8,
+                top_k=50,
+                eos_id=stop_ids,
+                seed=self.config.seed,
+            )[0]
+        return self.tokenizer.decode(ids + new)

@@ -1,0 +1,87 @@
+"""`llama-mini`: one command with a subcommand per job, one error convention, and the old entry points
+(`python train.py`, `python -m llama_mini.X`) still working."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_mini import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def test_pyproject_installs_the_llama_mini_command():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["llama-mini"].partition(":")
+    assert getattr(importlib.import_module(module), function) is cli.main
+
+
+def test_no_command_prints_the_commands(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("train", "generate", "convert", "inspect", "plots", "ablate"):
+        assert f"  {name} " in out
+
+
+def test_an_unknown_command_is_one_line_and_exit_2(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: unknown command 'trian'; choose one of: train, generate")
+        and err.count("\n") == 1
+    )
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_answers_help_under_its_own_name(name, capsys):
+    assert cli.main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: llama-mini {name} ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--max-steps", "ten"],
+            "error: argument --max-steps: invalid int value: 'ten' (see --help)",
+        ),
+        (["generate", "--checkpoint", "/no/such/folder"], "error: checkpoint /no/such/folder does not exist"),
+        (["convert", "/no/such/folder", "/tmp/x"], "error: checkpoint folder /no/such/folder does not exist"),
+        (["inspect", "--preset", "llama9"], "error: unknown preset 'llama9'; choose one of: tiny, "),
+        (["plots", "glu"], "error: the following arguments are required: --out (see --help)"),
+        (["ablate", "--variants", "tanh"], "error: argument --variants: invalid choice: 'tanh'"),
+    ],
+)
+def test_every_command_reports_a_mistake_as_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train.py"],
+        ["generate.py"],
+        ["-m", "llama_mini"],
+        ["-m", "llama_mini.convert"],
+        ["-m", "llama_mini.inspect"],
+        ["-m", "llama_mini.plots"],
+        ["-m", "llama_mini.ablate"],
+    ],
+)
+def test_the_scripts_and_python_m_entry_points_still_run(command):
+    result = subprocess.run(
+        [sys.executable, *command, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
