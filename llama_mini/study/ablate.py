@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_mini.console import ArgumentParser, run_command
-from llama_mini.data import load_documents, prepare_data, split_documents
+from llama_mini.data import prepare_data, tokenizer_sample
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.model.args import FeedForwardName, InitName, ModelArgs
 from llama_mini.model.ffn import FEED_FORWARDS
@@ -267,9 +267,11 @@ def _prepare_shared(config: AblationConfig, out: Path, log) -> tuple[Path, Path]
         reuse = tokenizer_path.exists() and Tokenizer(tokenizer_path).vocab_size == config.vocab_size
         if not reuse:
             log(f"training a {config.vocab_size}-piece tokenizer on {config.data} ...")
-            documents = load_documents(config.data)
-            train_documents, _ = split_documents(documents, config.val_fraction, config.split_seed)
-            train_tokenizer(train_documents, tokenizer_path, config.vocab_size)
+            # the first --tokenizer-sample-mb of the training split, as train.py does: bounded, whatever the
+            # corpus's size (the corpus itself is only ever streamed, by prepare_data)
+            budget = round(TrainConfig().tokenizer_sample_mb * 1e6)
+            sample = tokenizer_sample(config.data, budget, config.val_fraction, config.split_seed)
+            train_tokenizer(sample, tokenizer_path, config.vocab_size)
     tokenizer = Tokenizer(tokenizer_path)
     data_dir = out / "data"
     prepare_data(config.data, data_dir, tokenizer, config.val_fraction, config.split_seed)
