@@ -9,12 +9,11 @@ for a ragged batch of four rows and one for a single row, through one compile-ca
 
 import pytest
 import torch
+from test_generation import tiny_model  # decisive logits: greedy tokens that do not hang on rounding
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from llama_mini.generation import decode as decode_module
 from llama_mini.generation import generate, iter_new_tokens, row_seed
-from llama_mini.model.presets import get_preset
-from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
 
 pytestmark = [
@@ -26,18 +25,6 @@ needs_compiler = pytest.mark.skipif(
 )
 
 PROMPTS = [[1, 17, 42, 99, 5, 8, 61, 200, 3], [1, 250], [1, 7, 7, 7, 7, 120], [1]]  # ragged, BOS first
-
-
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """The tiny preset (GQA: 4 query heads, 2 kv heads) with random norm weights, so that logits are decisive
-    and the greedy tokens do not hang on float rounding."""
-    torch.manual_seed(seed)
-    model = Transformer(get_preset("tiny", **overrides))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
