@@ -9,7 +9,10 @@ The same command as `llama-mini generate`; its code is llama_mini/generation/com
 
 import sys
 
-from llama_mini.generation.command import main
+try:
+    from llama_mini.generation.command import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still loading: nothing has started, so nothing to save
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

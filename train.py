@@ -11,7 +11,10 @@ The same command as `llama-mini train`; its code is llama_mini/train/command.py.
 
 import sys
 
-from llama_mini.train.command import main
+try:
+    from llama_mini.train.command import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still loading: nothing has started, so nothing to save
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except KeyboardInterrupt:  # Ctrl-C while torch is still loading: nothing has started yet
+        return 130
     return module.main(rest, prog=f"llama-mini {name}")
 
 

@@ -2,8 +2,10 @@
 (`python train.py`, `python -m llama_mini.X`) still working."""
 
 import importlib
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,19 @@ def test_the_scripts_and_python_m_entry_points_still_run(command):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ")
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_ctrl_c_while_the_script_is_still_loading_exits_130_without_a_traceback(script):
+    process = subprocess.Popen(
+        [sys.executable, script, "--help"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # importing torch takes longer than this: the signal lands during the imports
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 0), err  # 0: the imports had already finished and --help printed
+    assert "Traceback" not in err

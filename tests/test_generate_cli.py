@@ -284,6 +284,11 @@ def test_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys):
     assert f"checkpoint {tmp_path / 'bare'} has no tokenizer.model: pass --tokenizer" in err
 
 
+def test_a_missing_tokenizer_file_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    err = one_line_error(*run(capsys, "--checkpoint", checkpoint, "--tokenizer", tmp_path / "no.model"))
+    assert err.startswith(f"error: --tokenizer {tmp_path / 'no.model'} does not exist: pass the tokenizer")
+
+
 def test_prompt_longer_than_the_context_is_a_one_line_error(checkpoint, capsys):
     long_prompt = " ".join(["the king and the queen"] * 40)
     err = one_line_error(*run(capsys, "--checkpoint", checkpoint, "--prompt", long_prompt))
@@ -390,6 +395,12 @@ def test_generation_refuses_non_finite_logits_in_one_line(library):
 def test_bad_flag_values_are_one_line_errors(checkpoint, capsys, flags, message):
     err = one_line_error(*run(capsys, "--checkpoint", checkpoint, *flags))
     assert err.startswith(message)
+
+
+def test_a_compile_cache_that_is_a_file_is_a_one_line_error(checkpoint, capsys, tmp_path):
+    (tmp_path / "cache").write_text("")
+    err = one_line_error(*run(capsys, "--checkpoint", checkpoint, "--compile-cache", tmp_path / "cache"))
+    assert err.startswith(f"error: --compile-cache {tmp_path / 'cache'} is a file: pass a folder, or none")
 
 
 def test_a_folder_saved_by_transformers_samples_through_generate_py(checkpoint, library, capsys, tmp_path):

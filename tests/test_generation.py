@@ -282,7 +282,9 @@ def test_next_token_logits_are_the_last_positions_logits(model):
     tokens = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     with torch.no_grad():
         expected = model(tokens)[:, -1]
-        torch.testing.assert_close(decode.next_token_logits(model, tokens, 0), expected, rtol=1e-5, atol=1e-6)
+        # float32's default tolerances: W @ h^T on a CPU adds the same products as h @ W^T in another
+        # order, an error set by the size of the terms (about 1), not by the logit, which may be near 0.
+        torch.testing.assert_close(decode.next_token_logits(model, tokens, 0), expected)
 
 
 def test_the_kv_cache_is_sized_to_the_request_and_grows_when_needed():

@@ -277,7 +277,7 @@ def test_unwritable_out_folder_is_a_clear_error(corpus_dir, tokenizer_path, tmp_
 
 def test_out_folder_that_is_a_file_is_a_clear_error(corpus_dir, tokenizer_path, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ConfigError, match="cannot write to --out"):
+    with pytest.raises(ConfigError, match="--out .*file is a file, not a folder: choose"):
         Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "file"), TINY_MODEL)
 
 

@@ -171,9 +171,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     """The command's SamplingConfig: its defaults with the sampling flags given (GenerationError if out of
-    range)."""
+    range, ConfigError if --compile-cache is a file)."""
     given = {name: getattr(args, name) for name in (*SAMPLING_FLAGS, *RUNTIME_FLAGS) if hasattr(args, name)}
-    return COMMAND_SAMPLING.replace(**given)
+    sampling = COMMAND_SAMPLING.replace(**given)
+    cache = sampling.compile_cache
+    if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
+        raise ConfigError(
+            f"--compile-cache {cache} is a file: pass a folder, or none to keep no compiled steps"
+        )
+    return sampling
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -456,6 +462,11 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str | None) -> Tokenizer:
         raise CheckpointError(
             f"checkpoint {folder} does not exist: pass --checkpoint a folder written by save_pretrained "
             f"(or a Hugging Face or Meta Llama folder)"
+        )
+    if tokenizer_path is not None and not Path(tokenizer_path).exists():
+        raise CheckpointError(
+            f"--tokenizer {tokenizer_path} does not exist: pass the tokenizer.model or tokenizer.json "
+            f"the model was trained with (or leave it out to use the checkpoint's)"
         )
     path = find_tokenizer(tokenizer_path) if tokenizer_path is not None else find_tokenizer(folder)
     if path is None:

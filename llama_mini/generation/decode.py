@@ -172,9 +172,10 @@ def iter_new_tokens(
         draws the seeds from torch's global generator (so `torch.manual_seed` makes runs repeatable).
     stats: a GenerationStats to fill with token counts and timings.
 
-    Uses the model's KV cache if it has one for at least B rows (and leaves it in place), otherwise sets one
-    up and removes it afterwards. The model runs in eval mode and under torch.inference_mode; its training
-    flag is restored afterwards. Invalid arguments raise GenerationError here, before the first token.
+    Uses the model's KV cache if it has one (replaced by a large enough one of the kind the step needs, if
+    it is not that already, and kept: `_ensure_cache`), otherwise sets one up and removes it afterwards.
+    The model runs in eval mode and under torch.inference_mode; its training flag is restored afterwards.
+    Invalid arguments raise GenerationError here, before the first token.
     """
     sampling = (sampling or SamplingConfig()).replace(**settings)
     prompts = [[int(token_id) for token_id in prompt] for prompt in prompts]
@@ -253,7 +254,9 @@ def _decode(
                             tokens[sampling_rows, position] = ids[sampling_rows]
                     else:
                         index = torch.tensor(sampling_rows, device=device)
-                        row_logits = logits[index].float()  # (R, V); sampling arithmetic in float32
+                        # (R, V) in float32: a bf16 logit has 8 significant bits, too few to divide by a
+                        # penalty or temperature and take a softmax over V tokens without visible rounding.
+                        row_logits = logits[index].float()
                         if penalty is not None:
                             row_logits = apply_repetition_penalty(
                                 row_logits, tokens[index, :position], penalty
@@ -305,7 +308,7 @@ def next_token_logits(
 
     On a CPU the product is written weight @ h^T rather than nn.Linear's h @ weight^T: the same numbers,
     but for the few rows of a decode step MKL picks a much faster kernel for it (docs/BENCHMARKS.md:
-    7.9 vs 2.8 ms for stories15m's 288 x 32000 output at batch 8, 1.36x faster decoding).
+    7.9 vs 2.8 ms for stories15m's 288 x 32000 output at batch 8; equal at batch 1).
     """
     h = model.hidden_states(tokens, start_pos)[:, -1]  # (B, dim)
     if h.device.type == "cpu":
@@ -348,19 +351,12 @@ def _compiled_decode_step(
 @contextlib.contextmanager
 def _decode_step_for(
     model: Transformer, sampling: SamplingConfig, batch: int, length: int
-) -> Iterator[tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], bool]]:
-    """The decode step a request of `batch` rows and `length` positions runs, with the model's KV cache
-    ready for it (and removed afterwards if the model had none). Yields (step, static): step(tokens (B, 1),
-    position) -> (logits (B, V), greedy ids (B,)); static: the step wants the position as a 0-d tensor and
-    reads the whole StaticKVCache.
-
-        compile   CPU                                          GPU (or MPS)
-        True      the ahead-of-time step: saved in the          torch.compile (CUDA graphs unless
-                  compile cache, or built now and saved          cuda_graphs=False)
-        None      the saved ahead-of-time step if the           eager
-                  compile cache has one, else eager
-        False     eager                                         eager
-    """
+) -> Iterator[tuple[Callable[..., Sequence[torch.Tensor]], bool]]:
+    """The decode step a request of `batch` rows and `length` positions runs (the table in the module
+    docstring), with the model's KV cache ready for it (and removed afterwards if the model had none).
+    Yields (step, static): step(tokens (B, 1), position) -> (logits (B, V), greedy ids (B,)); static: the
+    step wants the position as a 0-d tensor and reads the whole StaticKVCache. On a CPU, compile=True falls
+    back to torch.compile where the ahead-of-time step cannot be built (`_ahead_of_time_step`)."""
     device = model.tok_embeddings.weight.device
     wanted = sampling.compile or (sampling.compile is None and sampling.compile_cache is not None)
     compiled = None
@@ -378,8 +374,8 @@ def _decode_step_for(
         made_cache = _ensure_cache(model, batch, length, static=bool(sampling.compile))
     try:
         if compiled is not None:
-            with compiled.bound_to(model) as run:
-                yield (lambda tokens, position: tuple(run(tokens, position))), True
+            with compiled.bound_to(model) as run:  # run returns [logits, ids], which the loop unpacks
+                yield run, True
         elif sampling.compile:
             cuda_graphs = sampling.cuda_graphs and device.type == "cuda"
             yield _torch_compiled_step(model, cuda_graphs, device.type == "cpu"), True

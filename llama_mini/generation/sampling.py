@@ -82,9 +82,8 @@ class SamplingConfig:
             raise GenerationError(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
             )
-        if isinstance(self.seed, Sequence) and not isinstance(
-            self.seed, str
-        ):  # a list is stored as a tuple: the config is frozen, hashable
+        # A list of seeds or eos ids is stored as a tuple, so the frozen config stays hashable.
+        if isinstance(self.seed, Sequence) and not isinstance(self.seed, str):
             object.__setattr__(self, "seed", tuple(self.seed))
         if isinstance(self.eos_id, Sequence) and not isinstance(self.eos_id, str):
             object.__setattr__(self, "eos_id", tuple(self.eos_id))

@@ -14,8 +14,10 @@ is_causal), or, for a single query, no mask at all. The two caches differ in wha
     KVCache        the filled prefix 0 .. start_pos + T - 1 (start_pos an int): shapes grow by one
                    position per decoding step; the cheapest for eager decoding.
     StaticKVCache  the whole buffer with a mask over the positions not yet written (start_pos a 0-d
-                   tensor): every step has the same shapes, which a CUDA graph (recorded once, replayed for
-                   every token) needs, at the cost of attending over the whole buffer.
+                   tensor while decoding): every step has the same shapes, so one compiled step serves
+                   every token (a torch.compile graph, a CUDA graph recorded once and replayed, or the
+                   ahead-of-time step of llama_mini.ops.aot_step), at the cost of attending over the
+                   whole buffer.
 """
 
 from __future__ import annotations
@@ -74,14 +76,16 @@ class KVCache(nn.Module):
 
 
 class StaticKVCache(KVCache):
-    """The whole preallocated buffer under a position mask: start_pos is a 0-d int64 tensor on the
-    cache's device, so every decoding step has the same shapes (and no Python int to recompile for)."""
+    """The whole preallocated buffer under a position mask. While decoding, start_pos is a 0-d int64
+    tensor on the cache's device, so every step has the same shapes (and no Python int to recompile for);
+    an int works too (the eager prefill passes 0)."""
 
     def update(
         self, xk: torch.Tensor, xv: torch.Tensor, start_pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write xk, xv (B, H_kv, T, D) at positions start_pos..; return the whole (B, H_kv, max_seq_len, D)
-        keys and values and the mask (T, max_seq_len) that hides each query's future and the positions not
+        keys and values and the mask (T, max_seq_len), True where query i (at position start_pos + i) may
+        read key position j, that is j <= start_pos + i: it hides each query's future and the positions not
         yet written (stale entries of an earlier request included)."""
         batch, _, seq_len, _ = xk.shape
         positions = start_pos + torch.arange(seq_len, device=xk.device)  # (T,)

@@ -25,7 +25,7 @@ equal within float rounding.
 
 The weights are not in the library. It is built with `package_constants_in_so=False`, so one file serves
 every checkpoint of the same shape; `bound_to(model)` hands it the model's parameters and buffers (the KV
-cache included, which the step writes) by reference, with no copy (the decode loop binds at every call).
+cache included, which the step writes) by reference, with no copy (the decode loop binds once per request).
 
 The file's name is a hash of everything the generated code depends on (`artifact_key`): torch's version,
 the CPU's vector instructions and the thread count, the model's structure and its tensors' shapes and
@@ -275,6 +275,8 @@ def artifact_key(function: Callable, model: nn.Module, example_inputs: Sequence[
 
 @functools.cache
 def _file_hash(path: str) -> str:
+    """A source file's sha256, read once per process (so `artifact_key` costs well under a millisecond; an
+    edit made while the process runs is seen by the next process)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -283,7 +285,11 @@ def saved_step(
 ) -> CompiledStep | None:
     """The compiled step for these arguments if `folder` holds it (loaded once per process), else None.
     Never compiles."""
-    key = artifact_key(function, model, example_inputs)
+    return _saved_step(artifact_key(function, model, example_inputs), folder)
+
+
+def _saved_step(key: str, folder: str | Path | None) -> CompiledStep | None:
+    """`saved_step` for a key already computed."""
     path = Path(folder) / f"{key}{ARTIFACT_SUFFIX}" if folder is not None else None
     if path is None or not path.is_file():
         return None
@@ -313,7 +319,7 @@ def compiled_step(
         else:
             _copy_atomically(step.path, target)
             _describe(target, function, model, example_inputs)
-    step = step or saved_step(function, model, example_inputs, folder)
+    step = step or _saved_step(key, folder)
     if step is not None:
         return step
     path = target if target is not None else _scratch_folder() / f"{key}{ARTIFACT_SUFFIX}"

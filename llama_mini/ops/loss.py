@@ -59,9 +59,8 @@ __all__ = [
     "linear_cross_entropy",
 ]
 
-IGNORE_INDEX = (
-    -100
-)  # target id that the loss skips (padding, prompts in chat data); F.cross_entropy's default
+# The target id that the loss skips (padding, the prompts of chat data): F.cross_entropy's default.
+IGNORE_INDEX = -100
 
 # chunked_loss_pays: from this size of the plain path's float32 logits, the chunked loss was faster on a CPU
 CHUNKED_LOSS_MIN_BYTES = 8 * 2**20

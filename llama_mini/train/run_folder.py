@@ -87,6 +87,8 @@ class RunFolder:
 
     def check_writable(self, rank: int = 0) -> None:
         """ConfigError unless the folder can be created and written (checked before any slow work)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a folder: choose a new or existing folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / f".write-test-{rank}"
