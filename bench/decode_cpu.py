@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, write_json  # noqa: E402
 from llama_mini import DataError, Transformer, get_preset  # noqa: E402
+from llama_mini.checkpoint import save_pretrained  # noqa: E402
 from llama_mini.checkpoint.gguf import sentencepiece_vocab, write_gguf  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
 from llama_mini.ops import aot_step  # noqa: E402
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             model = spread_weights_(Transformer(model_args), seed=0)
             folder, gguf_path = scratch / preset, scratch / f"{preset}.gguf"
             tokenizer = tokenizer_for(model_args.vocab_size, scratch)
-            model.save_pretrained(folder, tokenizer_path=tokenizer.model_path)
+            save_pretrained(model, folder, tokenizer_path=tokenizer.model_path)
             write_gguf(model, gguf_path, sentencepiece_vocab(tokenizer.model_path), "f32")
             prompt = torch.randint(
                 3, model_args.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import Transformer, cross_entropy, get_preset  # noqa: E402
+from llama_mini.checkpoint import save_pretrained  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
 from llama_mini.ops.fast_paths import apply_fast_paths, attention_backend, choose_fast_paths  # noqa: E402
 
@@ -39,7 +40,7 @@ def build_pair(preset: str, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     ours = Transformer(get_preset(preset))
     with tempfile.TemporaryDirectory() as folder:
-        ours.save_pretrained(folder)
+        save_pretrained(ours, folder)
         theirs = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
 

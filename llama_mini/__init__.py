@@ -1,5 +1,6 @@
 """llama_mini: a compact LLaMA-style language model in PyTorch, for training, generation and study."""
 
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.errors import CheckpointError, ConfigError, DataError, LlamaMiniError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import FEED_FORWARDS, FeedForward
@@ -23,5 +24,7 @@ __all__ = [
     "count_parameters",
     "cross_entropy",
     "get_preset",
+    "load_model",
+    "save_pretrained",
     "training_flops_per_token",
 ]

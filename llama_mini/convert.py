@@ -3,7 +3,7 @@
     llama-mini convert SRC DST [--dtype bf16|fp16|fp32] [--tokenizer PATH] [--force]
     llama-mini convert SRC OUT.gguf [--dtype f32|f16|bf16|q8_0] [--tokenizer PATH] [--force]
 
-SRC is any folder `Transformer.from_pretrained` reads: llama_mini's own, Hugging Face Llama (single or
+SRC is any folder `load_model` reads: llama_mini's own, Hugging Face Llama (single or
 sharded safetensors), Meta's original (params.json + consolidated.*.pth), or a training run folder (its
 best/). DST gets config.json, model.safetensors, generation_config.json and, when SRC has a tokenizer (or
 --tokenizer names one), the tokenizer files; transformers' LlamaForCausalLM and AutoTokenizer load it as it
@@ -27,6 +27,7 @@ from llama_mini.checkpoint import (
     describe_resolution,
     detect_format,
     find_tokenizer,
+    load_model,
     read_model_args,
     resolve_checkpoint,
     save_pretrained,
@@ -43,7 +44,6 @@ from llama_mini.checkpoint.peft import is_adapter_folder, merge_adapter
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError
 from llama_mini.model.sizes import count_parameters
-from llama_mini.model.transformer import Transformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # GGUF spells fp32 and fp16 f32 and f16; either spelling works for either destination. q8_0 is GGUF only.
@@ -132,7 +132,7 @@ def convert(
         if tokenizer is None:
             tokenizer = _source_tokenizer(src)
         # cast while loading: a bf16 conversion never holds fp32 copies
-        model = Transformer.from_pretrained(src, dtype=dtype)
+        model = load_model(src, dtype=dtype)
     save_pretrained(model, dst, tokenizer_path=tokenizer, require_hf=True)
     stored = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     millions = count_parameters(model)["total"] / 1e6
@@ -179,7 +179,7 @@ def export_gguf(
     vocab = sentencepiece_vocab(tokenizer)
     vocab.padded_to(args.vocab_size)  # fails here, before the weights are read, if it cannot fit
     gguf_module()  # a missing gguf package is reported before the weights are read
-    model = Transformer.from_pretrained(src)
+    model = load_model(src)
     storage = write_gguf(model, dst, vocab, dtype, name=src.resolve().name)
     fallback = sorted(name for name, kind in storage.items() if kind == "f16" and dtype == "q8_0")
     note = f" ({len(fallback)} matrices in f16: rows not a multiple of 32)" if fallback else ""

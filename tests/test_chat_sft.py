@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train as train_cli
+from llama_mini.checkpoint import load_model
 from llama_mini.data import (
     MANIFEST,
     TokenSplit,
@@ -26,7 +27,6 @@ from llama_mini.data import prepare as prepare_module
 from llama_mini.errors import DataError
 from llama_mini.generation.command import main as generate_main
 from llama_mini.generation.decode import decode_continuation, generate
-from llama_mini.model.transformer import Transformer
 from llama_mini.ops.loss import IGNORE_INDEX
 from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, encode_chat, render_chat
 from llama_mini.train import TrainConfig, Trainer
@@ -518,7 +518,7 @@ def test_generate_chat_answers_in_the_template_and_stops_at_the_end_of_turn(chat
     assert code == 0
     assert captured.out == "Salt.\nHenry.\n" and "cut" not in captured.err
     # The library, prompted with the template and not told to stop, writes <|im_end|> right after "Salt.".
-    tokenizer, model = Tokenizer(run / "best"), Transformer.from_pretrained(run / "best")
+    tokenizer, model = Tokenizer(run / "best"), load_model(run / "best")
     prompt = encode_chat(tokenizer, [{"role": "user", "content": questions[0]}], add_generation_prompt=True)
     room = model.args.max_seq_len - len(prompt.ids)
     new = generate(model, [prompt.ids], room, temperature=0.0, eos_id=None)[0]

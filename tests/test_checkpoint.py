@@ -20,6 +20,7 @@ from llama_mini.checkpoint import (
     HF_ACTIVATIONS,
     detect_format,
     find_tokenizer,
+    load_model,
     model_args_from_hf_config,
     permute_for_hf,
     permute_from_hf,
@@ -184,7 +185,7 @@ def test_transformers_checkpoint_loads_with_equal_logits(case, tmp_path):
     reference = hf_model(**HF_CASES[case])
     reference.save_pretrained(tmp_path)
 
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_model(tmp_path)
     args = model.args
     assert (args.n_kv_heads, args.hidden_dim, args.rope_theta, args.norm_eps) == (
         HF_CASES[case]["num_key_value_heads"],
@@ -216,7 +217,7 @@ def test_sharded_transformers_checkpoint_loads_with_equal_logits(tmp_path):
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
 
-    model = Transformer.from_pretrained(folder)
+    model = load_model(folder)
     batch = tokens(VOCAB, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(batch), reference(batch).logits, rtol=0, atol=1e-5)
@@ -255,7 +256,7 @@ def test_llama3_scaled_transformers_checkpoint_loads_with_equal_logits(version, 
         config.update(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **SCALING})
         (tmp_path / "config.json").write_text(json.dumps(config))
 
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_model(tmp_path)
     assert (model.args.rope_theta, model.args.rope_scaling) == (50000.0, SCALING)
     batch = tokens(VOCAB)
     with torch.no_grad():
@@ -326,7 +327,7 @@ def test_other_rope_scalings_are_refused_not_ignored(rope_type, rope, tmp_path):
     config.pop("rope_parameters", None)
     (tmp_path / "config.json").write_text(json.dumps({**config, **rope}))
     with pytest.raises(CheckpointError, match=f"RoPE scaling '{rope_type}' is not supported") as error:
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     assert one_line(error).startswith(str(tmp_path / "config.json"))
     assert "use a model whose rope_type is 'default' or 'llama3'" in one_line(error)
 
@@ -349,7 +350,7 @@ def test_other_rope_scalings_are_refused_not_ignored(rope_type, rope, tmp_path):
 )
 def test_our_checkpoint_loads_in_transformers_with_equal_logits(ffn, tie, n_kv_heads, tmp_path):
     model = our_model(ffn=ffn, tie_embeddings=tie, n_kv_heads=n_kv_heads)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["hidden_act"], config["intermediate_size"]) == (HF_ACTIVATIONS[ffn], 192)
@@ -362,7 +363,7 @@ def test_our_checkpoint_loads_in_transformers_with_equal_logits(ffn, tie, n_kv_h
 
 def test_llama3_scaled_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
     model = our_model(rope_scaling=SCALING)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rope_scaling"] == {"rope_type": "llama3", **SCALING}  # transformers 4.x
@@ -378,8 +379,8 @@ def test_llama3_scaled_checkpoint_loads_in_transformers_with_equal_logits(tmp_pa
 
 def test_llama3_scaled_round_trip_is_bit_exact_and_the_hf_fields_agree(tmp_path):
     model = our_model(rope_scaling=SCALING)
-    model.save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
+    loaded = load_model(tmp_path)
 
     assert loaded.args == model.args
     assert torch.equal(loaded.rope.freqs_cis, model.rope.freqs_cis)  # the loader's table is the scaled one
@@ -393,7 +394,7 @@ def test_llama3_scaled_round_trip_is_bit_exact_and_the_hf_fields_agree(tmp_path)
 
 
 def test_config_carries_rope_theta_for_transformers_4_and_5(tmp_path):
-    our_model().save_pretrained(tmp_path)
+    save_pretrained(our_model(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rope_theta"] == 50000.0
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 50000.0}
@@ -405,8 +406,8 @@ def test_config_carries_rope_theta_for_transformers_4_and_5(tmp_path):
 @pytest.mark.parametrize("tie", [False, True])
 def test_round_trip_is_bit_exact(tie, tmp_path):
     model = our_model(tie_embeddings=tie, hidden_dim=72)
-    model.save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
+    loaded = load_model(tmp_path)
 
     assert loaded.args == model.args
     assert detect_format(tmp_path) == "llama_mini" and read_model_args(tmp_path) == model.args
@@ -422,7 +423,7 @@ def test_round_trip_is_bit_exact(tie, tmp_path):
 
 
 def test_tied_embeddings_are_stored_once(tmp_path):
-    our_model(tie_embeddings=True).save_pretrained(tmp_path)
+    save_pretrained(our_model(tie_embeddings=True), tmp_path)
     names = stored_tensors(tmp_path / "model.safetensors").keys()
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
@@ -430,19 +431,19 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 
 def test_bf16_save_writes_bf16_tensors_and_loads_them(tmp_path):
     model = our_model()
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
 
     assert {t.dtype for t in stored_tensors(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = Transformer.from_pretrained(tmp_path)  # dtype=None keeps what is stored
+    loaded = load_model(tmp_path)  # dtype=None keeps what is stored
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
     assert loaded.rope.freqs_cis.dtype == torch.float32  # the RoPE table stays float32
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight.bfloat16())
 
 
 def test_load_casts_to_the_requested_dtype(tmp_path):
-    our_model().save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
+    save_pretrained(our_model(), tmp_path)
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert loaded.rope.freqs_cis.dtype == torch.float32
 
@@ -462,7 +463,7 @@ def test_wrapper_prefixes_never_reach_the_file(tmp_path):
             return self._orig_mod(*args, **kwargs)
 
     model = our_model()
-    model.save_pretrained(tmp_path / "plain")
+    save_pretrained(model, tmp_path / "plain")
     expected = stored_tensors(tmp_path / "plain" / "model.safetensors")
 
     model.layers[0] = CompiledLike(model.layers[0])  # a block compiled on its own: "layers.0._orig_mod."
@@ -479,9 +480,9 @@ def test_wrapper_prefixes_never_reach_the_file(tmp_path):
 def test_save_leaves_other_files_alone_and_overwrites_its_own(tmp_path):
     (tmp_path / "training_state.pt").write_bytes(b"optimizer")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    our_model(seed=0).save_pretrained(tmp_path)
+    save_pretrained(our_model(seed=0), tmp_path)
     second = our_model(seed=1)
-    second.save_pretrained(tmp_path)
+    save_pretrained(second, tmp_path)
 
     assert (tmp_path / "training_state.pt").read_bytes() == b"optimizer"
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
@@ -492,11 +493,11 @@ def test_save_leaves_other_files_alone_and_overwrites_its_own(tmp_path):
         "model.safetensors",
         "training_state.pt",
     ]  # no temporary files left behind
-    assert torch.equal(Transformer.from_pretrained(tmp_path).output.weight, second.output.weight)
+    assert torch.equal(load_model(tmp_path).output.weight, second.output.weight)
 
 
 def test_generation_config_has_token_ids_and_sampling_defaults(tmp_path):
-    our_model().save_pretrained(tmp_path)
+    save_pretrained(our_model(), tmp_path)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation == {
         "bos_token_id": 1,
@@ -516,8 +517,8 @@ def test_generation_config_has_token_ids_and_sampling_defaults(tmp_path):
 @pytest.mark.parametrize("ffn, extra", [("relu", {}), ("swish", {"swish_beta_trainable": True})])
 def test_non_gated_checkpoint_round_trips_and_is_marked_llama_mini_only(ffn, extra, tmp_path):
     model = our_model(ffn=ffn, **extra)
-    model.save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
+    loaded = load_model(tmp_path)
 
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys()
@@ -563,7 +564,7 @@ def test_meta_checkpoint_loads_with_equal_logits(tmp_path):
     model = our_model(norm_eps=1e-5)
     write_meta(tmp_path, [meta_state_dict(model)], meta_params(model.args))
 
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert detect_format(tmp_path) == "meta"
     assert (loaded.args.vocab_size, loaded.args.hidden_dim, loaded.args.max_seq_len) == (VOCAB, None, 4096)
     assert loaded.layers[0].feed_forward.hidden_dim == 192  # LLaMA's rule, as the file's w1 says
@@ -594,7 +595,7 @@ def test_two_shard_meta_checkpoint_concatenates_along_the_parallel_dims(tmp_path
             shard[name] = part.clone()
     write_meta(tmp_path, shards, meta_params(model.args))
 
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     batch = tokens(VOCAB, seed=6)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -603,7 +604,7 @@ def test_two_shard_meta_checkpoint_concatenates_along_the_parallel_dims(tmp_path
 def test_meta_hidden_dim_comes_from_w1_when_the_rule_disagrees(tmp_path):
     model = our_model(norm_eps=1e-5, hidden_dim=100)  # the rule gives 192 for dim 64, multiple_of 32
     write_meta(tmp_path, [meta_state_dict(model)], meta_params(model.args))
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert loaded.args.hidden_dim == 100
     batch = tokens(VOCAB, seed=7)
     with torch.no_grad():
@@ -623,7 +624,7 @@ def test_meta_scaled_rope_loads_with_metas_settings(extra, factor, tmp_path):
     params = {**meta_params(model.args), "use_scaled_rope": True, **extra}
     write_meta(tmp_path, [meta_state_dict(model)], params)
 
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert loaded.args.rope_scaling == scaling
     # loaded's table is longer (max_seq_len 4096): its first 64 rows are the model's
     assert torch.equal(loaded.rope.freqs_cis[:64], model.rope.freqs_cis)
@@ -641,26 +642,26 @@ def test_meta_scaled_rope_loads_with_metas_settings(extra, factor, tmp_path):
 @pytest.fixture
 def saved(tmp_path):
     folder = tmp_path / "checkpoint"
-    our_model().save_pretrained(folder)
+    save_pretrained(our_model(), folder)
     return folder
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as error:
-        Transformer.from_pretrained(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
     assert "nowhere" in one_line(error)
 
 
 def test_folder_without_config_or_params_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="neither config.json .* nor params.json") as error:
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     assert str(tmp_path) in one_line(error)
 
 
 def test_missing_weights_file_is_a_clear_error(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_truncated_safetensors_is_a_clear_error(saved):
@@ -668,7 +669,7 @@ def test_truncated_safetensors_is_a_clear_error(saved):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        Transformer.from_pretrained(saved)
+        load_model(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -676,7 +677,7 @@ def test_garbage_safetensors_is_a_clear_error(saved):
     weights = saved / "model.safetensors"
     weights.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        Transformer.from_pretrained(saved)
+        load_model(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -686,7 +687,7 @@ def test_tensor_with_the_wrong_shape_is_a_clear_error(saved):
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # config: 2 kv heads -> (32, 64)
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError) as error:
-        Transformer.from_pretrained(saved)
+        load_model(saved)
     assert one_line(error) == (
         f"{weights}: tensor 'model.layers.1.self_attn.k_proj.weight' has shape [64, 64] but the config needs "
         "[32, 64]; the weights and config come from different models"
@@ -701,7 +702,7 @@ def test_missing_tensor_is_a_clear_error(saved):
     with pytest.raises(
         CheckpointError, match=r"missing tensor\(s\) model.layers.0.mlp.up_proj.weight;"
     ) as error:
-        Transformer.from_pretrained(saved)
+        load_model(saved)
     assert one_line(error).startswith(str(weights))
 
 
@@ -711,20 +712,20 @@ def test_unexpected_tensor_is_a_clear_error(saved):
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported") as error:
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     assert one_line(error).startswith(str(tmp_path / "config.json"))
 
 
 def test_invalid_config_json_is_a_clear_error(saved):
     (saved / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_shard_missing_from_index_is_a_clear_error(saved):
@@ -732,7 +733,7 @@ def test_shard_missing_from_index_is_a_clear_error(saved):
     index = {"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
     (saved / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model-00001-of-00001.safetensors: listed in .* but missing"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_truncated_meta_weights_are_a_clear_error(tmp_path):
@@ -741,14 +742,14 @@ def test_truncated_meta_weights_are_a_clear_error(tmp_path):
     weights = tmp_path / "consolidated.00.pth"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="is truncated or corrupted") as error:
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     assert one_line(error).startswith(str(weights))
 
 
 def test_pytorch_bin_only_folder_is_a_clear_error(saved):
     (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="has only pytorch_model.bin"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -758,13 +759,13 @@ def test_pytorch_bin_only_folder_is_a_clear_error(saved):
 
 def test_find_tokenizer_returns_the_folders_tokenizer_model(tmp_path, sentencepiece_model):
     assert find_tokenizer(tmp_path) is None
-    our_model().save_pretrained(tmp_path, tokenizer_path=sentencepiece_model)
+    save_pretrained(our_model(), tmp_path, tokenizer_path=sentencepiece_model)
     assert find_tokenizer(tmp_path) == tmp_path / "tokenizer.model"
     assert (tmp_path / "tokenizer.model").read_bytes() == sentencepiece_model.read_bytes()
 
 
 def test_tokenizer_config_files_describe_the_sentencepiece_model(tmp_path, sentencepiece_model):
-    our_model().save_pretrained(tmp_path, tokenizer_path=sentencepiece_model.parent)  # a folder works too
+    save_pretrained(our_model(), tmp_path, tokenizer_path=sentencepiece_model.parent)  # a folder works too
     tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert tokenizer_config == {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -785,7 +786,7 @@ def test_transformers_tokenizer_matches_sentencepiece(tmp_path, sentencepiece_mo
     pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model through protobuf")
     import sentencepiece
 
-    our_model().save_pretrained(tmp_path, tokenizer_path=sentencepiece_model)
+    save_pretrained(our_model(), tmp_path, tokenizer_path=sentencepiece_model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     reference = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_model))
     text = "once upon a time the lazy fox"
@@ -796,6 +797,6 @@ def test_not_a_sentencepiece_model_is_a_clear_error(tmp_path):
     fake = tmp_path / "tokenizer.model"
     fake.write_text("IQ== 0\n")  # a tiktoken line, as in Llama 3's tokenizer.model
     with pytest.raises(CheckpointError, match="not a SentencePiece model") as error:
-        our_model().save_pretrained(tmp_path / "out", tokenizer_path=fake)
+        save_pretrained(our_model(), tmp_path / "out", tokenizer_path=fake)
     assert one_line(error).startswith(str(fake))
     assert not (tmp_path / "out").exists()  # nothing is written before the inputs are checked

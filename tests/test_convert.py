@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.convert import main
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
@@ -68,13 +69,13 @@ def test_meta_checkpoint_converts_to_a_folder_transformers_loads(tmp_path, capsy
 
 def test_dtype_bf16_casts_every_stored_tensor(tmp_path, capsys):
     model = tiny_model(seed=1)
-    model.save_pretrained(tmp_path / "src")
+    save_pretrained(model, tmp_path / "src")
 
     assert main([str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bf16"]) == 0
     assert "bfloat16" in capsys.readouterr().out
     with safe_open(str(tmp_path / "dst" / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}
-    converted = Transformer.from_pretrained(tmp_path / "dst")
+    converted = load_model(tmp_path / "dst")
     for name, tensor in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor.bfloat16()), name
 
@@ -101,18 +102,18 @@ def test_transformers_checkpoint_converts_with_its_tokenizer(tmp_path, sentencep
     assert json.loads((tmp_path / "dst" / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
     batch = tokens(seed=2)
     with torch.no_grad():
-        converted = Transformer.from_pretrained(tmp_path / "dst")
+        converted = load_model(tmp_path / "dst")
         torch.testing.assert_close(converted(batch), reference(batch).logits, rtol=0, atol=1e-5)
 
 
 def test_tokenizer_option_adds_a_tokenizer(tmp_path, sentencepiece_model):
-    tiny_model().save_pretrained(tmp_path / "src")
+    save_pretrained(tiny_model(), tmp_path / "src")
     assert main([str(tmp_path / "src"), str(tmp_path / "dst"), "--tokenizer", str(sentencepiece_model)]) == 0
     assert (tmp_path / "dst" / "tokenizer.model").read_bytes() == sentencepiece_model.read_bytes()
 
 
 def test_non_gated_model_is_refused_with_one_line_and_exit_2(tmp_path, capsys):
-    tiny_model(ffn="relu").save_pretrained(tmp_path / "src")
+    save_pretrained(tiny_model(ffn="relu"), tmp_path / "src")
 
     assert main([str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
     captured = capsys.readouterr()
@@ -123,7 +124,7 @@ def test_non_gated_model_is_refused_with_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_non_empty_destination_needs_force(tmp_path, capsys):
-    tiny_model().save_pretrained(tmp_path / "src")
+    save_pretrained(tiny_model(), tmp_path / "src")
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "notes.txt").write_text("keep me")
 
@@ -139,11 +140,11 @@ def test_non_empty_destination_needs_force(tmp_path, capsys):
 
 def test_a_run_folder_converts_its_best_checkpoint_and_says_so(tmp_path, capsys):
     model = tiny_model()
-    model.save_pretrained(tmp_path / "run" / "best")
+    save_pretrained(model, tmp_path / "run" / "best")
     assert main([str(tmp_path / "run"), str(tmp_path / "dst")]) == 0
     err = capsys.readouterr().err
     assert err == f"loading {tmp_path / 'run' / 'best'} (the checkpoint of run folder {tmp_path / 'run'})\n"
-    converted = Transformer.from_pretrained(tmp_path / "dst")
+    converted = load_model(tmp_path / "dst")
     for name, tensor in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor), name
 
@@ -154,7 +155,7 @@ def test_bad_source_exits_2_with_one_line_naming_the_file(problem, tmp_path, cap
     if problem == "missing":
         expected = f"error: checkpoint folder {src} does not exist"
     elif problem == "truncated":
-        tiny_model().save_pretrained(src)
+        save_pretrained(tiny_model(), src)
         weights = src / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:5000])
         expected = f"error: {weights}: is truncated or corrupted"
@@ -184,7 +185,7 @@ def test_command_line_entry_point_exits_2_on_errors(tmp_path):
 
 
 def test_source_tokenizer_that_is_not_sentencepiece_is_left_out_with_a_note(tmp_path, capsys):
-    tiny_model().save_pretrained(tmp_path / "src")
+    save_pretrained(tiny_model(), tmp_path / "src")
     (tmp_path / "src" / "tokenizer.model").write_text("IQ== 0\n")  # tiktoken, as in Llama 3's folders
 
     assert main([str(tmp_path / "src"), str(tmp_path / "dst")]) == 0

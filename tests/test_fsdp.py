@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_mini.checkpoint import load_model
 from llama_mini.errors import CheckpointError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer, TransformerBlock
@@ -347,8 +348,8 @@ def test_fsdp_matches_one_process_and_saves_what_transformers_loads(fsdp_run, on
     one process; then the Hugging Face folder gathered onto the main process: the same weights as one
     process's within the same tolerance, and transformers computes its logits."""
     assert_same_run(fsdp_run, one_process_run)
-    sharded = Transformer.from_pretrained(fsdp_run / "step-0000012")
-    alone = Transformer.from_pretrained(one_process_run / "step-0000012")
+    sharded = load_model(fsdp_run / "step-0000012")
+    alone = load_model(one_process_run / "step-0000012")
     for (name, a), b in zip(alone.named_parameters(), sharded.parameters(), strict=True):
         # the weights drift apart as the losses do: measured at most 2.8e-7 absolute, for weights up to 1.02
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

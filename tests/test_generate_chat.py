@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_chat_sft import CHATML_TEMPLATE, byte_level_bpe, contents, conversations
 
-from llama_mini.checkpoint import save_pretrained
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.generation import command
 from llama_mini.generation.decode import decode_continuation, generate
 from llama_mini.generation.sampling import row_seed
@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def library(checkpoint):
-    return Transformer.from_pretrained(checkpoint), Tokenizer(checkpoint)
+    return load_model(checkpoint), Tokenizer(checkpoint)
 
 
 class Recorder:

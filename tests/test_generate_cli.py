@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_mini.checkpoint import save_pretrained
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.generation import command, decode_continuation, generate, row_seed
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
@@ -55,7 +55,7 @@ def library(checkpoint):
     """The saved model and tokenizer, loaded as the library sees them: the reference for the CLI's text."""
     from llama_mini.tokenizer import Tokenizer
 
-    return Transformer.from_pretrained(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
+    return load_model(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
 
 
 @pytest.fixture(autouse=True)

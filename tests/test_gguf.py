@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llama_mini import FEED_FORWARDS, Transformer, get_preset
+from llama_mini.checkpoint import save_pretrained
 from llama_mini.checkpoint.gguf import sentencepiece_vocab, write_gguf
 from llama_mini.convert import main
 from llama_mini.generation import generate
@@ -65,7 +66,7 @@ def export(tmp_path, model: nn.Module, tokenizer, *flags: str, name: str = "mode
     """Save `model` with `tokenizer` as a checkpoint folder, convert it through the CLI, read it back."""
     folder = tmp_path / "checkpoint"
     if not folder.exists():
-        model.save_pretrained(folder, tokenizer_path=tokenizer)
+        save_pretrained(model, folder, tokenizer_path=tokenizer)
     assert main([str(folder), str(tmp_path / name), *flags]) == 0
     return gguf.GGUFReader(tmp_path / name)
 
@@ -312,7 +313,7 @@ def assert_refused(code: int, err: str, tmp_path, *needles: str) -> None:
 @pytest.mark.parametrize("ffn", [name for name in FEED_FORWARDS if name != "swiglu"])
 def test_feed_forwards_llama_cpp_computes_differently_are_refused(tmp_path, capsys, sentencepiece_model, ffn):
     model = Transformer(get_preset("tiny", vocab_size=VOCAB, ffn=ffn))
-    model.save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(model, tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "model.gguf"))
     assert_refused(code, err, tmp_path, f"ffn {ffn!r}", "SwiGLU")
@@ -320,8 +321,8 @@ def test_feed_forwards_llama_cpp_computes_differently_are_refused(tmp_path, caps
 
 def test_trainable_swish_beta_is_refused(tmp_path, capsys, sentencepiece_model):
     args = dict(vocab_size=VOCAB, ffn="swish", swish_beta_trainable=True)
-    Transformer(get_preset("tiny", **args)).save_pretrained(
-        tmp_path / "checkpoint", tokenizer_path=sentencepiece_model
+    save_pretrained(
+        Transformer(get_preset("tiny", **args)), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model
     )
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "model.gguf"))
@@ -329,14 +330,14 @@ def test_trainable_swish_beta_is_refused(tmp_path, capsys, sentencepiece_model):
 
 
 def test_unknown_dtype_is_refused(tmp_path, capsys, sentencepiece_model):
-    random_model().save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(random_model(), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "model.gguf"), "--dtype", "q4_0")
     assert_refused(code, err, tmp_path, "q4_0", "q8_0")
 
 
 def test_existing_file_is_kept_without_force_and_replaced_with_it(tmp_path, capsys, sentencepiece_model):
-    random_model().save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(random_model(), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
     target = tmp_path / "model.gguf"
     target.write_bytes(b"precious")
 
@@ -349,21 +350,21 @@ def test_existing_file_is_kept_without_force_and_replaced_with_it(tmp_path, caps
 
 
 def test_missing_tokenizer_is_refused(tmp_path, capsys):
-    random_model().save_pretrained(tmp_path / "checkpoint")
+    save_pretrained(random_model(), tmp_path / "checkpoint")
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "model.gguf"))
     assert_refused(code, err, tmp_path, "--tokenizer")
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys, sentencepiece_model):
-    random_model(vocab_size=32).save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(random_model(vocab_size=32), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "model.gguf"))
     assert_refused(code, err, tmp_path, "64 pieces", "32 rows")
 
 
 def test_q8_0_is_refused_for_a_folder_destination(tmp_path, capsys, sentencepiece_model):
-    random_model().save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(random_model(), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
 
     code, err = run_cli(capsys, str(tmp_path / "checkpoint"), str(tmp_path / "hf"), "--dtype", "q8_0")
     assert code == 2 and ".gguf" in err and err.count("\n") == 1
@@ -371,7 +372,7 @@ def test_q8_0_is_refused_for_a_folder_destination(tmp_path, capsys, sentencepiec
 
 
 def test_folder_destination_accepts_ggufs_spelling_f16(tmp_path, capsys, sentencepiece_model):
-    random_model().save_pretrained(tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
+    save_pretrained(random_model(), tmp_path / "checkpoint", tokenizer_path=sentencepiece_model)
 
     assert main([str(tmp_path / "checkpoint"), str(tmp_path / "hf"), "--dtype", "f16"]) == 0
     assert "float16" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train as train_cli
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.data import read_manifest
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.generation.decode import generate
@@ -158,7 +159,7 @@ def test_our_tokenization_equals_transformers(hf_llama):
 
 
 def test_our_greedy_generation_equals_transformers_generate(hf_llama):
-    model = Transformer.from_pretrained(hf_llama)
+    model = load_model(hf_llama)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_llama).eval()
     tokenizer = Tokenizer(hf_llama)
     prompt = tokenizer.encode("The king speaks", bos=True)
@@ -194,13 +195,13 @@ def test_fine_tuning_lowers_the_loss_and_the_result_loads_in_transformers(
     ids = hf_tokenizer("The ship sails on a calm sea")["input_ids"]
     assert ids == Tokenizer(best).encode("The ship sails on a calm sea", bos=True)
     with torch.no_grad():
-        ours = Transformer.from_pretrained(best)(torch.tensor([ids]))
+        ours = load_model(best)(torch.tensor([ids]))
         torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_fine_tuning_starts_from_the_checkpoints_weights(hf_llama, fine_tuning_corpus, tmp_path):
     trainer = Trainer(fine_tuning_config(fine_tuning_corpus, tmp_path / "run", hf_llama), show_progress=False)
-    pretrained = Transformer.from_pretrained(hf_llama)
+    pretrained = load_model(hf_llama)
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(trainer.raw_model.state_dict()[name], tensor.float()), name
 
@@ -258,7 +259,7 @@ def test_resume_never_reads_the_init_checkpoint_again(hf_llama, fine_tuning_corp
 def test_init_from_a_run_folder_reads_its_best_checkpoint(fine_tuning_corpus, tmp_path, sentencepiece_model):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, multiple_of=16, max_seq_len=32, vocab_size=64)
     torch.manual_seed(0)
-    Transformer(args).save_pretrained(tmp_path / "pre" / "best", tokenizer_path=sentencepiece_model)
+    save_pretrained(Transformer(args), tmp_path / "pre" / "best", tokenizer_path=sentencepiece_model)
     trainer = Trainer(
         fine_tuning_config(fine_tuning_corpus, tmp_path / "run", tmp_path / "pre"), show_progress=False
     )
@@ -349,7 +350,7 @@ def test_lora_targets_that_do_not_exist_are_refused(
     fine_tuning_corpus, tmp_path, capsys, sentencepiece_model
 ):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, multiple_of=16, max_seq_len=32, vocab_size=64, ffn="relu")
-    Transformer(args).save_pretrained(tmp_path / "relu", tokenizer_path=sentencepiece_model)
+    save_pretrained(Transformer(args), tmp_path / "relu", tokenizer_path=sentencepiece_model)
     err = run_cli(capsys, "--init-from", str(tmp_path / "relu"), "--lora-rank", "2", "--lora-targets", "wq,w3",
                   "--data", str(fine_tuning_corpus), "--out", str(tmp_path / "r"))  # fmt: skip
     assert "--lora-targets w3: no such layer" in err and "w1, w2" in err

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from llama_mini.checkpoint import save_pretrained
 from llama_mini.model.presets import get_preset
 from llama_mini.model.sizes import count_parameters
 from llama_mini.model.transformer import Transformer
@@ -101,7 +102,7 @@ def test_inspect_model_reports_the_built_models_counts():
 
 def test_checkpoint_is_inspected_from_its_config_alone(capsys, tmp_path):
     args = get_preset("tiny")
-    Transformer(args).save_pretrained(tmp_path)
+    save_pretrained(Transformer(args), tmp_path)
     (tmp_path / "model.safetensors").unlink()  # the weights are never read
     code, out, err = run_cli(capsys, "--checkpoint", str(tmp_path))
     assert code == 0, err
@@ -109,7 +110,7 @@ def test_checkpoint_is_inspected_from_its_config_alone(capsys, tmp_path):
 
 
 def test_a_run_folder_is_inspected_through_its_best_checkpoint(capsys, tmp_path):
-    Transformer(get_preset("tiny")).save_pretrained(tmp_path / "best")
+    save_pretrained(Transformer(get_preset("tiny")), tmp_path / "best")
     code, out, err = run_cli(capsys, "--checkpoint", str(tmp_path))
     assert code == 0, err
     assert err == f"loading {tmp_path / 'best'} (the checkpoint of run folder {tmp_path})\n"

@@ -77,9 +77,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
-    assert (
-        "llama_mini.checkpoint.io" in graph["llama_mini.model.transformer"] or graph["llama_mini.checkpoint"]
-    )
+    assert "llama_mini.model.transformer" in graph["llama_mini.checkpoint.io"]  # the graph was read
     cycles = find_cycles(graph)
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
 
@@ -92,6 +90,57 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     graph = {"llama_mini.a": imported_modules(tmp_path / "a.py", modules)}
     graph["llama_mini.b"] = imported_modules(tmp_path / "b.py", modules)
     assert find_cycles(graph) == [["llama_mini.a", "llama_mini.b", "llama_mini.a"]]
+
+
+# The rooms of the house, lowest floor first: a module imports only from its own floor and those below, so
+# each floor can be read without the ones above it (the model without checkpoints, generation without the
+# trainer). The top floor is the package root and the commands that join the rooms.
+FLOORS = [
+    {"errors", "files", "settings", "console", "runtime"},
+    {"model"},
+    {"ops"},
+    {"tokenizer"},
+    {"data"},
+    {"checkpoint"},
+    {"generation"},
+    {"train"},
+    {"eval", "serve"},
+    {"study"},
+    {"convert", "cli", "plots", "ablate", "inspect", "inspection", "__main__"},
+]
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(FLOORS)  # llama_mini/__init__.py: the front door, above every room
+    return next(i for i, rooms in enumerate(FLOORS) if parts[1] in rooms)
+
+
+def arrows_up(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{module} -> {target}"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if floor_of(target) > floor_of(module)
+    ]
+
+
+def test_no_module_imports_from_a_room_above_its_own():
+    """The model reads no files (it imports nothing from checkpoint/), the trainer is not imported by the
+    generation loop, and so on: every import points down the house (or along a floor)."""
+    graph = import_graph()
+    assert all(floor_of(module) is not None for module in graph)  # every module has a room (StopIteration)
+    assert not any(
+        target.startswith("llama_mini.checkpoint") for target in graph["llama_mini.model.transformer"]
+    )
+    assert arrows_up(graph) == []
+
+
+def test_the_floor_check_finds_an_arrow_up():
+    """The check above can fail: the model importing the checkpoint code is an arrow running up."""
+    graph = {"llama_mini.model.transformer": {"llama_mini.checkpoint.io"}, "llama_mini.checkpoint.io": set()}
+    assert arrows_up(graph) == ["llama_mini.model.transformer -> llama_mini.checkpoint.io"]
 
 
 def test_import_llama_mini_loads_no_triton_and_no_training_stack():
@@ -148,3 +197,17 @@ def test_forward_and_attention_read_as_their_formulas():
         code = "\n".join(ast.unparse(statement) for statement in body)
         for speed_setting in ("chunk", "kernel", "compile", "targets", "isinstance"):
             assert speed_setting not in code, (function.__qualname__, speed_setting)
+
+
+def test_weights_meet_a_built_model_in_one_place():
+    """Only llama_mini.checkpoint.io.assign_weights calls load_state_dict(..., assign=True): loading a file,
+    gathering FSDP's pieces and merging LoRA all go through it (re-tying the embeddings, RoPE's table)."""
+    callers = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and any(keyword.arg == "assign" for keyword in node.keywords)
+        and ast.unparse(node.func).endswith("load_state_dict")
+    ]
+    assert len(callers) == 1 and callers[0].startswith("llama_mini/checkpoint/io.py"), callers

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from llama_mini.checkpoint.peft import ADAPTER_CONFIG_FILE, ADAPTER_FOLDER, ADAPTER_WEIGHTS_FILE
+from llama_mini.checkpoint import load_model, save_pretrained
+from llama_mini.checkpoint.peft import ADAPTER_CONFIG_FILE, ADAPTER_FOLDER, ADAPTER_WEIGHTS_FILE, merged_model
 from llama_mini.convert import convert
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
@@ -18,7 +19,6 @@ from llama_mini.ops.lora import (
     apply_lora,
     lora_modules,
     merge_lora,
-    merged_model,
     parse_lora_targets,
     trainable_parameters,
 )
@@ -151,7 +151,7 @@ def pretrained(tmp_path_factory):
     tokenizer = train_tokenizer(texts, root / "tokenizer.model", vocab_size=300)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=tokenizer.vocab_size, **SHAPE))
-    model.save_pretrained(root / "model", tokenizer_path=root / "tokenizer.model")
+    save_pretrained(model, root / "model", tokenizer_path=root / "tokenizer.model")
     return root / "model", corpus
 
 
@@ -176,7 +176,7 @@ def lora_run(pretrained, tmp_path_factory):
 
 def test_lora_training_changes_only_the_adapters(pretrained, lora_run):
     trainer, _, before, summary = lora_run
-    base = Transformer.from_pretrained(pretrained[0]).state_dict()
+    base = load_model(pretrained[0]).state_dict()
     for name, tensor in trainer.raw_model.state_dict().items():
         if ".lora_" in name:
             continue
@@ -188,8 +188,8 @@ def test_lora_training_changes_only_the_adapters(pretrained, lora_run):
 
 def test_lora_run_keeps_its_frozen_base_exactly(pretrained, lora_run):
     _, out, _, _ = lora_run
-    base = Transformer.from_pretrained(out / LORA_BASE).state_dict()
-    for name, tensor in Transformer.from_pretrained(pretrained[0]).state_dict().items():
+    base = load_model(out / LORA_BASE).state_dict()
+    for name, tensor in load_model(pretrained[0]).state_dict().items():
         assert torch.equal(base[name], tensor), name
 
 
@@ -198,7 +198,7 @@ def test_lora_checkpoint_is_the_fine_tuned_model_with_its_adapter_beside(lora_ru
     x = tokens(trainer.model_args.vocab_size)
     with torch.no_grad():
         adapted = trainer.raw_model.eval()(x)
-        loaded = Transformer.from_pretrained(out)  # what generate.py --checkpoint RUN loads: best/
+        loaded = load_model(out)  # what generate.py --checkpoint RUN loads: best/
         torch.testing.assert_close(loaded(x), adapted, rtol=1e-5, atol=1e-5)
     for checkpoint in (out / "best", out / "step-0000006"):
         assert (checkpoint / ADAPTER_FOLDER / ADAPTER_CONFIG_FILE).is_file()
@@ -230,14 +230,10 @@ def test_convert_merges_a_runs_adapter_into_a_plain_hugging_face_folder(lora_run
     x = tokens(trainer.model_args.vocab_size)
     with torch.no_grad():
         expected = trainer.raw_model.eval()(x)
-        torch.testing.assert_close(
-            Transformer.from_pretrained(tmp_path / "merged")(x), expected, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(load_model(tmp_path / "merged")(x), expected, rtol=1e-5, atol=1e-5)
         convert(out, tmp_path / "from_run")  # the run folder: its best/ holds the merged model already
         assert not (tmp_path / "from_run" / ADAPTER_FOLDER).exists()
-        torch.testing.assert_close(
-            Transformer.from_pretrained(tmp_path / "from_run")(x), expected, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(load_model(tmp_path / "from_run")(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_run_resumes_exactly(pretrained, tmp_path):

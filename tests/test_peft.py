@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.checkpoint.peft import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -41,7 +42,7 @@ def trained_looking_adapters(model: Transformer, settings: LoRASettings) -> Tran
 @pytest.fixture
 def base_folder(tmp_path):
     torch.manual_seed(0)
-    Transformer(ARGS).save_pretrained(tmp_path / "base")
+    save_pretrained(Transformer(ARGS), tmp_path / "base")
     return tmp_path / "base"
 
 
@@ -50,9 +51,7 @@ def tokens() -> torch.Tensor:
 
 
 def test_peft_reads_our_adapter_and_gives_our_logits(base_folder, tmp_path):
-    ours = trained_looking_adapters(
-        Transformer.from_pretrained(base_folder), LoRASettings(4, 8.0, 0.0, ALL_TARGETS)
-    )
+    ours = trained_looking_adapters(load_model(base_folder), LoRASettings(4, 8.0, 0.0, ALL_TARGETS))
     save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base_folder))
     hf_base = transformers.LlamaForCausalLM.from_pretrained(base_folder)
     theirs = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
@@ -71,7 +70,7 @@ def test_we_read_a_peft_adapter_and_give_its_logits(base_folder, tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
     theirs.save_pretrained(tmp_path / "adapter")
-    ours = Transformer.from_pretrained(base_folder)
+    ours = load_model(base_folder)
     settings = load_adapter(ours, tmp_path / "adapter")
     assert settings == LoRASettings(4, 12.0, 0.0, ("wq", "wk", "wv", "wo", "w1", "w3"))
     with torch.no_grad():
@@ -81,9 +80,7 @@ def test_we_read_a_peft_adapter_and_give_its_logits(base_folder, tmp_path):
 
 
 def test_our_adapter_has_pefts_key_names_and_shapes(base_folder, tmp_path):
-    model = trained_looking_adapters(
-        Transformer.from_pretrained(base_folder), LoRASettings(4, 8.0, 0.0, ALL_TARGETS)
-    )
+    model = trained_looking_adapters(load_model(base_folder), LoRASettings(4, 8.0, 0.0, ALL_TARGETS))
     save_adapter(model, tmp_path / "ours")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(PEFT_MODULE_NAMES.values()))
     peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_folder), config).save_pretrained(
@@ -99,9 +96,7 @@ def test_our_adapter_has_pefts_key_names_and_shapes(base_folder, tmp_path):
 
 
 def test_adapter_round_trip_is_bit_exact(base_folder, tmp_path):
-    model = trained_looking_adapters(
-        Transformer.from_pretrained(base_folder), LoRASettings(2, 3.0, 0.05, ALL_TARGETS)
-    )
+    model = trained_looking_adapters(load_model(base_folder), LoRASettings(2, 3.0, 0.05, ALL_TARGETS))
     save_adapter(model, tmp_path / "adapter")
     stored = read_adapter(tmp_path / "adapter", ARGS)
     assert stored.settings == LoRASettings(2, 3.0, 0.05, ALL_TARGETS)
@@ -116,7 +111,7 @@ def test_adapter_round_trip_is_bit_exact(base_folder, tmp_path):
      ({"peft_type": "IA3"}, "peft_type"), ({"target_modules": ["embed_tokens"]}, "target_modules")],
 )  # fmt: skip
 def test_adapters_we_cannot_compute_are_refused_in_one_line(change, named, base_folder, tmp_path):
-    model = trained_looking_adapters(Transformer.from_pretrained(base_folder), LoRASettings(2, 4.0))
+    model = trained_looking_adapters(load_model(base_folder), LoRASettings(2, 4.0))
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
     (tmp_path / "adapter" / ADAPTER_CONFIG_FILE).write_text(json.dumps({**config, **change}))
@@ -126,7 +121,7 @@ def test_adapters_we_cannot_compute_are_refused_in_one_line(change, named, base_
 
 
 def test_an_adapter_of_another_model_is_refused(base_folder, tmp_path):
-    model = trained_looking_adapters(Transformer.from_pretrained(base_folder), LoRASettings(2, 4.0))
+    model = trained_looking_adapters(load_model(base_folder), LoRASettings(2, 4.0))
     save_adapter(model, tmp_path / "adapter")
     wider = ModelArgs(**{**ARGS.to_dict(), "dim": 64})
     with pytest.raises(CheckpointError, match="has shape .* an adapter of another model"):

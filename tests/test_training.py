@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train as train_cli
+from llama_mini.checkpoint import load_model
 from llama_mini.data import MANIFEST, TokenSplit
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.model.args import ModelArgs
@@ -143,7 +144,7 @@ def test_run_writes_metrics_checkpoints_and_a_loadable_model(corpus_dir, tokeniz
     assert [p.name for p in list_step_checkpoints(out)] == ["step-0000008"]  # keep_last=1
     assert (out / "best" / "model.safetensors").exists()
     assert (out / "best" / "tokenizer.model").exists()
-    reloaded = Transformer.from_pretrained(out / "step-0000008").eval()
+    reloaded = load_model(out / "step-0000008").eval()
     tokens = torch.randint(0, reloaded.args.vocab_size, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens), trainer.raw_model.eval()(tokens), rtol=0, atol=0)
@@ -374,7 +375,7 @@ def test_a_run_stopped_before_its_first_evaluation_still_leaves_best(corpus_dir,
     trainer.train_step = stop_after_two
     summary = trainer.run()
     assert summary.interrupted and summary.step == 2
-    best = Transformer.from_pretrained(tmp_path / "stop" / "best")
+    best = load_model(tmp_path / "stop" / "best")
     for name, tensor in best.state_dict().items():
         torch.testing.assert_close(tensor, trainer.raw_model.state_dict()[name], rtol=0, atol=0, msg=name)
 

@@ -5,8 +5,9 @@
     meta.py    Meta's params.json and consolidated.NN.pth
     common.py  file names and what the formats share
 
-`Transformer.from_pretrained(path)` and `model.save_pretrained(path)` are the usual way in and out; the
-functions here are what they use, and what conversion and inspection need on their own.
+`load_model(path)` and `save_pretrained(model, path)` are the way in and out (also exported by the package
+root: `from llama_mini import load_model`); `assign_weights` is the one place where weights meet a built
+model. The model itself reads no files: this package imports it, never the other way round.
 """
 
 from llama_mini.checkpoint.common import RUN_BEST, RUN_STEP_PREFIX
@@ -22,9 +23,11 @@ from llama_mini.checkpoint.hf import (
 )
 from llama_mini.checkpoint.io import (
     StoredCheckpoint,
+    assign_weights,
     describe_resolution,
     detect_format,
     find_tokenizer,
+    load_model,
     open_checkpoint,
     read_model_args,
     resolve_checkpoint,
@@ -39,11 +42,13 @@ __all__ = [
     "RUN_BEST",
     "RUN_STEP_PREFIX",
     "StoredCheckpoint",
+    "assign_weights",
     "describe_resolution",
     "detect_format",
     "find_tokenizer",
     "hf_config",
     "is_hf_compatible",
+    "load_model",
     "model_args_from_hf_config",
     "model_args_from_meta_params",
     "open_checkpoint",

@@ -152,7 +152,7 @@ def not_hf_compatible_message(args: ModelArgs) -> str:
     return (
         f"ffn {args.ffn!r} has no Hugging Face Llama equivalent (Llama's MLP is gated); only "
         f"{', '.join(HF_ACTIVATIONS)} export to Hugging Face: keep it as a llama_mini checkpoint "
-        "(save_pretrained without require_hf) and load it with Transformer.from_pretrained"
+        "(save_pretrained without require_hf) and load it with llama_mini.load_model"
     )
 
 

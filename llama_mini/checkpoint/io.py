@@ -12,7 +12,7 @@ with the same logits:
 Every file is replaced atomically and any other file is left alone, so training state saved beside the
 weights (optimizer, metrics) survives a new save; transformers ignores files it does not know.
 
-`open_checkpoint` reads three formats, and `Transformer.from_pretrained` builds the model from it:
+`load_model` reads three formats (through `open_checkpoint`) and builds the model:
 
     llama_mini    config.json with a "llama_mini" section: its ModelArgs win over the Hugging Face fields
     Hugging Face  config.json (model_type "llama") + model.safetensors, or the shards listed in
@@ -64,13 +64,16 @@ from llama_mini.checkpoint.meta import meta_args, meta_shards, meta_tensors
 from llama_mini.errors import CheckpointError, DataError
 from llama_mini.files import atomic_write
 from llama_mini.model.args import ModelArgs
+from llama_mini.model.transformer import Transformer
 from llama_mini.tokenizer import Tokenizer, find_tokenizer_file, is_sentencepiece_model
 
 __all__ = [
     "StoredCheckpoint",
+    "assign_weights",
     "describe_resolution",
     "detect_format",
     "find_tokenizer",
+    "load_model",
     "open_checkpoint",
     "read_model_args",
     "resolve_checkpoint",
@@ -156,7 +159,7 @@ class StoredCheckpoint:
     """A checkpoint as stored: its model's settings and a one-pass stream of its tensors.
 
     `load_state_dict` checks each tensor against the shapes a model built from `args` expects and turns the
-    stream into a state dict in our names and RoPE layout; `Transformer.from_pretrained` does the rest.
+    stream into a state dict in our names and RoPE layout; `load_model` does the rest.
     """
 
     args: ModelArgs
@@ -232,6 +235,60 @@ def open_checkpoint(path: str | os.PathLike) -> StoredCheckpoint:
     files = safetensors_files(folder)
     weights = files[0] if len(files) == 1 else folder / WEIGHTS_INDEX_FILE
     return StoredCheckpoint(args, hf_tensors(files), weights, hf_layout=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: where weights meet a built model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    args: ModelArgs | None = None,
+) -> Transformer:
+    """The model of a checkpoint folder: llama_mini's own, Hugging Face Llama, or Meta's original format (or
+    a training run folder: its best/ checkpoint), in eval mode.
+
+    device: where the weights go (default CPU); dtype: cast floating-point weights to it as they load (None
+    keeps the stored dtype). args: the checkpoint's own ModelArgs with settings no weight depends on changed
+    (max_seq_len, dropout), for training; default the stored ones. RoPE's table is float32 whatever dtype.
+    """
+    stored = open_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(args if args is not None else stored.args)
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    return assign_weights(model, stored.load_state_dict(expected, device, dtype), device).eval()
+
+
+def assign_weights(
+    model: Transformer, state: dict[str, torch.Tensor], device: torch.device | str | None = None
+) -> Transformer:
+    """Make the tensors of `state` the parameters of `model` (usually built on the meta device), in place.
+
+    This is the one place where weights meet a built model, whatever their source: a checkpoint file
+    (`load_model`), the pieces FSDP gathers for saving, or a LoRA model's merged matrices. On the meta device
+    tensors have shapes but no memory, so building there costs nothing, and `load_state_dict(assign=True)`
+    makes the given tensors themselves the parameters: a large model is never held twice. Two things are not
+    in a state dict and are restored here: the tie between the embedding and the output matrix (assignment
+    replaced the shared Parameter with two), and RoPE's table (not stored: computed, in float32, on
+    `device`, default the embedding's device). A tied model's `output.weight` may be missing from `state`;
+    any other missing or unexpected name is a CheckpointError.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if model.args.tie_embeddings:
+        missing = [name for name in missing if name != "output.weight"]
+        model.output.weight = model.tok_embeddings.weight
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            "the weights and config come from different models"
+        )
+    model.rope.freqs_cis = model.rope.table(
+        device if device is not None else model.tok_embeddings.weight.device
+    )
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from torch import nn
 
 from llama_mini.checkpoint.common import CONFIG_FILE, read_json, write_json
 from llama_mini.checkpoint.hf import hf_name, permute_for_hf, permute_from_hf
+from llama_mini.checkpoint.io import assign_weights, load_model
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.files import atomic_write
 from llama_mini.model.args import ModelArgs
@@ -60,6 +61,7 @@ __all__ = [
     "is_adapter_folder",
     "load_adapter",
     "merge_adapter",
+    "merged_model",
     "read_adapter",
     "save_adapter",
 ]
@@ -352,8 +354,29 @@ def merge_adapter(
                 f"{folder}: its base model {named!r} is not a local folder; pass the base model's folder "
                 "with --base"
             )
-    model = Transformer.from_pretrained(base)
+    model = load_model(base)
     stored = model.tok_embeddings.weight.dtype
     load_adapter(model.float(), folder)
     merge_lora(model)
     return model.to(dtype or stored).eval(), Path(base)
+
+
+@torch.no_grad()
+def merged_model(model: Transformer) -> Transformer:
+    """A Transformer with `model`'s adapters merged, leaving `model` as it is (its training goes on).
+
+    Built on the meta device and given tensors by assignment: every untargeted tensor is `model`'s own,
+    shared, not copied, and only the merged matrices W + (alpha / r) B A are new. This is what a LoRA run's
+    checkpoints save as model.safetensors, the fine-tuned model that every loader (generate.py, convert,
+    transformers) reads.
+    """
+    modules = lora_modules(model)
+    state = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not any(key.startswith(name + ".") for name in modules):
+            state[key] = tensor.detach()
+    for name, module in modules.items():
+        state[f"{name}.weight"] = module.merged_weight()
+    with torch.device("meta"):
+        merged = Transformer(model.args)
+    return assign_weights(merged, state).train(model.training)

@@ -7,7 +7,7 @@
     llama-mini generate --checkpoint out/best --interactive            # a prompt loop; Ctrl-D ends it
     llama-mini generate --checkpoint out/chat --chat --system "Be brief."   # a conversation; Ctrl-D ends it
 
---checkpoint takes anything `Transformer.from_pretrained` reads (a llama_mini or Hugging Face Llama folder,
+--checkpoint takes anything `load_model` reads (a llama_mini or Hugging Face Llama folder,
 Meta's original format, or a training run folder, whose best/ is used) with its tokenizer inside (a
 SentencePiece tokenizer.model or a tokenizer.json), or given by --tokenizer.
 
@@ -38,7 +38,7 @@ import time
 import typing
 from pathlib import Path
 
-from llama_mini.checkpoint import describe_resolution, find_tokenizer, resolve_checkpoint
+from llama_mini.checkpoint import describe_resolution, find_tokenizer, load_model, resolve_checkpoint
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError, ConfigError, LlamaMiniError
 from llama_mini.generation.decode import (
@@ -51,7 +51,6 @@ from llama_mini.generation.decode import (
 )
 from llama_mini.generation.sampling import GenerationError, SamplingConfig, row_seed
 from llama_mini.model.sizes import count_parameters
-from llama_mini.model.transformer import Transformer
 from llama_mini.ops.aot_step import default_cache_folder
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
     start = time.perf_counter()
-    model = Transformer.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+    model = load_model(args.checkpoint, device=device, dtype=dtype)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mini.checkpoint import open_checkpoint, save_pretrained
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.cache import KVCache, StaticKVCache
@@ -410,37 +409,6 @@ class Transformer(nn.Module):
         """Remove the KV caches (back to full recomputation, as in training)."""
         for layer in self.layers:
             layer.attention.cache = None
-
-    # ------------------------------------------------------------------------------- checkpoints
-
-    @classmethod
-    def from_pretrained(
-        cls, path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> Transformer:
-        """Load a checkpoint folder: llama_mini's own, Hugging Face Llama, or Meta's original format (or a
-        training run folder: its best/ checkpoint). device: where the weights go (default CPU); dtype: cast
-        floating-point weights to it as they load (None keeps the stored dtype). RoPE's table is float32.
-        """
-        stored = open_checkpoint(path)  # the format's settings and tensors (llama_mini.checkpoint)
-        with torch.device("meta"):
-            # On the meta device tensors have shapes but no memory: the model costs nothing to build, and
-            # load_state_dict(assign=True) then makes the loaded tensors themselves the parameters, so a
-            # large model is never held twice.
-            model = cls(stored.args)
-        expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-        model.load_state_dict(stored.load_state_dict(expected, device, dtype), strict=False, assign=True)
-        if stored.args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
-        model.rope.freqs_cis = model.rope.table(device)  # not stored: computed, in float32
-        return model.eval()
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, tokenizer_path=None) -> None:
-        """Write a Hugging Face Llama folder (config.json, model.safetensors, ...) that transformers loads.
-
-        `tokenizer_path` (a tokenizer.model or tokenizer.json) is copied in, with the files transformers
-        needs (llama_mini.checkpoint.save_pretrained).
-        """
-        save_pretrained(self, path, dtype=dtype, tokenizer_path=tokenizer_path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ __all__ = [
     "lora_modules",
     "lora_settings",
     "merge_lora",
-    "merged_model",
     "parse_lora_targets",
     "trainable_parameters",
 ]
@@ -239,28 +238,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, module.base)
     return model
-
-
-@torch.no_grad()
-def merged_model(model: Transformer) -> Transformer:
-    """A Transformer with `model`'s adapters merged, leaving `model` as it is (its training goes on).
-
-    Built on the meta device and given tensors by assignment: every untargeted tensor is `model`'s own,
-    shared, not copied, and only the merged matrices are new. This is what a LoRA run's checkpoints save
-    as model.safetensors, the fine-tuned model that every loader (generate.py, convert, transformers) reads.
-    """
-    modules = lora_modules(model)
-    state = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        owner = next((name for name in modules if key.startswith(name + ".")), None)
-        if owner is None:
-            state[key] = tensor.detach()
-    for name, module in modules.items():
-        state[f"{name}.weight"] = module.merged_weight()
-    with torch.device("meta"):
-        merged = Transformer(model.args)
-    merged.load_state_dict(state, assign=True)
-    if model.args.tie_embeddings:
-        merged.output.weight = merged.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
-    merged.rope.freqs_cis = merged.rope.table(model.tok_embeddings.weight.device)  # not a state: computed
-    return merged.train(model.training)

@@ -40,7 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mini.checkpoint import describe_resolution, detect_format, find_tokenizer, resolve_checkpoint
+from llama_mini.checkpoint import (
+    describe_resolution,
+    detect_format,
+    find_tokenizer,
+    load_model,
+    resolve_checkpoint,
+)
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import LlamaMiniError
 from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS, swish
@@ -717,7 +723,7 @@ def plot_ffn_stats(
     """ffn_stats.<format>: per-layer histograms of the gate pre-activations a = w1 x, of act(a) and of the
     hidden activation act(a) * w3 x on a text, with each layer's share of near-zero gates.
 
-    `checkpoint` is anything `Transformer.from_pretrained` reads, a run folder included (its best/). The
+    `checkpoint` is anything `load_model` reads, a run folder included (its best/). The
     text (default: a passage of Hamlet) is tokenized with the checkpoint's tokenizer (or `tokenizer`),
     with BOS first, and cut to max_seq_len tokens. `compare_init` overlays the same statistics of a freshly
     initialised model of the same shape (grey), so the picture shows what training changed.
@@ -738,7 +744,7 @@ def plot_ffn_stats(
     text = DEFAULT_TEXT if text is None else text
     if not text.strip():
         raise PlotError("the text is empty: pass --text or --text-file with some text in it")
-    model = Transformer.from_pretrained(folder, dtype=torch.float32)
+    model = load_model(folder, dtype=torch.float32)
     ids = Tokenizer(tokenizer_path).encode(text, bos=True)[: model.args.max_seq_len]
     tokens = torch.tensor(ids, dtype=torch.long)
     if int(tokens.max()) >= model.args.vocab_size:

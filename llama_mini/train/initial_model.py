@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llama_mini.checkpoint import open_checkpoint, resolve_checkpoint, save_pretrained
+from llama_mini.checkpoint import load_model, open_checkpoint, resolve_checkpoint, save_pretrained
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.files import write_folder_atomically
 from llama_mini.model.args import ModelArgs
@@ -155,15 +155,7 @@ def load_pretrained(folder: Path, args: ModelArgs, device: torch.device) -> Tran
     """The weights of checkpoint `folder` in a Transformer of shape `args`, in float32 on `device`.
 
     `args` is the checkpoint's own, perhaps with another max_seq_len or dropout (which no weight depends
-    on, so `Transformer.from_pretrained` cannot be told them). float32: training keeps float32 master
-    weights, as from scratch, and autocast computes in bf16 where the device has it. Built on the meta
-    device, then given the loaded tensors: the model is never held twice.
+    on). float32: training keeps float32 master weights, as from scratch, and autocast computes in bf16
+    where the device has it.
     """
-    stored = open_checkpoint(folder)
-    model = skeleton(args)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    model.load_state_dict(stored.load_state_dict(expected, device, torch.float32), strict=False, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
-    model.rope.freqs_cis = model.rope.table(device)  # not stored: computed, in float32
-    return model
+    return load_model(folder, device, torch.float32, args=args).train()

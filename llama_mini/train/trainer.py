@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from llama_mini.checkpoint import save_pretrained
-from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, save_adapter
+from llama_mini.checkpoint import assign_weights, load_model, save_pretrained
+from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, merged_model, save_adapter
 from llama_mini.errors import ConfigError, LlamaMiniError
 from llama_mini.generation.decode import generate
 from llama_mini.model.sizes import training_flops_per_token
@@ -62,7 +62,7 @@ from llama_mini.ops.fast_paths import (
     choose_fast_paths,
 )
 from llama_mini.ops.kernels import check_triton_kernel
-from llama_mini.ops.lora import merged_model, trainable_parameters
+from llama_mini.ops.lora import trainable_parameters
 from llama_mini.runtime import (
     autocast,
     clock,
@@ -557,12 +557,7 @@ class Trainer:
         state = gather_full_state_dict(self.loss_module, self.raw_model)
         if state is None:
             return None
-        model = skeleton(self.model_args, self.lora)
-        model.load_state_dict(state, assign=True)
-        if self.model_args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight  # assign replaced the shared Parameter: re-tie
-        model.rope.freqs_cis = model.rope.table()  # not a state: computed, in float32
-        return model
+        return assign_weights(skeleton(self.model_args, self.lora), state)
 
     def _write_model(self, folder: Path, model: Transformer) -> None:
         """A checkpoint's model: a Hugging Face folder of the fine-tuned model, with LoRA's adapters merged
@@ -602,7 +597,7 @@ class Trainer:
             if self.lora is not None:  # the frozen base came from OUT/base; the adapters are the step's own
                 load_adapter(self.raw_model, folder / ADAPTER_FOLDER)
             else:
-                saved = Transformer.from_pretrained(folder, device=self.device)
+                saved = load_model(folder, device=self.device)
                 self.raw_model.load_state_dict(saved.state_dict())
                 del saved
             self.optimizer.load_state_dict(state["optimizer"])
