@@ -187,7 +187,7 @@ def main() -> None:
         corpus, out, workers = sys.argv[2:5]
         return child(corpus, Path(out), int(workers))
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=float, nargs="+", default=[25, 100, 400], help="corpus sizes, MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--data-workers values")

@@ -58,7 +58,7 @@ def bytes_per_decode_step(model: Transformer, batch: int, context: int, dtype: t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", nargs="+", default=["stories15m"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

@@ -350,7 +350,7 @@ def one_shot_times(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", nargs="+", default=["stories260k", "stories15m", "stories110m"])
     parser.add_argument(

@@ -122,7 +122,7 @@ def with_speedups(rows: list[dict], baseline: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--multiple-of", type=int, default=256)

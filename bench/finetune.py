@@ -94,7 +94,7 @@ def run_arm(options: argparse.Namespace, rank: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--init-from", required=True, help="the pretrained run folder or checkpoint")
     parser.add_argument("--data", required=True, help="the new text (any --data of train.py)")
     parser.add_argument("--out", default="out/bench-finetune", help="folder for the runs and the data")

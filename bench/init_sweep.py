@@ -478,7 +478,7 @@ def scales(options: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("run", help="train the runs of a grid not yet in OUT/results.jsonl")
     train.add_argument("--variants", nargs="+", default=list(FEED_FORWARDS), choices=list(FEED_FORWARDS))

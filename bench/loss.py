@@ -128,7 +128,7 @@ def run_in_subprocess(args: argparse.Namespace, variant: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=None, help="batch x sequence length")
     parser.add_argument("--dim", type=int, default=None)

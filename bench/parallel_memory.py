@@ -157,7 +157,7 @@ def run_setting(name: str, processes: int, flags: list[str], options: argparse.N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2, help="processes for DDP and FSDP (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     parser.add_argument("--preset", help="a model preset instead of the default shape")

@@ -36,7 +36,7 @@ def bytes_per_token(tokenizer, documents: list[str]) -> tuple[float, Counter]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default="shakespeare")
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[2048, 4096, 8192])

@@ -70,7 +70,7 @@ def variant_fast_paths(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--preset", nargs="+", default=["stories15m"], help="preset names, or 'default' (train.py's model)"

@@ -93,7 +93,7 @@ def ratio_row(measurement: str, tokens: int, seconds: dict[str, float], baseline
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="stories15m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,18 @@ __all__ = ["ArgumentParser", "report_errors", "run_command"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (and exit code 2), not the whole usage."""
+    """argparse, but a usage mistake is one line on stderr (and exit code 2), not the whole usage, and a
+    flag is only ever its whole name.
+
+    argparse accepts any unambiguous prefix of a flag by default (`--log` for `--log-interval`), so adding a
+    flag could silently change what an old command line means (`--log tensorboard` would stop meaning
+    `--log-interval tensorboard` and fail, or worse, start meaning something else). allow_abbrev=False
+    refuses prefixes: a flag means one thing, now and later.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")

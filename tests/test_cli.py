@@ -2,6 +2,7 @@
 (`python train.py`, `python -m llama_mini.X`) still working."""
 
 import importlib
+import re
 import signal
 import subprocess
 import sys
@@ -103,3 +104,37 @@ def test_ctrl_c_while_the_script_is_still_loading_exits_130_without_a_traceback(
     _, err = process.communicate(timeout=120)
     assert process.returncode in (130, 0), err  # 0: the imports had already finished and --help printed
     assert "Traceback" not in err
+
+
+REQUIRED_ARGUMENTS = {
+    "generate": ["--checkpoint", "x"],
+    "convert": ["src", "dst"],
+    "inspect": ["--preset", "tiny"],
+    "plots": ["--out", "x", "--runs", "x"],
+}
+
+
+def long_flags(help_text: str) -> list[str]:
+    return sorted(set(re.findall(r"(--[a-z][a-z0-9-]{3,})", help_text)))
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_refuses_a_prefix_of_its_flags(name, capsys):
+    """A flag means one thing: argparse's default would read `--max-step 5` as `--max-steps 5`, so adding a
+    flag could change what an old command line means. Every command refuses each prefix."""
+    command = [name, "training"] if name == "plots" else [name]  # plots' flags belong to its subcommands
+    required = REQUIRED_ARGUMENTS.get(name, [])  # argparse reports missing ones before unknown ones
+    assert cli.main([*command, "--help"]) == 0
+    flags = long_flags(capsys.readouterr().out)
+    assert len(flags) >= 2, flags
+    for flag in flags:
+        prefix = flag[:-1]
+        if prefix in flags or prefix.endswith("-"):
+            continue
+        assert cli.main([*command, *required, prefix, "1"]) == 2, f"{name} accepted {prefix} for {flag}"
+        assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
+def test_train_reads_no_abbreviation_of_log_interval(capsys):
+    assert cli.main(["train", "--log-int", "5"]) == 2
+    assert "unrecognized arguments: --log-int 5" in capsys.readouterr().err
