@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.decode import copy_bandwidth  # noqa: E402
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
-from llama_mini.model.ffn import FeedForward  # noqa: E402
+from llama_mini.model.ffn import FeedForward, llama_hidden_dim  # noqa: E402
 from llama_mini.ops.kernels import swiglu, triton_available  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dim, args.tokens = min(args.dim, 1024), min(args.tokens, 1024)
         keep_freed_memory_in_the_heap()
     torch.manual_seed(0)
-    ffn = FeedForward(args.dim, 4 * args.dim, args.multiple_of).to(device=device, dtype=dtype)
+    ffn = FeedForward(args.dim, llama_hidden_dim(args.dim, args.multiple_of)).to(device=device, dtype=dtype)
     hidden = ffn.hidden_dim
     gate = torch.randn(args.tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     value = torch.randn(args.tokens, hidden, device=device, dtype=dtype, requires_grad=True)

@@ -26,7 +26,7 @@ SHAPES = [(3, 16), (2, 5, 16), (2, 3, 4, 16)]  # several batch dimensions, dim =
 def make(name: str, dim: int = 16, hidden: int = 24, **kwargs):
     """A float64 module of the named variant with exactly `hidden` hidden units and random weights."""
     torch.manual_seed(0)
-    return FEED_FORWARDS[name](dim, hidden, None, **kwargs).double()
+    return FEED_FORWARDS[name](dim, hidden, **kwargs).double()
 
 
 def matrices(module):
@@ -166,9 +166,10 @@ PUBLISHED_HIDDEN_SIZES = [
 
 @pytest.mark.parametrize("model,dim,multiple_of,multiplier,expected", PUBLISHED_HIDDEN_SIZES)
 def test_hidden_size_rule_reproduces_published_llama_sizes(model, dim, multiple_of, multiplier, expected):
-    assert llama_hidden_dim(4 * dim, multiple_of, multiplier) == expected
+    assert llama_hidden_dim(dim, multiple_of, multiplier) == expected
+    args = ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
     with torch.device("meta"):  # shapes only: a 405B-sized FFN is never allocated
-        ffn = FeedForward(dim, 4 * dim, multiple_of, multiplier)
+        ffn = build_feed_forward(args)
     assert ffn.w1.weight.shape == (expected, dim)
     assert ffn.w3.weight.shape == (expected, dim)
     assert ffn.w2.weight.shape == (dim, expected)

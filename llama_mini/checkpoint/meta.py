@@ -107,7 +107,7 @@ def model_args_from_meta_params(
     multiplier = params.get("ffn_dim_multiplier")
     hidden_dim = None
     w1_shape = shapes.get("layers.0.feed_forward.w1.weight")
-    if w1_shape is not None and w1_shape[0] != llama_hidden_dim(4 * params["dim"], multiple_of, multiplier):
+    if w1_shape is not None and w1_shape[0] != llama_hidden_dim(params["dim"], multiple_of, multiplier):
         hidden_dim = w1_shape[0]
     try:
         return ModelArgs(

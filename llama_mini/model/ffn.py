@@ -19,6 +19,11 @@ with the paper and with Meta's checkpoints:
 A gated FFN has three matrices instead of two, so to spend the same parameters and FLOPs its hidden size
 is cut to 2/3 of the non-gated one (the paper: d_ff 3072 -> 2048). LLaMA's rule does exactly that and then
 rounds up to a hardware-friendly multiple; see `llama_hidden_dim`.
+
+`hidden_dim` always means one thing here: the width of the hidden activations, the rows of w1. The modules
+take it as given and compute their formula; `build_feed_forward` chooses it from ModelArgs (its explicit
+`hidden_dim`, else LLaMA's rule). Meta's FeedForward applies the rule inside its constructor instead,
+taking 4 * dim as its `hidden_dim` argument: the same sizes, found in one place here.
 """
 
 from __future__ import annotations
@@ -28,26 +33,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_mini.model.args import ModelArgs
+from llama_mini.model.rounding import round_up
 
 
-def round_up(n: int, multiple_of: int) -> int:
-    """The smallest multiple of `multiple_of` that is >= n."""
-    return multiple_of * ((n + multiple_of - 1) // multiple_of)
+def llama_hidden_dim_steps(
+    dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None, gated: bool = True
+) -> list[tuple[str, int, str]]:
+    """Meta's hidden-size rule, one (formula, value, why) per step; the last value is the hidden size.
 
-
-def llama_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
-    """Meta's hidden-size rule for a gated FFN, starting from the non-gated size `hidden_dim` = 4 * dim.
-
-    h = int(2 * hidden_dim / 3)                     2/3: three matrices cost what two of 4*dim did
+    h = 4 * dim                                     the classic FFN's width
+    h = int(2 * h / 3), if gated                    2/3: three matrices cost what two of 4*dim did
     h = int(ffn_dim_multiplier * h), if given       Llama 2/3 widen the FFN (e.g. 1.3 for Llama-3-8B)
     h = multiple_of * ceil(h / multiple_of)         round up so matmul shapes tile well on hardware
 
+    Non-gated variants (two matrices) skip the 2/3, so both kinds spend the same parameters up to rounding.
     LLaMA-7B: dim 4096 -> 4 * 4096 = 16384 -> 10922 -> rounded up to a multiple of 256 -> 11008.
+    `llama_mini inspect` prints these steps (model/sizes.py).
     """
-    hidden_dim = int(2 * hidden_dim / 3)
+    h = 4 * dim
+    steps = [(f"4 * dim = 4 * {dim}", h, "")]
+    if gated:
+        steps.append((f"int(2 * {h} / 3)", h := int(2 * h / 3), "gated: 3 matrices instead of 2"))
     if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return round_up(hidden_dim, multiple_of)
+        steps.append(
+            (f"int({ffn_dim_multiplier} * {h})", h := int(ffn_dim_multiplier * h), "ffn_dim_multiplier")
+        )
+    steps.append((f"round {h} up to a multiple of {multiple_of}", round_up(h, multiple_of), ""))
+    return steps
+
+
+def llama_hidden_dim(
+    dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None, gated: bool = True
+) -> int:
+    """The FFN hidden size by Meta's rule (`llama_hidden_dim_steps`) for a model of width `dim`."""
+    return llama_hidden_dim_steps(dim, multiple_of, ffn_dim_multiplier, gated)[-1][1]
 
 
 def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -66,10 +85,7 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
 class FeedForward(nn.Module):
     """LLaMA's feed-forward, SwiGLU: FFN_SwiGLU(x) = w2(silu(w1 x) * w3 x).   (..., dim) -> (..., dim)
 
-    Arguments follow Meta's signature: `hidden_dim` is the non-gated starting size (4 * dim) and the
-    final size comes from `llama_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)`. Pass
-    `multiple_of=None` to take `hidden_dim` as the exact final size instead (what a Hugging Face config's
-    `intermediate_size` gives, which the rule cannot always reproduce).
+    `hidden_dim` is the width of the hidden activations (LLaMA's rule gives it: `llama_hidden_dim`).
 
     The other gated variants subclass this one and change only the activation of the gate in `forward`.
     (Training may swap in `llama_mini.ops.fast_paths.FusedSwiGLU`, which computes silu(gate) * value in
@@ -78,16 +94,8 @@ class FeedForward(nn.Module):
 
     gated = True
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        multiple_of: int | None,
-        ffn_dim_multiplier: float | None = None,
-    ):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        if multiple_of is not None:
-            hidden_dim = llama_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.hidden_dim = hidden_dim
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate projection W
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # output projection W2
@@ -129,33 +137,22 @@ class GEGLU(FeedForward):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Non-gated baselines: two matrices, hidden size 4 * dim (times ffn_dim_multiplier, rounded up the same way).
+# Non-gated baselines: two matrices, hidden size by the rule without its 2/3.
 # ---------------------------------------------------------------------------------------------------------
 
 
 class NonGatedFeedForward(nn.Module):
     """The classic Transformer FFN, w2(act(w1 x)); subclasses choose the activation in `forward`.
 
-    `hidden_dim` is the starting size (4 * dim); with `multiple_of` set it is multiplied by
-    `ffn_dim_multiplier` (if given) and rounded up to `multiple_of`, but not cut to 2/3, so the two
-    matrices here hold as many parameters as the three of a gated FFN at the same dim, up to rounding.
-    `multiple_of=None` takes `hidden_dim` as the exact size.
+    `hidden_dim` is the width of the hidden activations: by LLaMA's rule without the 2/3 cut (4 * dim,
+    times ffn_dim_multiplier, rounded up), so the two matrices here hold as many parameters as the three of
+    a gated FFN at the same dim, up to rounding.
     """
 
     gated = False
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        multiple_of: int | None,
-        ffn_dim_multiplier: float | None = None,
-    ):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        if multiple_of is not None:
-            if ffn_dim_multiplier is not None:
-                hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-            hidden_dim = round_up(hidden_dim, multiple_of)
         self.hidden_dim = hidden_dim
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # W1
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # W2
@@ -185,16 +182,8 @@ class FFNSwish(NonGatedFeedForward):
     scalar per layer (Ramachandran et al. found learned beta works as well as a tuned constant).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        multiple_of: int | None,
-        ffn_dim_multiplier: float | None = None,
-        beta: float = 1.0,
-        trainable_beta: bool = False,
-    ):
-        super().__init__(dim, hidden_dim, multiple_of, ffn_dim_multiplier)
+    def __init__(self, dim: int, hidden_dim: int, beta: float = 1.0, trainable_beta: bool = False):
+        super().__init__(dim, hidden_dim)
         beta_tensor = torch.tensor(float(beta))
         if trainable_beta:
             self.beta = nn.Parameter(beta_tensor)
@@ -219,24 +208,18 @@ FEED_FORWARDS: dict[str, type[nn.Module]] = {
 GATED_FEED_FORWARDS = tuple(name for name, cls in FEED_FORWARDS.items() if cls.gated)
 
 
-def build_feed_forward(args: ModelArgs) -> nn.Module:
-    """The feed-forward module that `args.ffn` names, sized by `args`.
-
-    Without `args.hidden_dim` the size comes from the variant's rule applied to 4 * dim; with it, that
-    exact size is used (needed to load checkpoints whose size the rule can't reproduce).
-    """
-    cls = FEED_FORWARDS[args.ffn]
+def ffn_hidden_dim(args: ModelArgs) -> int:
+    """The hidden width of the feed-forward `args` describe: `args.hidden_dim` when given (a Hugging Face
+    config's intermediate_size, which the rule cannot always reproduce), else LLaMA's rule."""
     if args.hidden_dim is not None:
-        size, multiple_of = args.hidden_dim, None
-    else:
-        size, multiple_of = 4 * args.dim, args.multiple_of
+        return args.hidden_dim
+    gated = FEED_FORWARDS[args.ffn].gated
+    return llama_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, gated)
+
+
+def build_feed_forward(args: ModelArgs) -> nn.Module:
+    """The feed-forward module that `args.ffn` names, `ffn_hidden_dim(args)` wide."""
+    cls, hidden_dim = FEED_FORWARDS[args.ffn], ffn_hidden_dim(args)
     if cls is FFNSwish:
-        return FFNSwish(
-            args.dim,
-            size,
-            multiple_of,
-            args.ffn_dim_multiplier,
-            beta=args.swish_beta,
-            trainable_beta=args.swish_beta_trainable,
-        )
-    return cls(args.dim, size, multiple_of, args.ffn_dim_multiplier)
+        return FFNSwish(args.dim, hidden_dim, beta=args.swish_beta, trainable_beta=args.swish_beta_trainable)
+    return cls(args.dim, hidden_dim)

@@ -46,7 +46,8 @@ from torch import nn
 
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
-from llama_mini.model.ffn import FEED_FORWARDS
+from llama_mini.model.ffn import FEED_FORWARDS, llama_hidden_dim_steps
+from llama_mini.model.rounding import ceil_div
 
 __all__ = [
     "DTYPE_BYTES",
@@ -67,35 +68,15 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def hidden_dim_steps(args: ModelArgs) -> tuple[int, list[str]]:
-    """The FFN hidden size h and the steps that produce it, one readable line each.
-
-    Gated variants (three matrices) follow LLaMA's rule, non-gated ones (two matrices) skip the 2/3:
-
-        h = 4 * dim
-        h = int(2 * h / 3)                    gated only: 3 matrices of d x 2/3 h cost what 2 of d x h did
-        h = int(ffn_dim_multiplier * h)       if set (Llama 2-70B, Llama 3)
-        h = multiple_of * ceil(h / multiple_of)
-
-    An explicit `hidden_dim` (from a Hugging Face config's intermediate_size) is used as it is.
-    Written out here independently of `ffn.llama_hidden_dim`; the tests check the two agree.
-    """
+    """The FFN hidden size h and the steps that produce it, one readable line each (LLaMA's rule,
+    `ffn.llama_hidden_dim_steps`; gated variants cut to 2/3, non-gated ones do not). An explicit
+    `hidden_dim` (from a Hugging Face config's intermediate_size) is used as it is."""
     if args.hidden_dim is not None:
         return args.hidden_dim, [f"explicit hidden_dim = {args.hidden_dim} (no rounding rule applied)"]
     gated = FEED_FORWARDS[args.ffn].gated
-    hidden = 4 * args.dim
-    steps = [f"4 * dim = 4 * {args.dim} = {hidden}"]
-    if gated:
-        cut = int(2 * hidden / 3)
-        steps.append(f"int(2 * {hidden} / 3) = {cut}   (gated: 3 matrices instead of 2)")
-        hidden = cut
-    if args.ffn_dim_multiplier is not None:
-        widened = int(args.ffn_dim_multiplier * hidden)
-        steps.append(f"int({args.ffn_dim_multiplier} * {hidden}) = {widened}   (ffn_dim_multiplier)")
-        hidden = widened
-    multiple = args.multiple_of
-    rounded = multiple * -(-hidden // multiple)  # ceil division on integers, exact at any size
-    steps.append(f"round {hidden} up to a multiple of {multiple} = {rounded}")
-    return rounded, steps
+    steps = llama_hidden_dim_steps(args.dim, args.multiple_of, args.ffn_dim_multiplier, gated)
+    lines = [f"{formula} = {value}" + (f"   ({why})" if why else "") for formula, value, why in steps]
+    return steps[-1][1], lines
 
 
 def parameter_counts(args: ModelArgs) -> dict[str, int]:
@@ -269,7 +250,7 @@ def training_memory(
         return sum(math.prod(shapes[name]) for name in names)
 
     # FSDP keeps ceil(rows / N) rows of every weight: the first dimension is padded to a multiple of N.
-    piece = sum(-(-shape[0] // processes) * math.prod(shape[1:]) for shape in shapes.values())
+    piece = sum(ceil_div(shape[0], processes) * math.prod(shape[1:]) for shape in shapes.values())
     root = numel(name for name in shapes if not name.startswith("layers."))
     block = numel(name for name in shapes if name.startswith("layers.0."))
     tokens = args.max_seq_len if tokens_per_process is None else tokens_per_process

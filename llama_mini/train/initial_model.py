@@ -24,7 +24,7 @@ from llama_mini.checkpoint import load_model, open_checkpoint, resolve_checkpoin
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.files import write_folder_atomically
 from llama_mini.model.args import ModelArgs
-from llama_mini.model.ffn import round_up
+from llama_mini.model.rounding import round_up
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops.lora import LoRASettings, apply_lora, check_lora_targets, parse_lora_targets
 from llama_mini.tokenizer import Tokenizer, find_tokenizer_file, is_sentencepiece_model
