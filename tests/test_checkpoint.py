@@ -32,7 +32,7 @@ from llama_mini.errors import CheckpointError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import GATED_FEED_FORWARDS
 from llama_mini.model.presets import get_preset
-from llama_mini.model.transformer import Transformer, apply_rotary_emb, precompute_freqs_cis
+from llama_mini.model.transformer import Transformer, apply_rotary_emb, precompute_rotations
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -144,15 +144,15 @@ def test_permuted_wq_under_rotate_half_equals_our_adjacent_pair_rope():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(seq_len, dim, generator=generator)
     wq = torch.randn(n_heads * head_dim, dim, generator=generator)
-    freqs_cis = precompute_freqs_cis(head_dim, seq_len, theta)
+    rotations = precompute_rotations(head_dim, seq_len, theta)
 
     q = (x @ wq.T).view(1, seq_len, n_heads, head_dim)
-    ours, _ = apply_rotary_emb(q, q, freqs_cis)  # (1, T, H, D), Meta's pairs
+    ours, _ = apply_rotary_emb(q, q, rotations)  # (1, T, H, D), Meta's pairs
 
     # Hugging Face: q from the permuted rows, rotated by rotate_half with cos/sin repeated over both halves.
     q_hf = (x @ permute_for_hf(wq, n_heads).T).view(1, seq_len, n_heads, head_dim).transpose(1, 2)
-    cos = torch.cat([freqs_cis[..., 0]] * 2, dim=-1).unsqueeze(0)  # (1, T, D)
-    sin = torch.cat([freqs_cis[..., 1]] * 2, dim=-1).unsqueeze(0)
+    cos = torch.cat([rotations[..., 0]] * 2, dim=-1).unsqueeze(0)  # (1, T, D)
+    sin = torch.cat([rotations[..., 1]] * 2, dim=-1).unsqueeze(0)
     theirs, _ = apply_rotary_pos_emb(q_hf, q_hf, cos, sin)  # (1, H, T, D)
 
     # The same rotated features, in the permuted order: permute ours per head and compare.
@@ -383,7 +383,7 @@ def test_llama3_scaled_round_trip_is_bit_exact_and_the_hf_fields_agree(tmp_path)
     loaded = load_model(tmp_path)
 
     assert loaded.args == model.args
-    assert torch.equal(loaded.rope.freqs_cis, model.rope.freqs_cis)  # the loader's table is the scaled one
+    assert torch.equal(loaded.rope.rotations, model.rope.rotations)  # the loader's table is the scaled one
     batch = tokens(VOCAB, seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -437,7 +437,7 @@ def test_bf16_save_writes_bf16_tensors_and_loads_them(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = load_model(tmp_path)  # dtype=None keeps what is stored
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
-    assert loaded.rope.freqs_cis.dtype == torch.float32  # the RoPE table stays float32
+    assert loaded.rope.rotations.dtype == torch.float32  # the RoPE table stays float32
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight.bfloat16())
 
 
@@ -445,7 +445,7 @@ def test_load_casts_to_the_requested_dtype(tmp_path):
     save_pretrained(our_model(), tmp_path)
     loaded = load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert loaded.rope.freqs_cis.dtype == torch.float32
+    assert loaded.rope.rotations.dtype == torch.float32
 
 
 def test_wrapper_prefixes_never_reach_the_file(tmp_path):
@@ -627,8 +627,8 @@ def test_meta_scaled_rope_loads_with_metas_settings(extra, factor, tmp_path):
     loaded = load_model(tmp_path)
     assert loaded.args.rope_scaling == scaling
     # loaded's table is longer (max_seq_len 4096): its first 64 rows are the model's
-    assert torch.equal(loaded.rope.freqs_cis[:64], model.rope.freqs_cis)
-    assert not torch.equal(model.rope.freqs_cis, with_plain_rope(model).rope.freqs_cis)
+    assert torch.equal(loaded.rope.rotations[:64], model.rope.rotations)
+    assert not torch.equal(model.rope.rotations, with_plain_rope(model).rope.rotations)
     batch = tokens(VOCAB, seed=10)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))

@@ -21,7 +21,7 @@ from llama_mini.checkpoint import save_pretrained
 from llama_mini.checkpoint.gguf import sentencepiece_vocab, write_gguf
 from llama_mini.convert import main
 from llama_mini.generation import generate
-from llama_mini.model.transformer import precompute_freqs_cis
+from llama_mini.model.transformer import precompute_rotations
 from llama_mini.tokenizer import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -216,7 +216,7 @@ def test_llama31_rope_scaling_becomes_llama_cpps_rope_freqs_divisors(tmp_path, s
     np.testing.assert_allclose(factors, expected, rtol=1e-6)
     # and they reproduce our scaled table: angle = position * plain frequency / factor
     plain = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
-    ours = precompute_freqs_cis(head_dim, 2, scaling=SCALING)[1, :, :]  # position 1: (cos, sin) of freq
+    ours = precompute_rotations(head_dim, 2, scaling=SCALING)[1, :, :]  # position 1: (cos, sin) of freq
     np.testing.assert_allclose(np.cos(plain / factors), ours[:, 0].numpy(), atol=1e-6)
 
 

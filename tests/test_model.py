@@ -18,7 +18,7 @@ from llama_mini.model.transformer import (
     Transformer,
     apply_rotary_emb,
     llama3_scaled_frequencies,
-    precompute_freqs_cis,
+    precompute_rotations,
     repeat_kv,
 )
 from llama_mini.ops.loss import cross_entropy
@@ -120,7 +120,7 @@ def test_llama32_preset_has_its_published_rope_scaling_and_owns_its_copy():
     assert get_preset("llama3.2-1b").rope_scaling["factor"] == 32.0
     with torch.device("meta"):
         model = Transformer(get_preset("llama3.2-1b"))
-    assert model.rope.freqs_cis.is_meta and model.rope.freqs_cis.shape == (
+    assert model.rope.rotations.is_meta and model.rope.rotations.shape == (
         131072,
         32,
         2,
@@ -179,8 +179,8 @@ def complex_rope_reference(x: torch.Tensor, theta: float = 10000.0) -> torch.Ten
 
 def test_rope_equals_complex_number_reference():
     xq, xk = torch.randn(2, 50, 4, 16, dtype=torch.float64), torch.randn(2, 50, 2, 16, dtype=torch.float64)
-    freqs_cis = precompute_freqs_cis(16, 50, theta=500.0)
-    rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
+    rotations = precompute_rotations(16, 50, theta=500.0)
+    rq, rk = apply_rotary_emb(xq, xk, rotations)
     # our angles are float32 (as in training), the reference's float64: agreement to float32 precision
     torch.testing.assert_close(rq, complex_rope_reference(xq, 500.0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rk, complex_rope_reference(xk, 500.0), rtol=1e-5, atol=1e-5)
@@ -188,7 +188,7 @@ def test_rope_equals_complex_number_reference():
 
 def test_rope_preserves_norms():
     xq, xk = torch.randn(1, 40, 4, 32), torch.randn(1, 40, 4, 32)
-    rq, rk = apply_rotary_emb(xq, xk, precompute_freqs_cis(32, 40))
+    rq, rk = apply_rotary_emb(xq, xk, precompute_rotations(32, 40))
     torch.testing.assert_close(rq.norm(dim=-1), xq.norm(dim=-1))
     torch.testing.assert_close(rk.norm(dim=-1), xk.norm(dim=-1))
     assert not torch.allclose(rq[:, 1:], xq[:, 1:])  # it did rotate (position 0 is the identity)
@@ -197,11 +197,11 @@ def test_rope_preserves_norms():
 def test_rope_dot_product_depends_only_on_relative_offset():
     # The same q and k placed at positions (m, n) and (m + s, n + s) give the same q . k.
     head_dim, length = 32, 64
-    freqs_cis = precompute_freqs_cis(head_dim, length)
+    rotations = precompute_rotations(head_dim, length)
     q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
     xq = q.expand(1, length, 1, head_dim)
     xk = k.expand(1, length, 1, head_dim)
-    rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
+    rq, rk = apply_rotary_emb(xq, xk, rotations)
     dots = rq[0, :, 0] @ rk[0, :, 0].T  # dots[m, n] = rotated q at m . rotated k at n
     for m, n in [(10, 3), (5, 5), (2, 20)]:
         for shift in (1, 7, 30):
@@ -211,19 +211,19 @@ def test_rope_dot_product_depends_only_on_relative_offset():
 
 def test_rope_table_stays_float32_when_model_is_cast_to_bf16():
     model = Transformer(tiny_args())
-    reference = model.rope.freqs_cis.clone()
+    reference = model.rope.rotations.clone()
     model.to(torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
-    assert model.rope.freqs_cis.dtype == torch.float32
-    assert torch.equal(model.rope.freqs_cis, reference)
+    assert model.rope.rotations.dtype == torch.float32
+    assert torch.equal(model.rope.rotations, reference)
 
 
 def test_rope_table_is_rebuilt_after_meta_to_empty():
     with torch.device("meta"):
         model = Transformer(tiny_args())
     model.to_empty(device="cpu")
-    expected = precompute_freqs_cis(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
-    assert torch.equal(model.rope.freqs_cis, expected)
+    expected = precompute_rotations(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
+    assert torch.equal(model.rope.rotations, expected)
 
 
 def llama3_scaling_reference(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -274,14 +274,14 @@ def test_llama3_scaled_frequencies_equal_transformers_rope_init():
     assert freqs[1] / 8 < ours[1] < freqs[1]  # 24: blended
     torch.testing.assert_close(ours[2:], freqs[2:] / 8, rtol=1e-7, atol=0)  # 94 and longer > 32: divided
     angles = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq)
-    table = precompute_freqs_cis(16, 64, 50000.0, SMALL_SCALING)
+    table = precompute_rotations(16, 64, 50000.0, SMALL_SCALING)
     torch.testing.assert_close(table, torch.stack([angles.cos(), angles.sin()], dim=-1), rtol=0, atol=1e-6)
 
 
 def test_rope_scaling_changes_angles_at_every_position_but_not_the_fastest_pairs():
     # Llama 3.2 1B's heads (head_dim 64) and scaling: not only positions past 8192 are affected.
     scaling = {**LLAMA31_SCALING, "factor": 32.0}
-    plain, scaled = precompute_freqs_cis(64, 100, 500000.0), precompute_freqs_cis(64, 100, 500000.0, scaling)
+    plain, scaled = precompute_rotations(64, 100, 500000.0), precompute_rotations(64, 100, 500000.0, scaling)
     assert torch.equal(plain[0], scaled[0])  # position 0 is not rotated either way
     assert ((plain - scaled).abs().amax(dim=(1, 2))[1:] > 0).all()  # every later position differs
     assert torch.equal(plain[:, :8], scaled[:, :8])  # wavelengths under 8192 / 4 positions are untouched
@@ -289,16 +289,16 @@ def test_rope_scaling_changes_angles_at_every_position_but_not_the_fastest_pairs
 
 def test_model_rope_table_honours_rope_scaling_through_casts_and_meta_builds():
     args = tiny_args(rope_scaling=SMALL_SCALING)  # head_dim 16, theta 1e4, max_seq_len 64
-    expected = precompute_freqs_cis(16, 64, 10000.0, SMALL_SCALING)
-    assert not torch.equal(expected, precompute_freqs_cis(16, 64, 10000.0))
+    expected = precompute_rotations(16, 64, 10000.0, SMALL_SCALING)
+    assert not torch.equal(expected, precompute_rotations(16, 64, 10000.0))
     model = Transformer(args)
-    assert torch.equal(model.rope.freqs_cis, expected)
+    assert torch.equal(model.rope.rotations, expected)
     model.to(torch.bfloat16)
-    assert torch.equal(model.rope.freqs_cis, expected)
+    assert torch.equal(model.rope.rotations, expected)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
-    assert torch.equal(model.rope.freqs_cis, expected)
+    assert torch.equal(model.rope.rotations, expected)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -324,8 +324,8 @@ def test_gqa_equals_multi_head_attention_with_kv_heads_repeated_by_hand():
             repeated = torch.cat([per_head[h // n_rep] for h in range(8)])
             getattr(mha, name).weight.copy_(repeated)
     x = torch.randn(2, 10, 64, dtype=torch.float64)
-    freqs_cis = precompute_freqs_cis(head_dim, 10)
-    torch.testing.assert_close(gqa(x, freqs_cis), mha(x, freqs_cis), rtol=1e-12, atol=1e-12)
+    rotations = precompute_rotations(head_dim, 10)
+    torch.testing.assert_close(gqa(x, rotations), mha(x, rotations), rtol=1e-12, atol=1e-12)
 
 
 def test_attention_equals_softmax_formula():
@@ -333,11 +333,11 @@ def test_attention_equals_softmax_formula():
     args = ModelArgs(dim=32, n_heads=4, n_kv_heads=2, max_seq_len=16)
     attn = Attention(args).double()
     x = torch.randn(1, 6, 32, dtype=torch.float64)
-    freqs_cis = precompute_freqs_cis(8, 6)
+    rotations = precompute_rotations(8, 6)
     q = (x @ attn.wq.weight.T).view(1, 6, 4, 8)
     k = (x @ attn.wk.weight.T).view(1, 6, 2, 8)
     v = (x @ attn.wv.weight.T).view(1, 6, 2, 8)
-    q, k = apply_rotary_emb(q, k, freqs_cis)
+    q, k = apply_rotary_emb(q, k, rotations)
     heads = []
     for h in range(4):
         g = h // 2  # the kv head that query head h reads
@@ -345,7 +345,7 @@ def test_attention_equals_softmax_formula():
         scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
         heads.append(torch.softmax(scores, dim=-1) @ v[0, :, g])
     expected = torch.cat(heads, dim=-1) @ attn.wo.weight.T
-    torch.testing.assert_close(attn(x, freqs_cis)[0], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn(x, rotations)[0], expected, rtol=1e-10, atol=1e-10)
 
 
 def test_changing_a_later_token_never_changes_earlier_logits():

@@ -285,7 +285,7 @@ def assign_weights(
             f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             "the weights and config come from different models"
         )
-    model.rope.freqs_cis = model.rope.table(
+    model.rope.rotations = model.rope.table(
         device if device is not None else model.tok_embeddings.weight.device
     )
     return model

@@ -45,9 +45,9 @@ from llama_mini.model.transformer import Transformer
 from llama_mini.ops.lora import (
     LORA_TARGETS,
     LoRASettings,
+    adapter_settings,
     apply_lora,
     lora_modules,
-    lora_settings,
     merge_lora,
 )
 
@@ -173,7 +173,7 @@ def save_adapter(
         LoRA run passes its OUT/base, the frozen base as a Hugging Face folder). dtype: cast the tensors.
     Each file is written atomically, the weights first.
     """
-    settings = lora_settings(model)
+    settings = adapter_settings(model)
     if settings is None:
         raise CheckpointError("the model has no LoRA adapters to save; apply_lora adds them")
     args = model.args
@@ -312,7 +312,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoRASettings:
     copied into the existing parameters, so an optimizer that holds them keeps holding them.
     """
     stored = read_adapter(folder, model.args)
-    present = lora_settings(model)
+    present = adapter_settings(model)
     if present is None:
         apply_lora(model, stored.settings)
     elif (present.rank, present.targets, present.alpha) != (

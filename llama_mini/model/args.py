@@ -24,8 +24,8 @@ __all__ = [
     "ModelArgs",
 ]
 
-# The feed-forward variants, in the order of Shazeer's Table 1 (non-gated first); llama_mini.model.ffn
-# builds each (FEED_FORWARDS), and a test checks that the two lists agree.
+# The feed-forward variants, in the order of Shazeer's Table 1 (non-gated first): the one list of their
+# names; llama_mini.model.ffn pairs each with the class that computes it (FEED_FORWARDS).
 FeedForwardName = Literal["relu", "gelu", "swish", "glu", "bilinear", "reglu", "geglu", "swiglu"]
 FEED_FORWARD_NAMES: tuple[str, ...] = FeedForwardName.__args__
 

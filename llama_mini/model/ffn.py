@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mini.model.args import ModelArgs
+from llama_mini.model.args import FEED_FORWARD_NAMES, ModelArgs
 from llama_mini.model.rounding import round_up
 
 
@@ -194,17 +194,14 @@ class FFNSwish(NonGatedFeedForward):
         return self.w2(swish(self.w1(x), self.beta))
 
 
-# Names accepted by ModelArgs.ffn, in the order of Shazeer's Table 1 (non-gated first).
-FEED_FORWARDS: dict[str, type[nn.Module]] = {
-    "relu": FFNReLU,
-    "gelu": FFNGELU,
-    "swish": FFNSwish,
-    "glu": GLU,
-    "bilinear": Bilinear,
-    "reglu": ReGLU,
-    "geglu": GEGLU,
-    "swiglu": FeedForward,
-}
+# ModelArgs.ffn's names (FEED_FORWARD_NAMES, in the order of Shazeer's Table 1) -> the class of each.
+FEED_FORWARDS: dict[str, type[nn.Module]] = dict(
+    zip(
+        FEED_FORWARD_NAMES,
+        (FFNReLU, FFNGELU, FFNSwish, GLU, Bilinear, ReGLU, GEGLU, FeedForward),
+        strict=True,
+    )
+)
 GATED_FEED_FORWARDS = tuple(name for name, cls in FEED_FORWARDS.items() if cls.gated)
 
 

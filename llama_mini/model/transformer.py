@@ -42,7 +42,7 @@ __all__ = [
     "TransformerBlock",
     "apply_rotary_emb",
     "llama3_scaled_frequencies",
-    "precompute_freqs_cis",
+    "precompute_rotations",
     "repeat_kv",
 ]
 
@@ -78,17 +78,17 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def precompute_freqs_cis(
+def precompute_rotations(
     dim: int, end: int, theta: float = 10000.0, scaling: dict[str, float] | None = None
 ) -> torch.Tensor:
     """The rotation table for RoPE: cos and sin of every (position, frequency) angle, (end, dim/2, 2).
 
     RoPE splits each head's `dim` features into dim/2 pairs and turns pair i at position m by the angle
     m * theta^(-2i/dim): fast-turning pairs resolve nearby tokens, slow ones far-away tokens. Meta's code
-    stores cis(angle) = cos(angle) + i sin(angle) as a complex tensor named `freqs_cis`; we keep the name
-    but store [cos, sin] as a real last axis of size 2, so torch.compile, MPS and `Module.to(dtype)`
-    (which silently drops imaginary parts) all work. Angles are computed in float32: a position times a
-    frequency needs more precision than bf16's 8 bits of mantissa. `scaling` (ModelArgs.rope_scaling)
+    stores cis(angle) = cos(angle) + i sin(angle) as a complex tensor named `freqs_cis`; we store the same
+    rotations as real numbers, [cos, sin] on a last axis of size 2 (hence the name `rotations`), so
+    torch.compile, MPS and `Module.to(dtype)` (which silently drops imaginary parts) all work. Angles are
+    computed in float32: a position times a frequency needs more precision than bf16's 8 bits of mantissa. `scaling` (ModelArgs.rope_scaling)
     applies Llama 3.1's frequency scaling, `llama3_scaled_frequencies`, before the angles are taken.
     """
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
@@ -137,7 +137,7 @@ def llama3_scaled_frequencies(
 
 
 def apply_rotary_emb(
-    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+    xq: torch.Tensor, xk: torch.Tensor, rotations: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries (B, T, H, D) and keys (B, T, H_kv, D) by their positions' angles, (T, D/2, 2).
 
@@ -148,22 +148,22 @@ def apply_rotary_emb(
     rows of wq and wk, which checkpoint conversion applies.) Because both q and k are rotated by their own
     positions, q_m . k_n depends on m - n only: attention sees relative positions.
     """
-    return _rotate_pairs(xq, freqs_cis), _rotate_pairs(xk, freqs_cis)
+    return _rotate_pairs(xq, rotations), _rotate_pairs(xk, rotations)
 
 
-def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+def _rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, D/2, 2), in float32
     x0, x1 = pairs.unbind(-1)  # each (B, T, heads, D/2)
-    cos = freqs_cis[..., 0].unsqueeze(1)  # (T, 1, D/2): broadcast over heads (and batch)
-    sin = freqs_cis[..., 1].unsqueeze(1)
+    cos = rotations[..., 0].unsqueeze(1)  # (T, 1, D/2): broadcast over heads (and batch)
+    sin = rotations[..., 1].unsqueeze(1)
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)  # (B, T, heads, D), back in x's dtype
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE's table for this model, `freqs_cis` (max_seq_len, D/2, 2), and its rows for given positions.
+    """RoPE's table for this model, `rotations` (max_seq_len, D/2, 2), and its rows for given positions.
 
-    positions (T,) int64, or an int start plus T -> freqs_cis[positions] (T, D/2, 2). Not a parameter and
+    positions (T,) int64, or an int start plus T -> rotations[positions] (T, D/2, 2). Not a parameter and
     not saved: the table is rebuilt from the config. It must stay float32 whatever the weights' dtype, and
     that is the one thing this module adds to a plain buffer: `.to()`, `.half()`, `.cuda()` and
     `.to_empty()` all pass through `_apply`, where `model.to(torch.bfloat16)` would round the table (off by
@@ -175,19 +175,19 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.max_seq_len = args.head_dim, args.max_seq_len
         self.theta, self.scaling = args.rope_theta, args.rope_scaling
-        self.register_buffer("freqs_cis", self.table(), persistent=False)
+        self.register_buffer("rotations", self.table(), persistent=False)
 
     def table(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The whole table, computed afresh (see `precompute_freqs_cis`)."""
-        table = precompute_freqs_cis(self.head_dim, self.max_seq_len, self.theta, self.scaling)
+        """The whole table, computed afresh (see `precompute_rotations`)."""
+        table = precompute_rotations(self.head_dim, self.max_seq_len, self.theta, self.scaling)
         return table.to(device) if device is not None else table
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.freqs_cis[positions]  # (T, D/2, 2)
+        return self.rotations[positions]  # (T, D/2, 2)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.freqs_cis = self.table(self.freqs_cis.device)
+        self.rotations = self.table(self.rotations.device)
         return self
 
 
@@ -234,13 +234,13 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
+        self, x: torch.Tensor, rotations: torch.Tensor, start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         xq = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         xk = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = apply_rotary_emb(xq, xk, rotations)
 
         # SDPA wants heads before positions: (B, heads, T, D).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
@@ -287,9 +287,9 @@ class TransformerBlock(nn.Module):
         self.ffn_dropout = nn.Dropout(args.dropout)
 
     def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
+        self, x: torch.Tensor, rotations: torch.Tensor, start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+        h = x + self.attention(self.attention_norm(x), rotations, start_pos)
         return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -373,9 +373,9 @@ class Transformer(nn.Module):
             )
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         positions = start_pos + torch.arange(seq_len, device=tokens.device)  # (T,)
-        freqs_cis = self.rope(positions)  # (T, D/2, 2): these positions' angles
+        rotations = self.rope(positions)  # (T, D/2, 2): these positions' angles
         for layer in self.layers:
-            h = layer(h, freqs_cis, start_pos)
+            h = layer(h, rotations, start_pos)
         return self.norm(h)
 
     # ------------------------------------------------------------------------------- decoding

@@ -41,7 +41,7 @@ __all__ = [
     "apply_lora",
     "check_lora_targets",
     "lora_modules",
-    "lora_settings",
+    "adapter_settings",
     "merge_lora",
     "parse_lora_targets",
     "trainable_parameters",
@@ -206,7 +206,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
-def lora_settings(model: nn.Module) -> LoRASettings | None:
+def adapter_settings(model: nn.Module) -> LoRASettings | None:
     """The settings the adapters of `model` were made with (None without adapters), read from the modules."""
     modules = lora_modules(model)
     if not modules:

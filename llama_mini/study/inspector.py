@@ -66,7 +66,7 @@ __all__ = [
 # sizes. The shape walk measures the real shapes and checks them against these.
 SHAPE_FORMULAS: dict[str, tuple[str, ...]] = {
     "tok_embeddings": ("B", "T", "dim"),
-    "rope": ("T", "D/2", "2"),  # freqs_cis: cos and sin of each position's angles
+    "rope": ("T", "D/2", "2"),  # rotations: cos and sin of each position's angles
     "attention_norm": ("B", "T", "dim"),
     "wq": ("B", "T", "H*D"),
     "wk": ("B", "T", "H_kv*D"),

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.presets import PRESETS, PresetName
+from llama_mini.ops.fast_paths import ATTENTION_BACKENDS
+from llama_mini.ops.kernels import SWIGLU_KERNELS
 from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
 from llama_mini.runtime import DtypeName, device_setting, dtype_setting
 from llama_mini.settings import choice_problems, from_dict, read_config_file, setting, write_config_file
@@ -42,10 +44,10 @@ __all__ = [
 FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
 FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
 
-# The SDPA kernels (llama_mini.ops.fast_paths.ATTENTION_BACKENDS) and the SwiGLU activation's kernels
-# (llama_mini.ops.kernels.SWIGLU_KERNELS) by name; a test checks that these lists agree with those.
-AttentionName = Literal["auto", "flash", "efficient", "cudnn", "math"]
-SwiGLUKernelName = Literal["auto", "eager", "compiled", "triton"]
+# The SDPA kernels and the SwiGLU activation's kernels by name, from the lists where they are implemented
+# (llama_mini.ops.fast_paths, llama_mini.ops.kernels), plus "auto": the flags' choices come from these.
+AttentionName = Literal[("auto", *ATTENTION_BACKENDS)]
+SwiGLUKernelName = Literal[("auto", *SWIGLU_KERNELS)]
 # How training spreads over the processes of a torchrun job (llama_mini.train.parallel).
 ParallelName = Literal["ddp", "fsdp"]
 

@@ -35,7 +35,7 @@ __all__ = [
     "LORA_BASE",
     "build_model",
     "load_pretrained",
-    "lora_settings",
+    "lora_from_config",
     "resolve_init_from",
     "skeleton",
 ]
@@ -47,7 +47,7 @@ LORA_BASE = "base"  # OUT/base/: a LoRA run's frozen base model, a Hugging Face 
 ADJUSTABLE_WHEN_FINE_TUNING = ("max_seq_len", "dropout")
 
 
-def lora_settings(config: TrainConfig) -> LoRASettings | None:
+def lora_from_config(config: TrainConfig) -> LoRASettings | None:
     """The LoRA adapters a run trains, or None for full training."""
     if not config.lora_rank:
         return None

@@ -96,11 +96,11 @@ class CheckpointedBlock(TransformerBlock):
     """
 
     def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | torch.Tensor = 0
+        self, x: torch.Tensor, rotations: torch.Tensor, start_pos: int | torch.Tensor = 0
     ) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation, sampling: nothing is kept for backward anyway
-            return super().forward(x, freqs_cis, start_pos)
-        return checkpoint(super().forward, x, freqs_cis, start_pos, use_reentrant=False)
+            return super().forward(x, rotations, start_pos)
+        return checkpoint(super().forward, x, rotations, start_pos, use_reentrant=False)
 
 
 def checkpoint_activations(model: nn.Module) -> int:

@@ -83,7 +83,7 @@ from llama_mini.train.data_feed import batches, prepare_shards, prepare_tokenize
 from llama_mini.train.initial_model import (
     LORA_BASE,
     build_model,
-    lora_settings,
+    lora_from_config,
     resolve_init_from,
     skeleton,
 )
@@ -188,7 +188,7 @@ class Trainer:
         self.run_folder.dist = self.dist
 
         # From what: a new fine-tuning run takes its model's shape and tokenizer from --init-from.
-        self.lora = lora_settings(config)  # None: every weight trains
+        self.lora = lora_from_config(config)  # None: every weight trains
         self.init_folder = None
         if config.init_from is not None and self.resume_from is None:  # on resume, its checkpoint has all
             self.init_folder, config, model_overrides = resolve_init_from(config, model_overrides, self.lora)
