@@ -88,8 +88,9 @@ def precompute_rotations(
     stores cis(angle) = cos(angle) + i sin(angle) as a complex tensor named `freqs_cis`; we store the same
     rotations as real numbers, [cos, sin] on a last axis of size 2 (hence the name `rotations`), so
     torch.compile, MPS and `Module.to(dtype)` (which silently drops imaginary parts) all work. Angles are
-    computed in float32: a position times a frequency needs more precision than bf16's 8 bits of mantissa. `scaling` (ModelArgs.rope_scaling)
-    applies Llama 3.1's frequency scaling, `llama3_scaled_frequencies`, before the angles are taken.
+    computed in float32: a position times a frequency needs more precision than bf16's 8 bits of mantissa.
+    `scaling` (ModelArgs.rope_scaling) applies Llama 3.1's frequency scaling, `llama3_scaled_frequencies`,
+    before the angles are taken.
     """
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
     if scaling is not None:
