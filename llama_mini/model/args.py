@@ -30,7 +30,7 @@ FeedForwardName = Literal["relu", "gelu", "swish", "glu", "bilinear", "reglu", "
 FEED_FORWARD_NAMES: tuple[str, ...] = FeedForwardName.__args__
 
 # The initialisation rules (Transformer.init_weights): "scaled" (the default) scales every matrix with its
-# fan-in; "gpt2" is GPT-2's constant N(0, 0.02), llama_mini's rule before issue 19 (docs/ABLATION.md).
+# fan-in; "gpt2" is GPT-2's constant N(0, 0.02) (docs/ABLATION.md compares the two).
 InitName = Literal["scaled", "gpt2"]
 INIT_NAMES: tuple[str, ...] = InitName.__args__
 
@@ -72,7 +72,7 @@ class ModelArgs:
     weight_init: InitName = setting(
         "scaled",
         "initial weights, used only when training from scratch: scaled (std gain / sqrt(fan-in), "
-        "Transformer.init_weights) or gpt2 (N(0, 0.02) for every matrix, the rule before issue 19)",
+        "Transformer.init_weights) or gpt2 (GPT-2's N(0, 0.02) for every matrix)",
     )
 
     def __post_init__(self) -> None:

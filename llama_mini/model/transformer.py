@@ -340,8 +340,8 @@ class Transformer(nn.Module):
         by training the FFN ablation's model with every variant over a grid of them (bench/init_sweep.py;
         docs/ABLATION.md, "The initialisation").
 
-        "gpt2" is GPT-2's rule, llama_mini's before issue 19: N(0, 0.02) for every matrix, and
-        0.02 / sqrt(2 * n_layers) for wo and w2 (the same distributions as before, not the same draws).
+        "gpt2" is GPT-2's rule: N(0, 0.02) for every matrix, and 0.02 / sqrt(2 * n_layers) for wo and w2,
+        whatever the width (docs/ABLATION.md compares the two rules).
         Loading a checkpoint replaces every weight: the rule matters only when training from scratch.
         """
         stds = init_stds(self)

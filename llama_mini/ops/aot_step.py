@@ -6,13 +6,12 @@ with the model's own tensors. Generation's CPU decode step is built with it (lla
         outputs = run(*inputs)                                        # function(model, *inputs), compiled
 
 Why. At batch 1 a decode step of a small model is a few hundred small operations, and on a CPU eager PyTorch
-spends about half as long dispatching them from Python as computing them (docs/BENCHMARKS.md, stories15m
-shape under the profiler: 1.1 ms outside operators per token beside 2.2 ms of matrix-vector products, which
-MKL runs at 13 GB/s on weights that sit in the L3 cache). torch.compile fuses the small operators but still
-runs a Python wrapper and checks its guards at every call.
+spends a large share of each step dispatching them from Python rather than computing them (docs/
+BENCHMARKS.md, "Where a CPU decode step goes", measured by bench/profile_decode.py). torch.compile fuses the
+small operators but still runs a Python wrapper and checks its guards at every call.
 AOTInductor (torch.export, then inductor's C++ code generation) compiles the whole step, wrapper included,
-into one shared library: a call is one C++ function. It is also a file, so a later process loads it in
-well under a second instead of compiling again (10-15 s on two cores).
+into one shared library: a call is one C++ function. It is also a file, so a later process loads it
+instead of compiling again (load and compile times: docs/BENCHMARKS.md, "One-shot generate.py").
 
 Matrix-vector products as reductions. Inductor leaves a matrix product to the BLAS library (MKL), which
 runs the (1, K) x (K, N) products of a decode step well below the speed the cache allows, each as its own

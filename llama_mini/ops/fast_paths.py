@@ -43,7 +43,8 @@ ATTENTION_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention, recent NVIDIA GPUs
     "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
 }
-LOSS_CHUNK_SIZE = 1024  # tokens per chunk when the chunked loss is chosen: 1024 measured fastest on a CPU
+# tokens per chunk when the chunked loss is chosen: the fastest on a CPU (bench/loss.py, docs/BENCHMARKS.md)
+LOSS_CHUNK_SIZE = 1024
 
 
 @dataclass(frozen=True)

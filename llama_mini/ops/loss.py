@@ -251,11 +251,10 @@ def chunked_loss_pays(n_tokens: int, vocab_size: int, device: torch.device) -> b
     """Whether training should use linear_cross_entropy rather than the plain logits + cross-entropy.
 
     Chunked when the plain path's float32 logits, n_tokens x vocab_size x 4 bytes, would reach
-    CHUNKED_LOSS_MIN_BYTES (8 MiB), on every device. Measured on a 2-core x86 CPU, float32, eager, forward
-    + backward with chunk 4096 (the best of 15 runs; bench/loss.py times the same): from 8-16 MiB of logits
-    the chunked path was 1.04-1.06x faster, from 64 MiB to 1 GiB 1.3-1.65x faster, as it skips allocating
-    and passing over three N x V tensors; at 1-4 MiB the two tie within 10% (under 1 ms). On a GPU the
-    speed is still to be measured (bench/loss.py on CUDA); the memory saving holds there as on a CPU.
+    CHUNKED_LOSS_MIN_BYTES (8 MiB), on every device: from there the chunked path is faster on a CPU, as it
+    skips allocating and passing over three N x V tensors, and below it the two tie (bench/loss.py;
+    docs/BENCHMARKS.md, "The chunked output layer + cross-entropy on a CPU"). On a GPU the memory saving
+    holds as on a CPU; its speed there waits for a GPU measurement.
     """
     del device  # one rule for every device until a GPU measurement says otherwise
     return n_tokens * vocab_size * 4 >= CHUNKED_LOSS_MIN_BYTES

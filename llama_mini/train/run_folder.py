@@ -21,8 +21,8 @@ final name is always complete; on several machines --out must be a file system t
 take a checkpoint accept OUT itself and read OUT/best (llama_mini.checkpoint.resolve_checkpoint).
 
 Checkpoint formats, by trainer_state.json's "checkpoint_format": 2 is the one above. 1 (the key absent)
-is that of earlier versions, which resume alone or under DDP: training_state.pt held the optimizer's state
-dict too, and the weights were read from the Hugging Face folder.
+keeps no sharded state: the weights are read from the Hugging Face folder (LoRA: the adapter) and
+training_state.pt holds the optimizer's state dict too; such a run resumes alone or under DDP.
 """
 
 from __future__ import annotations

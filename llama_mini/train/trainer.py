@@ -9,8 +9,9 @@ Per optimizer step:
     clip the gradient norm, AdamW step
     every eval_interval steps and at the last: validation loss and bits per byte, checkpoint (last k + best)
 
-The Trainer wires the rooms of llama_mini.train together and runs the loop:
+The Trainer runs the loop over a run that build.py's `build_run` sets up from the rooms of llama_mini.train:
 
+    build.py       the run's parts, built once in the order they depend on each other
     config.py      the settings, and how a resumed run's settings are merged
     runtime        the device, the dtype, the torchrun process group (llama_mini/runtime.py)
     data_feed.py   the tokenizer, the token shards, the batches of each step
@@ -35,7 +36,6 @@ saved by N processes resumes with M (the checkpoint's sharded state is resharded
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import time
@@ -46,57 +46,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from llama_mini.checkpoint import assign_weights, load_model, save_pretrained
 from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, merged_model, save_adapter
-from llama_mini.errors import ConfigError, LlamaMiniError
+from llama_mini.errors import LlamaMiniError
 from llama_mini.generation.decode import generate
 from llama_mini.model.sizes import training_flops_per_token
 from llama_mini.model.transformer import Transformer
-from llama_mini.ops.fast_paths import (
-    apply_fast_paths,
-    attention_backend,
-    check_attention_backend,
-    choose_fast_paths,
-)
-from llama_mini.ops.kernels import check_triton_kernel
+from llama_mini.ops.fast_paths import attention_backend
 from llama_mini.ops.lora import trainable_parameters
-from llama_mini.runtime import (
-    autocast,
-    clock,
-    peak_flops,
-    peak_memory_bytes,
-    resolve_device,
-    resolve_dtype,
-    setup_distributed,
-)
+from llama_mini.runtime import autocast, clock, peak_flops, peak_memory_bytes
 from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
-from llama_mini.train.config import (
-    TrainConfig,
-    model_args_for,
-    resumed_settings,
-    write_run_config,
-)
-from llama_mini.train.data_feed import batches, prepare_shards, prepare_tokenizer
-from llama_mini.train.initial_model import (
-    LORA_BASE,
-    build_model,
-    lora_from_config,
-    resolve_init_from,
-    skeleton,
-)
-from llama_mini.train.optim import learning_rate, make_optimizer
-from llama_mini.train.parallel import (
-    checkpoint_activations,
-    gather_full_state_dict,
-    materialize,
-    parallel_mode,
-    replicate,
-    shard,
-    unsharded,
-)
+from llama_mini.train.build import build_run
+from llama_mini.train.config import TrainConfig, write_run_config
+from llama_mini.train.data_feed import batches
+from llama_mini.train.initial_model import LORA_BASE, skeleton
+from llama_mini.train.optim import learning_rate
+from llama_mini.train.parallel import gather_full_state_dict, replicate, unsharded
 from llama_mini.train.progress import Progress
 from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
 from llama_mini.train.sharded_state import load_sharded_state, save_sharded_state
@@ -153,7 +120,8 @@ def accumulate_gradients(
 
 
 class Trainer:
-    """One run: `Trainer(config, model_overrides)` sets it up, `run()` trains to max_steps.
+    """One run: `Trainer(config, model_overrides)` sets it up (build.py's `build_run`), `run()` trains to
+    max_steps.
 
     `model_overrides` are ModelArgs fields set on the command line or in a config file; they apply on top
     of `config.preset`. On resume, the checkpoint's settings win: only the training settings given
@@ -170,62 +138,18 @@ class Trainer:
         resume_overrides: dict[str, Any] | None = None,
         show_progress: bool = True,
     ):
-        model_overrides = dict(model_overrides or {})
-        self.run_folder = RunFolder(config.out)
-        self.resume_from = self._resume_checkpoint() if resume else None
-        if self.resume_from is not None:
-            saved = RunFolder.read_trainer_state(self.resume_from)
-            config, model_overrides = resumed_settings(
-                saved, resume_overrides or {}, model_overrides, config.out
-            )
-        self.config, self.show_progress = config, show_progress
-
-        # Where: the process group, the device and the dtype.
-        self.dist = setup_distributed(config.device)
-        self.device = resolve_device(config.device, self.dist.local_rank)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.parallel = parallel_mode(config.parallel, self.dist.world_size)  # single, ddp or fsdp
-        self.run_folder.dist = self.dist
-
-        # From what: a new fine-tuning run takes its model's shape and tokenizer from --init-from.
-        self.lora = lora_from_config(config)  # None: every weight trains
-        self.init_folder = None
-        if config.init_from is not None and self.resume_from is None:  # on resume, its checkpoint has all
-            self.init_folder, config, model_overrides = resolve_init_from(config, model_overrides, self.lora)
-            self.config = config  # with --init-from's tokenizer as its --tokenizer
-        self._check_before_slow_work(model_overrides)
-
-        # What: the tokenizer, the data and the model's shape (its vocabulary is the tokenizer's, or when
-        # fine-tuning the checkpoint's, which may be padded past the tokenizer's).
-        self.tokenizer = prepare_tokenizer(config, self.out, self.dist, resuming=self.resume_from is not None)
-        self.train_data, self.val_data = prepare_shards(config, self.out, self.tokenizer, self.dist)
-        vocab_size = model_overrides["vocab_size"] if config.init_from else self.tokenizer.vocab_size
-        self.model_args = model_args_for(config, model_overrides, vocab_size)
-        self._check_data_fits_the_context()
-
-        # How: the model (random, --init-from's, or that frozen with LoRA adapters), activation
-        # checkpointing and the fast paths applied to it, spread over the processes (parallel.py), and the
-        # optimizer (of the trainable parameters only).
-        self.fast_paths = choose_fast_paths(
-            self.device,
-            tokens_per_micro_batch=config.batch_size // self.dist.world_size * self.model_args.max_seq_len,
-            vocab_size=self.model_args.vocab_size,
-            dtype=self.dtype,
-            compile=config.compile,
-            fused_adamw=config.fused_adamw,
-            attention=config.attention,
-            swiglu_kernel=config.swiglu_kernel,
-            loss_chunk_size=config.loss_chunk_size,
-        )
-        torch.manual_seed(config.seed)  # the same initial weights on every process, and as one process
-        if self.parallel == "fsdp":
-            self.raw_model, self.loss_module = self._build_sharded_model()
-        else:
-            self.raw_model = self._build_model(self.device)  # what is saved and loaded
-            self.loss_module = self._training_module(self.raw_model)  # what the steps call
-        self.optimizer = make_optimizer(self.raw_model, config, self.fast_paths.fused_adamw)
+        parts = build_run(config, model_overrides, resume, resume_overrides)  # build.py: the run's parts
+        self.config, self.model_args, self.run_folder = parts.config, parts.model_args, parts.run_folder
+        self.dist, self.parallel = parts.dist, parts.parallel
+        self.device, self.dtype = parts.device, parts.dtype
+        self.resume_from, self.init_folder = parts.settings.resume_from, parts.settings.init_folder
+        self.lora, self.tokenizer = parts.settings.lora, parts.tokenizer
+        self.train_data, self.val_data = parts.train_data, parts.val_data
+        self.fast_paths, self.optimizer = parts.fast_paths, parts.optimizer
+        self.raw_model, self.loss_module = parts.raw_model, parts.loss_module
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.show_progress = show_progress
 
         self.step = 0
         self.best_val_loss: float | None = None
@@ -234,13 +158,13 @@ class Trainer:
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
         elif self.dist.is_main:
-            write_run_config(self.out / RUN_CONFIG, config, self.model_args)
-        if self.parallel == "ddp":
+            write_run_config(self.out / RUN_CONFIG, self.config, self.model_args)
+        if self.parallel == "ddp":  # after loading: DDP broadcasts the main process's weights
             self.loss_module = replicate(self.loss_module, self.device)
 
-        self.tokens_per_step = config.batch_size * config.grad_accum * self.model_args.max_seq_len
+        self.tokens_per_step = self.config.batch_size * self.config.grad_accum * self.model_args.max_seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.model_args.max_seq_len)
-        self.peak_flops = peak_flops(self.device, config.peak_tflops)
+        self.peak_flops = peak_flops(self.device, self.config.peak_tflops)
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
 
@@ -252,104 +176,6 @@ class Trainer:
     def base_folder(self) -> Path:
         """OUT/base: a LoRA run's frozen base model."""
         return self.out / LORA_BASE
-
-    # ----------------------------------------------------------------------------------- set-up checks
-
-    def _resume_checkpoint(self) -> Path:
-        latest = self.run_folder.latest_checkpoint()
-        if latest is None:
-            raise ConfigError(
-                f"--resume: no checkpoint in {self.out} (expected step-* folders); "
-                "check --out, or drop --resume to start a new run"
-            )
-        return latest
-
-    def _check_before_slow_work(self, model_overrides: dict[str, Any]) -> None:
-        """Everything that can be refused before the tokenizer and the data are prepared."""
-        config = self.config
-        if config.batch_size % self.dist.world_size:
-            raise ConfigError(
-                f"--batch-size {config.batch_size} must be divisible by the number of processes "
-                f"({self.dist.world_size}): each takes an equal share of every micro-batch"
-            )
-        self.run_folder.check_writable(self.dist.rank)
-        if self.parallel == "fsdp" and self.dtype == torch.float16:
-            raise ConfigError(
-                "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "
-                "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
-            )
-        saved_format = RunFolder.checkpoint_format(self.resume_from) if self.resume_from else None
-        if self.parallel == "fsdp" and saved_format == 1:
-            raise ConfigError(
-                f"{self.resume_from} was saved by an earlier llama_mini, whose checkpoints resume alone "
-                "or with --parallel ddp; resume it that way until its next checkpoint, then with fsdp"
-            )
-        # Fast-path settings that cannot run here (choose_fast_paths checks them again for its own callers).
-        check_attention_backend(config.attention, self.device, self.dtype)
-        if config.swiglu_kernel == "triton":
-            check_triton_kernel(self.device)
-        if self.resume_from is None and self.run_folder.checkpoints():
-            raise ConfigError(
-                f"{self.out} already holds checkpoints of a run: pass --resume to continue it, "
-                "or choose a new --out"
-            )
-        model_args_for(config, model_overrides, vocab_size=config.vocab_size or 1)  # the shape's own checks
-
-    def _check_data_fits_the_context(self) -> None:
-        window = self.model_args.max_seq_len + 1
-        if self.val_data.chat is not None:  # chat rows start at conversations and are padded: any length fits
-            return
-        if window > min(len(self.train_data), len(self.val_data)):
-            raise ConfigError(
-                f"--max-seq-len {self.model_args.max_seq_len} needs windows of {window} "
-                f"tokens, but the training split has {len(self.train_data)} and validation "
-                f"{len(self.val_data)}: lower --max-seq-len or use a larger corpus"
-            )
-
-    def _build_model(self, device: torch.device) -> Transformer:
-        """The starting model on `device`: random, --init-from's, or LoRA's base with fresh adapters."""
-        return build_model(
-            self.model_args,
-            device,
-            self.lora,
-            init_folder=self.init_folder,
-            base_folder=self.base_folder,
-            resuming=self.resume_from is not None,
-            write_base=self.dist.is_main,
-            tokenizer_path=self.tokenizer.model_path,
-        )
-
-    def _training_module(self, model: Transformer, compile: bool | None = None) -> nn.Module:
-        """`model` as training calls it: activation checkpointing if asked, then the fast paths, which wrap
-        it in the loss (NextTokenLoss, compiled with the model unless `compile` is False)."""
-        if self.config.activation_checkpointing:
-            checkpoint_activations(model)
-        paths = self.fast_paths if compile is None else dataclasses.replace(self.fast_paths, compile=compile)
-        return apply_fast_paths(model, paths)
-
-    def _build_sharded_model(self) -> tuple[Transformer, nn.Module]:
-        """FSDP: (the model, the sharded loss module around it), each process holding its pieces only.
-
-        Every process builds the model on the meta device and shards it (parallel.py); only the main
-        process builds the whole initial model, on the CPU, exactly as one process would (the same random
-        draws, --init-from's weights, or LoRA's base and fresh adapters), and broadcasts it, each process
-        keeping its pieces. A resumed full-training run skips that: its checkpoint holds every weight.
-        With --compile, each block is compiled before it is sharded; the loss module is not.
-        """
-        needs_initial_weights = self.resume_from is None or self.lora is not None
-        initial = None
-        if needs_initial_weights and self.dist.is_main:
-            initial = self._build_model(torch.device("cpu")).state_dict()
-        model = skeleton(self.model_args, self.lora)
-        loss_module = self._training_module(model, compile=False)
-        shard(loss_module, model, self.device, self.dist.world_size, self.dtype, self.fast_paths.compile)
-        if needs_initial_weights:
-            materialize(loss_module, model, self.device, initial)
-        else:
-            loss_module.to_empty(device=self.device)
-        del initial
-        self.dist.share_main_rng_state(self.device)  # the others drew nothing while building on meta
-        return model, loss_module
 
     # ----------------------------------------------------------------------------------- the loop
 
@@ -586,9 +412,9 @@ class Trainer:
         """Continue from checkpoint `folder`: weights, AdamW state, random states, step and best loss.
 
         Format 2: the trainable weights and AdamW state from sharded_state/, each process reading what it
-        holds (a LoRA run's frozen base came from OUT/base). Format 1, from earlier versions (never
-        under FSDP, refused earlier): the weights from the Hugging Face folder (LoRA: the adapter), the
-        optimizer's state dict from training_state.pt.
+        holds (a LoRA run's frozen base came from OUT/base). Format 1 (no sharded state; never under FSDP,
+        refused earlier): the weights from the Hugging Face folder (LoRA: the adapter), the optimizer's
+        state dict from training_state.pt.
         """
         state = RunFolder.read_training_state(folder)
         if RunFolder.checkpoint_format(folder) >= 2:

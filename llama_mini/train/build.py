@@ -1,0 +1,289 @@
+"""Setting a run up: everything the training loop needs, built once, in the order each part depends on.
+
+    settings   the run's TrainConfig and model settings, final from here on: a resumed run's own, with
+               the flags it may change on top; a new fine-tuning run's shape and tokenizer from --init-from
+    place      the torchrun process group, the device, the dtype, single process / DDP / FSDP
+    checks     everything that can be refused before the slow work (the tokenizer, the data)
+    data       the tokenizer and the token shards (data_feed.py), then the model's shape
+    model      random, --init-from's, or LoRA's frozen base with adapters; the fast paths and parallelism
+               applied to it (ops/fast_paths.py, parallel.py); the optimizer of its trainable parameters
+
+`build_run` returns a `Run` holding them; `Trainer` (trainer.py) runs it. Each step is a function of what
+the steps before it returned, so nothing is decided twice and no line depends on an attribute an earlier
+line happened to set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llama_mini.errors import ConfigError
+from llama_mini.model.args import ModelArgs
+from llama_mini.model.transformer import Transformer
+from llama_mini.ops.fast_paths import FastPaths, apply_fast_paths, check_attention_backend, choose_fast_paths
+from llama_mini.ops.kernels import check_triton_kernel
+from llama_mini.ops.lora import LoRASettings
+from llama_mini.runtime import Distributed, resolve_device, resolve_dtype, setup_distributed
+from llama_mini.tokenizer import Tokenizer
+from llama_mini.train.config import TrainConfig, model_args_for, resumed_settings
+from llama_mini.train.data_feed import prepare_shards, prepare_tokenizer
+from llama_mini.train.initial_model import (
+    LORA_BASE,
+    build_model,
+    lora_from_config,
+    resolve_init_from,
+    skeleton,
+)
+from llama_mini.train.optim import make_optimizer
+from llama_mini.train.parallel import checkpoint_activations, materialize, parallel_mode, shard
+from llama_mini.train.run_folder import RunFolder
+
+__all__ = ["Run", "RunSettings", "build_run", "resolve_settings"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run is, decided once: its settings and where its weights come from."""
+
+    config: TrainConfig  # final: a resumed run's own (plus the flags it may change), --init-from's tokenizer
+    model_overrides: dict[str, Any]  # ModelArgs fields on top of config.preset
+    resume_from: Path | None  # the checkpoint a resumed run continues from
+    init_folder: Path | None  # the checkpoint a new fine-tuning run starts from
+    lora: LoRASettings | None  # None: every weight trains
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with (see the module docstring for what each part is)."""
+
+    settings: RunSettings
+    run_folder: RunFolder
+    dist: Distributed
+    device: torch.device
+    dtype: torch.dtype
+    parallel: str  # "single", "ddp" or "fsdp"
+    tokenizer: Tokenizer
+    train_data: Any  # TokenSplit
+    val_data: Any
+    model_args: ModelArgs
+    fast_paths: FastPaths
+    raw_model: Transformer  # what is saved and loaded
+    loss_module: nn.Module  # what the steps call: the model inside the loss, compiled, sharded
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.settings.config
+
+
+def build_run(
+    config: TrainConfig,
+    model_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    resume_overrides: dict[str, Any] | None = None,
+) -> Run:
+    """Set a run up (see the module docstring). `model_overrides` are ModelArgs fields set on the command
+    line or in a config file; on resume only the training settings in `resume_overrides` may change."""
+    run_folder = RunFolder(config.out)
+    settings = resolve_settings(config, model_overrides or {}, run_folder, resume, resume_overrides or {})
+    config = settings.config
+    dist = setup_distributed(config.device)
+    run_folder.dist = dist
+    device = resolve_device(config.device, dist.local_rank)
+    dtype = resolve_dtype(config.dtype, device)
+    parallel = parallel_mode(config.parallel, dist.world_size)
+    check_before_slow_work(settings, run_folder, dist, device, dtype, parallel)
+
+    resuming = settings.resume_from is not None
+    tokenizer = prepare_tokenizer(config, run_folder.out, dist, resuming=resuming)
+    train_data, val_data = prepare_shards(config, run_folder.out, tokenizer, dist)
+    # The vocabulary is the tokenizer's, or when fine-tuning the checkpoint's (it may be padded past it).
+    vocab_size = settings.model_overrides["vocab_size"] if config.init_from else tokenizer.vocab_size
+    model_args = model_args_for(config, settings.model_overrides, vocab_size)
+    check_data_fits_the_context(model_args, train_data, val_data)
+
+    fast_paths = choose_fast_paths(
+        device,
+        tokens_per_micro_batch=config.batch_size // dist.world_size * model_args.max_seq_len,
+        vocab_size=model_args.vocab_size,
+        dtype=dtype,
+        compile=config.compile,
+        fused_adamw=config.fused_adamw,
+        attention=config.attention,
+        swiglu_kernel=config.swiglu_kernel,
+        loss_chunk_size=config.loss_chunk_size,
+    )
+    torch.manual_seed(config.seed)  # the same initial weights on every process, and as one process
+    starting_model = StartingModel(settings, model_args, run_folder.out / LORA_BASE, tokenizer, dist)
+    if parallel == "fsdp":
+        raw_model, loss_module = build_sharded_model(starting_model, fast_paths, device, dtype, dist)
+    else:
+        raw_model = starting_model.build(device)
+        loss_module = training_module(raw_model, fast_paths, config.activation_checkpointing)
+    optimizer = make_optimizer(raw_model, config, fast_paths.fused_adamw)
+    return Run(
+        settings, run_folder, dist, device, dtype, parallel, tokenizer, train_data, val_data, model_args,
+        fast_paths, raw_model, loss_module, optimizer,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings and checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_settings(
+    config: TrainConfig,
+    model_overrides: dict[str, Any],
+    run_folder: RunFolder,
+    resume: bool,
+    resume_overrides: dict[str, Any],
+) -> RunSettings:
+    """The run's final settings. Resuming: the checkpoint's settings win, and only the training settings in
+    `resume_overrides` (such as a larger --max-steps) change; model settings must agree. A new run with
+    --init-from takes its model's shape and tokenizer from that checkpoint (its checkpoint has them all on
+    resume), and `model_overrides` may only agree with it (or set ADJUSTABLE_WHEN_FINE_TUNING)."""
+    resume_from = None
+    if resume:
+        resume_from = run_folder.latest_checkpoint()
+        if resume_from is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {run_folder.out} (expected step-* folders); "
+                "check --out, or drop --resume to start a new run"
+            )
+        saved = RunFolder.read_trainer_state(resume_from)
+        config, model_overrides = resumed_settings(saved, resume_overrides, model_overrides, config.out)
+    lora = lora_from_config(config)
+    init_folder = None
+    if config.init_from is not None and resume_from is None:
+        init_folder, config, model_overrides = resolve_init_from(config, model_overrides, lora)
+    return RunSettings(config, dict(model_overrides), resume_from, init_folder, lora)
+
+
+def check_before_slow_work(
+    settings: RunSettings,
+    run_folder: RunFolder,
+    dist: Distributed,
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: str,
+) -> None:
+    """Everything that can be refused before the tokenizer and the data are prepared."""
+    config, resume_from = settings.config, settings.resume_from
+    if config.batch_size % dist.world_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} must be divisible by the number of processes "
+            f"({dist.world_size}): each takes an equal share of every micro-batch"
+        )
+    run_folder.check_writable(dist.rank)
+    if parallel == "fsdp" and dtype == torch.float16:
+        raise ConfigError(
+            "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "
+            "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
+        )
+    if parallel == "fsdp" and resume_from is not None and RunFolder.checkpoint_format(resume_from) == 1:
+        raise ConfigError(
+            f"{resume_from} has no sharded state (checkpoint format 1), which resumes alone or with "
+            "--parallel ddp; resume it that way until its next checkpoint, then with fsdp"
+        )
+    # The fast paths' own settings (choose_fast_paths accepts them later, after the data are prepared).
+    check_attention_backend(config.attention, device, dtype)
+    if config.swiglu_kernel == "triton":
+        check_triton_kernel(device)
+    if resume_from is None and run_folder.checkpoints():
+        raise ConfigError(
+            f"{run_folder.out} already holds checkpoints of a run: pass --resume to continue it, "
+            "or choose a new --out"
+        )
+    # The shape's own checks, with a stand-in vocabulary (the real one is the tokenizer's, known later).
+    model_args_for(config, settings.model_overrides, vocab_size=config.vocab_size or 1)
+
+
+def check_data_fits_the_context(model_args: ModelArgs, train_data, val_data) -> None:
+    window = model_args.max_seq_len + 1
+    if val_data.chat is not None:  # chat rows start at conversations and are padded: any length fits
+        return
+    if window > min(len(train_data), len(val_data)):
+        raise ConfigError(
+            f"--max-seq-len {model_args.max_seq_len} needs windows of {window} "
+            f"tokens, but the training split has {len(train_data)} and validation "
+            f"{len(val_data)}: lower --max-seq-len or use a larger corpus"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StartingModel:
+    """The model a run starts from, built on a given device (initial_model.build_model)."""
+
+    settings: RunSettings
+    model_args: ModelArgs
+    base_folder: Path  # OUT/base: a LoRA run's frozen base model
+    tokenizer: Tokenizer
+    dist: Distributed
+
+    def build(self, device: torch.device) -> Transformer:
+        """Random, --init-from's, or LoRA's base with fresh adapters, on `device`."""
+        return build_model(
+            self.model_args,
+            device,
+            self.settings.lora,
+            init_folder=self.settings.init_folder,
+            base_folder=self.base_folder,
+            resuming=self.settings.resume_from is not None,
+            write_base=self.dist.is_main,
+            tokenizer_path=self.tokenizer.model_path,
+        )
+
+
+def training_module(
+    model: Transformer, fast_paths: FastPaths, activation_checkpointing: bool, compile: bool | None = None
+) -> nn.Module:
+    """`model` as training calls it: activation checkpointing if asked, then the fast paths, which wrap it
+    in the loss (NextTokenLoss, compiled with the model unless `compile` is False)."""
+    if activation_checkpointing:
+        checkpoint_activations(model)
+    paths = fast_paths if compile is None else dataclasses.replace(fast_paths, compile=compile)
+    return apply_fast_paths(model, paths)
+
+
+def build_sharded_model(
+    starting_model: StartingModel,
+    fast_paths: FastPaths,
+    device: torch.device,
+    dtype: torch.dtype,
+    dist: Distributed,
+) -> tuple[Transformer, nn.Module]:
+    """FSDP: (the model, the sharded loss module around it), each process holding its pieces only.
+
+    Every process builds the model on the meta device and shards it (parallel.py); only the main process
+    builds the whole initial model, on the CPU, exactly as one process would (the same random draws,
+    --init-from's weights, or LoRA's base and fresh adapters), and broadcasts it, each process keeping its
+    pieces. A resumed full-training run skips that: its checkpoint holds every weight. With --compile,
+    each block is compiled before it is sharded; the loss module is not.
+    """
+    settings = starting_model.settings
+    needs_initial_weights = settings.resume_from is None or settings.lora is not None
+    initial = None
+    if needs_initial_weights and dist.is_main:
+        initial = starting_model.build(torch.device("cpu")).state_dict()
+    model = skeleton(starting_model.model_args, settings.lora)
+    loss_module = training_module(model, fast_paths, settings.config.activation_checkpointing, compile=False)
+    shard(loss_module, model, device, dist.world_size, dtype, fast_paths.compile)
+    if needs_initial_weights:
+        materialize(loss_module, model, device, initial)
+    else:
+        loss_module.to_empty(device=device)
+    del initial
+    dist.share_main_rng_state(device)  # the others drew nothing while building on meta
+    return model, loss_module
