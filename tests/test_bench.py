@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import decode, decode_cpu, ffn, train_throughput, vs_transformers
+from bench import decode, decode_cpu, ffn, profile_cpu, train_throughput, vs_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,3 +143,15 @@ def test_decode_cpu_bench_runs_every_engine_on_the_same_weights(tmp_path, quick_
     assert all(row["agree"] == "6/6" for row in rows)  # every engine decoded the same greedy tokens
     if "llama.cpp" not in engines:
         assert "llama.cpp skipped" in capsys.readouterr().out
+
+
+def test_profile_bench_splits_a_training_step_and_times_both_products(tmp_path):
+    out = tmp_path / "profile.json"
+    argv = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--plain"]
+    assert profile_cpu.main(["train", *argv, "--json", str(out)]) == 0
+    parts = [row["part"] for row in results(out)]
+    assert parts == ["matmul", "attention", "other", "matmul rate"]
+    shares = [float(row["share of operator time"].rstrip("%")) for row in results(out)[:3]]
+    assert 98 <= sum(shares) <= 102 and shares[0] > 0  # every operator counted once, the products found
+    assert profile_cpu.main(["matvec", "--preset", "tiny", "--json", str(out)]) == 0
+    assert [row["rows"] for row in results(out)] == [1, 8]
