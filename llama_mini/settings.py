@@ -47,7 +47,6 @@ __all__ = [
     "help_text",
     "read_config_file",
     "setting",
-    "settings_of",
     "write_config_file",
 ]
 
@@ -63,11 +62,6 @@ def setting(
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def settings_of(cls: type) -> list[dataclasses.Field]:
-    """The fields of a settings dataclass, in declaration order."""
-    return list(dataclasses.fields(cls))
 
 
 def help_text(cls: type, name: str) -> str:

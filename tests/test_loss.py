@@ -201,10 +201,9 @@ def test_mismatched_shapes_raise_value_error():
 
 
 def test_chunked_loss_pays_from_eight_mebibytes_of_logits():
-    cpu = torch.device("cpu")
-    assert not chunked_loss_pays(256, 4096, cpu)  # 4 MiB of float32 logits: the two paths tie
-    assert chunked_loss_pays(512, 4096, cpu)  # 8 MiB
-    assert chunked_loss_pays(16 * 256, 32000, cpu)  # a stories15M micro-batch: 500 MiB
+    assert not chunked_loss_pays(256, 4096)  # 4 MiB of float32 logits: the two paths tie
+    assert chunked_loss_pays(512, 4096)  # 8 MiB
+    assert chunked_loss_pays(16 * 256, 32000)  # a stories15M micro-batch: 500 MiB
 
 
 def test_cross_entropy_of_bf16_logits_is_float32_and_skips_ignored_targets():

@@ -17,7 +17,6 @@ from llama_mini.settings import choice_problems, from_dict, setting
 
 __all__ = [
     "FEED_FORWARD_NAMES",
-    "INIT_NAMES",
     "ROPE_SCALING_KEYS",
     "FeedForwardName",
     "InitName",
@@ -32,7 +31,6 @@ FEED_FORWARD_NAMES: tuple[str, ...] = FeedForwardName.__args__
 # The initialisation rules (Transformer.init_weights): "scaled" (the default) scales every matrix with its
 # fan-in; "gpt2" is GPT-2's constant N(0, 0.02) (docs/ABLATION.md compares the two).
 InitName = Literal["scaled", "gpt2"]
-INIT_NAMES: tuple[str, ...] = InitName.__args__
 
 # Llama 3.1's RoPE frequency scaling settings, under Hugging Face's names (see llama3_scaled_frequencies).
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

@@ -98,7 +98,7 @@ def choose_fast_paths(
     if swiglu_kernel == "triton":
         check_triton_kernel(device)  # refused now, before data and model are prepared
     if loss_chunk_size is None:
-        pays = dtype != torch.float16 and chunked_loss_pays(tokens_per_micro_batch, vocab_size, device)
+        pays = dtype != torch.float16 and chunked_loss_pays(tokens_per_micro_batch, vocab_size)
         loss_chunk_size = LOSS_CHUNK_SIZE if pays else 0
     return FastPaths(
         compile=device.type == "cuda" if compile is None else compile,

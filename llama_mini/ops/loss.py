@@ -247,7 +247,7 @@ def _loss_and_gradients(
     return loss, grad_hidden, grad_weight
 
 
-def chunked_loss_pays(n_tokens: int, vocab_size: int, device: torch.device) -> bool:
+def chunked_loss_pays(n_tokens: int, vocab_size: int) -> bool:
     """Whether training should use linear_cross_entropy rather than the plain logits + cross-entropy.
 
     Chunked when the plain path's float32 logits, n_tokens x vocab_size x 4 bytes, would reach
@@ -256,5 +256,4 @@ def chunked_loss_pays(n_tokens: int, vocab_size: int, device: torch.device) -> b
     docs/BENCHMARKS.md, "The chunked output layer + cross-entropy on a CPU"). On a GPU the memory saving
     holds as on a CPU; its speed there waits for a GPU measurement.
     """
-    del device  # one rule for every device until a GPU measurement says otherwise
     return n_tokens * vocab_size * 4 >= CHUNKED_LOSS_MIN_BYTES

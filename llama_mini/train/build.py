@@ -187,7 +187,9 @@ def check_before_slow_work(
             "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "
             "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
         )
-    if parallel == "fsdp" and resume_from is not None and RunFolder.checkpoint_format(resume_from) == 1:
+    # A checkpoint of a newer format than this llama_mini reads is refused here (checkpoint_format raises).
+    saved_format = RunFolder.checkpoint_format(resume_from) if resume_from is not None else None
+    if parallel == "fsdp" and saved_format == 1:
         raise ConfigError(
             f"{resume_from} has no sharded state (checkpoint format 1), which resumes alone or with "
             "--parallel ddp; resume it that way until its next checkpoint, then with fsdp"
