@@ -4,6 +4,10 @@ Every file llama_mini writes (tokenizer, token shards, weights, configs) goes to
 same folder and is then renamed over its final name with `os.replace`, which is atomic on one file system:
 after a crash the final name holds the old file or the new one, never a mixture. Checkpoint folders are
 filled under a temporary name and renamed the same way (`write_folder_atomically`).
+
+A file gets the mode an ordinary `open(path, "w")` would give it: read and write for everyone the user's
+umask allows (0644 under the usual 022), so a teammate, a serving account or the other nodes of a job can
+read a shared run folder. (The temporary file is created 0600, which its rename would otherwise keep.)
 """
 
 from __future__ import annotations
@@ -17,13 +21,32 @@ from pathlib import Path
 from typing import IO
 
 
+def ordinary_file_mode() -> int:
+    """0o666 less the process's umask: the mode `open()` gives a new file."""
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set it to read it, and put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new file next to `path` (descriptor, name) with the mode of an ordinary new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(descriptor, ordinary_file_mode())
+    return descriptor, temporary
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file opened under a temporary name next to `path`, renamed to `path` when the block ends
     without an error (and deleted when it raises)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = _temporary_beside(Path(path))
     try:
         with os.fdopen(descriptor, "wb") as file:
             yield file
@@ -37,11 +60,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     """Call `write(temporary_path)` (for writers that take a file name, such as safetensors' save_file),
     then rename the result to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = _temporary_beside(path)
     os.close(descriptor)
     try:
         write(Path(temporary))
+        os.chmod(temporary, ordinary_file_mode())  # a writer may have made the file anew, with its own mode
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
