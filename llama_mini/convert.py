@@ -43,6 +43,7 @@ from llama_mini.checkpoint.gguf import (
 from llama_mini.checkpoint.peft import is_adapter_folder, merge_adapter
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError
+from llama_mini.files import check_output_path
 from llama_mini.model.sizes import count_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,8 +118,7 @@ def convert(
     the plain merged model. A LoRA run's checkpoints already hold that merged model beside their adapter/,
     so converting the run folder itself gives the same folder.
     """
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst} is a file; DST must be a folder")
+    check_output_path(dst, "DST")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise CheckpointError(f"{dst} is not empty; choose an empty or new folder, or pass --force")
     src = resolve_checkpoint(src)  # a training run folder: its best/ (main() says so)
@@ -165,6 +165,7 @@ def export_gguf(
         raise GGUFExportError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
     if dst.is_dir():
         raise GGUFExportError(f"{dst} is a folder; name the .gguf file to write")
+    check_output_path(dst, "DST", folder=False)
     if dst.exists() and not force:
         raise GGUFExportError(f"{dst} already exists; choose another name, or pass --force to replace it")
     source_format = detect_format(src)

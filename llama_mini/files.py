@@ -20,6 +20,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from llama_mini.errors import ConfigError
+
+
+def check_output_path(path: str | os.PathLike, what: str, folder: bool = True) -> None:
+    """ConfigError (one line naming `what`, e.g. "--data-dir") unless `path` can be created as a folder
+    (`folder`) or a file: no existing part of it may be a file, and a folder path may not be one itself.
+    Called before any work, so a wrong path never ends in a FileExistsError half way."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder: choose a new or existing folder")
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"{what} {path}: {blocker} is a file, not a folder; choose another path")
+
 
 def ordinary_file_mode() -> int:
     """0o666 less the process's umask: the mode `open()` gives a new file."""

@@ -13,7 +13,8 @@ names the allowed values. From those definitions alone this module makes
     - the check of choices (`choice_problems`, called by each dataclass's validation),
     - strict construction from saved or written settings (`from_dict`: an unknown key is an error that names
       it, so a renamed field never vanishes silently on resume), and
-    - configuration files (`read_config_file` / `write_config_file`: TOML, one table per dataclass),
+    - configuration files (`read_config_file` / `write_config_file`: TOML, one table per dataclass, each
+      value checked against its field's type: `type_problem`),
 
 so a setting's help text, default and choices are written once.
 """
@@ -47,6 +48,7 @@ __all__ = [
     "help_text",
     "read_config_file",
     "setting",
+    "type_problem",
     "write_config_file",
 ]
 
@@ -89,6 +91,52 @@ def choices(cls: type, name: str) -> tuple[Any, ...] | None:
     if typing.get_origin(kind) is list:
         kind = typing.get_args(kind)[0]
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether `value`, as a TOML file spells it, is a value of type `kind` (an int is a float too)."""
+    kind, nullable = _without_none(kind)
+    if value is None or kind is Any:
+        return nullable or kind is Any
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return value in typing.get_args(kind)
+    if origin in (list, tuple):
+        items = typing.get_args(kind)
+        return isinstance(value, (list, tuple)) and all(_fits(item, items[0]) for item in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(kind))
+    if origin is dict or kind is dict:
+        return isinstance(value, dict)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_name(kind: Any) -> str:
+    kind, nullable = _without_none(kind)
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        name = "one of " + ", ".join(map(repr, typing.get_args(kind)))
+    elif origin in (list, tuple):
+        name = f"a list of {_type_name(typing.get_args(kind)[0])}"
+    elif origin in (typing.Union, types.UnionType):
+        name = " or ".join(_type_name(option) for option in typing.get_args(kind))
+    else:
+        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+            kind, getattr(kind, "__name__", str(kind))
+        )
+    return name + (" (or left out for none)" if nullable else "")
+
+
+def type_problem(cls: type, name: str, value: Any) -> str | None:
+    """What is wrong with `value` for setting `name` of `cls` as a config file wrote it, or None."""
+    kind = _type_of(cls, name)
+    if _fits(value, kind):
+        return None
+    return f"{name} = {value!r} must be {_type_name(kind)}"
 
 
 def flag_name(name: str) -> str:
@@ -213,8 +261,9 @@ def _shown(value: Any) -> str:
 def read_config_file(path: str | Path, tables: dict[str, type]) -> dict[str, dict[str, Any]]:
     """The tables of a TOML configuration file, e.g. {"train": {...}, "model": {...}}.
 
-    `tables` maps each allowed table name to its settings class; an unknown table or key is a ConfigError
-    naming it and the file, and the values are checked only when the caller builds its settings.
+    `tables` maps each allowed table name to its settings class; an unknown table or key, or a value of the
+    wrong type (a string for a number, 20.7 for a number of steps), is a ConfigError naming it and the file;
+    ranges and combinations are checked when the caller builds its settings.
     """
     path = Path(path)
     try:
@@ -244,23 +293,36 @@ def read_config_file(path: str | Path, tables: dict[str, type]) -> dict[str, dic
                 f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown))} in [{name}]; "
                 f"known: {', '.join(sorted(known))}"
             )
+        for key, value in values.items():
+            problem = type_problem(cls, key, value)
+            if problem:
+                raise ConfigError(f"--config {path}: [{name}] {problem}; fix the file")
         result[name] = dict(values)
     return result
 
 
-def write_config_file(path: str | Path, tables: dict[str, dict[str, Any]], header: str = "") -> None:
+def write_config_file(
+    path: str | Path,
+    tables: dict[str, dict[str, Any]],
+    header: str = "",
+    derived: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Write `tables` (name -> settings dict) as TOML that `read_config_file` reads back to the same values.
 
     TOML has no null: a setting whose value is None is written as a comment, and reads back as its default,
-    which is None for every such setting. Written by hand rather than with a TOML writer package: the values
-    are only strings, numbers, booleans, lists of them and one level of inline tables, which JSON's
-    escaping already spells as valid TOML (a test reads every written file back with tomllib).
+    which is None for every such setting. `derived` (table -> name -> value) gives the values that None
+    stands for where the settings derive them from others: shown in that comment, marked "(derived)".
+    Written by hand rather than with a TOML writer package: the values are only strings, numbers, booleans,
+    lists of them and one level of inline tables, which JSON's escaping already spells as valid TOML (a test
+    reads every written file back with tomllib).
     """
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for name, values in tables.items():
         lines += ["", f"[{name}]"]
         for key, value in values.items():
-            if value is None:
+            if value is None and key in (derived or {}).get(name, {}):
+                lines.append(f"# {key} = {_toml_value(derived[name][key])}  (derived)")
+            elif value is None:
                 lines.append(f"# {key} = (none)")
             else:
                 lines.append(f"{key} = {_toml_value(value)}")

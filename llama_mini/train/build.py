@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llama_mini.errors import ConfigError
+from llama_mini.files import check_output_path
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops.fast_paths import FastPaths, apply_fast_paths, check_attention_backend, choose_fast_paths
@@ -182,6 +183,8 @@ def check_before_slow_work(
             f"({dist.world_size}): each takes an equal share of every micro-batch"
         )
     run_folder.check_writable(dist.rank)
+    if config.data_dir is not None:
+        check_output_path(config.data_dir, "--data-dir")
     if parallel == "fsdp" and dtype == torch.float16:
         raise ConfigError(
             "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "

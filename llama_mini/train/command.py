@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
+from pathlib import Path
 
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.model.args import ModelArgs
 from llama_mini.settings import add_flags
+from llama_mini.train.build import resolve_settings
 from llama_mini.train.config import TrainConfig, read_run_config
+from llama_mini.train.run_folder import RunFolder
 from llama_mini.train.trainer import Trainer
 
 __all__ = ["build_parser", "main", "train"]
@@ -66,7 +70,20 @@ def train(given: dict) -> int:
     # On --resume the checkpoint's settings are the base, so only --out is needed to find it; the settings
     # given are applied on top of the saved ones (and validated together) by the Trainer.
     config = TrainConfig(out=train_settings.get("out", "out")) if resume else TrainConfig(**train_settings)
-    trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
+    if resume and finished(config, model_overrides, train_settings):
+        return 0
+    out, existed = Path(config.out), Path(config.out).exists()
+    try:
+        trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
+    except KeyboardInterrupt:  # while the tokenizer or the data were being prepared: nothing to resume yet
+        if not existed:
+            remove_empty_folders(out)
+        print(
+            "interrupted before the first step (while preparing the tokenizer and data): nothing to resume; "
+            "run the same command again to start",
+            file=sys.stderr,
+        )
+        return 130
     summary = trainer.run()
     if not trainer.dist.is_main:
         return 0
@@ -85,3 +102,30 @@ def train(given: dict) -> int:
         f"({summary.tokens_per_second:,.0f} tokens/s); {val}best checkpoint {trainer.out / 'best'}"
     )
     return 0
+
+
+def finished(config: TrainConfig, model_overrides: dict, train_settings: dict) -> bool:
+    """Whether the run that --resume would continue has already trained all its steps (then say so)."""
+    settings = resolve_settings(config, model_overrides, RunFolder(config.out), True, train_settings)
+    step = RunFolder.read_trainer_state(settings.resume_from)["step"]
+    if step < settings.config.max_steps:
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process says it
+        print(
+            f"{config.out} is finished: it trained all {step} of its {settings.config.max_steps} steps; to "
+            f"train further, resume with a larger --max-steps (python train.py --out {config.out} --resume "
+            f"--max-steps {2 * settings.config.max_steps})",
+            file=sys.stderr,
+        )
+    return True
+
+
+def remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` and the folders inside it if they hold no file (what an early interruption left)."""
+    if not folder.is_dir():
+        return
+    for inner in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
+        if inner.is_dir() and not any(inner.iterdir()):
+            inner.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()

@@ -43,6 +43,7 @@ __all__ = [
 # docs/BENCHMARKS.md ("Fine-tuning").
 FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
 FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
+WARMUP_MAX_SHARE = 10  # a default warmup takes at most max_steps / 10: a short run leaves it and learns
 
 # The SDPA kernels and the SwiGLU activation's kernels by name, from the lists where they are implemented
 # (llama_mini.ops.fast_paths, llama_mini.ops.kernels), plus "auto": the flags' choices come from these.
@@ -113,8 +114,8 @@ class TrainConfig:
     )
     warmup_steps: int | None = setting(
         None,
-        f"steps of linear warmup from 0 to --lr; fine-tuning with --init-from defaults to "
-        f"{FINE_TUNING_WARMUP}",
+        f"steps of linear warmup from 0 to --lr; defaults to {FROM_SCRATCH_WARMUP} ({FINE_TUNING_WARMUP} "
+        f"when fine-tuning with --init-from), at most 1/{WARMUP_MAX_SHARE} of --max-steps",
     )
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -217,13 +218,26 @@ class TrainConfig:
         """None (the default) for --lr, --min-lr, --warmup-steps becomes the value for this kind of run:
         fine-tuning a pretrained model wants smaller, sooner steps than training from scratch, which would
         undo much of what it learned in the first hundred steps; LoRA's adapters start at zero and take
-        larger ones. The resolved values are the run's (config.toml, checkpoints)."""
+        larger ones; a short run keeps its warmup short enough to leave it.
+
+        The names so derived are kept in `derived`: `to_dict()` gives them as None, so a run's record
+        (config.toml, its checkpoints) says which values the user chose, and building the settings again
+        with one input changed (`--config OUT/config.toml --lr 1e-3`, `--resume --max-steps 40`) derives
+        them again from the new inputs instead of keeping the old derived values as if they had been set."""
+        derived = []
         if self.lr is None:
             self.lr = (LORA_LR if self.lora_rank else FINE_TUNING_LR) if self.init_from else FROM_SCRATCH_LR
+            derived.append("lr")
         if self.min_lr is None and isinstance(self.lr, (int, float)):
             self.min_lr = round(self.lr / 10, 15)  # rounded: 3e-4 / 10 is 2.9999999999999997e-05 in binary
+            derived.append("min_lr")
         if self.warmup_steps is None:
-            self.warmup_steps = FINE_TUNING_WARMUP if self.init_from else FROM_SCRATCH_WARMUP
+            warmup = FINE_TUNING_WARMUP if self.init_from else FROM_SCRATCH_WARMUP
+            if isinstance(self.max_steps, int):
+                warmup = min(warmup, self.max_steps // WARMUP_MAX_SHARE)
+            self.warmup_steps = warmup
+            derived.append("warmup_steps")
+        self.derived = tuple(derived)  # not a field: not compared, not saved as a value
 
     def _fine_tuning_problems(self) -> list[str]:
         problems = []
@@ -252,7 +266,14 @@ class TrainConfig:
         return from_dict(cls, values, "the training config")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as the user chose them: a derived value (see `_resolve_schedule_defaults`) is None,
+        so `TrainConfig.from_dict` derives it again from the other values."""
+        values = dataclasses.asdict(self)
+        return {name: None if name in self.derived else value for name, value in values.items()}
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes`, its derived values derived again (dataclasses.replace would freeze them)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
 def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelArgs:
@@ -262,8 +283,11 @@ def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: i
     return ModelArgs.from_dict({**base, **overrides, "vocab_size": vocab_size})
 
 
-# Settings a resumed run cannot change: they decide which weights exist and where they came from.
-FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets")
+# Settings a resumed run cannot change: they decide which weights exist and where they came from, and
+# which text the run reads (another corpus or tokenizer would silently replace the run's prepared data
+# while its record still named the old one).
+FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "data", "text_field", "data_split",
+                   "chat", "tokenizer", "vocab_size", "val_fraction", "split_seed")  # fmt: skip
 
 
 def resumed_settings(
@@ -309,7 +333,9 @@ def write_run_config(path: str | Path, config: TrainConfig, model_args: ModelArg
     model = model_args.to_dict()
     del model["vocab_size"]  # the tokenizer's: [train] tokenizer / vocab_size reproduce it
     header = (
-        "The resolved settings of this run. `python train.py --config THIS_FILE --out NEW_FOLDER` trains\n"
-        "the same run again; flags given on the command line override the values here."
+        "The settings of this run. `python train.py --config THIS_FILE --out NEW_FOLDER` trains the same\n"
+        "run again; flags given on the command line override the values here. Values shown as comments\n"
+        "marked (derived) were not set but derived from the others, and are derived again when read."
     )
-    write_config_file(path, {"train": config.to_dict(), "model": model}, header=header)
+    derived = {"train": {name: getattr(config, name) for name in config.derived}}
+    write_config_file(path, {"train": config.to_dict(), "model": model}, header=header, derived=derived)

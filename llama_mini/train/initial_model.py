@@ -14,7 +14,6 @@ its checkpoint then replaces every trainable weight.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,7 @@ def resolve_init_from(
     tokenizer = _pretrained_tokenizer(config.tokenizer, folder, args)
     if lora is not None:
         check_lora_targets(args, lora.targets)
-    return folder, dataclasses.replace(config, tokenizer=str(tokenizer)), args.to_dict()
+    return folder, config.replace(tokenizer=str(tokenizer)), args.to_dict()
 
 
 def _pretrained_tokenizer(given: str | None, folder: Path, args: ModelArgs) -> Path:

@@ -39,7 +39,7 @@ import torch
 
 from llama_mini.checkpoint import RUN_BEST, RUN_STEP_PREFIX
 from llama_mini.errors import CheckpointError, ConfigError
-from llama_mini.files import write_folder_atomically
+from llama_mini.files import check_output_path, write_folder_atomically
 from llama_mini.runtime import Distributed
 
 __all__ = [
@@ -87,8 +87,7 @@ class RunFolder:
 
     def check_writable(self, rank: int = 0) -> None:
         """ConfigError unless the folder can be created and written (checked before any slow work)."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file, not a folder: choose a new or existing folder")
+        check_output_path(self.out, "--out")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / f".write-test-{rank}"

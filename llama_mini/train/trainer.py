@@ -157,7 +157,7 @@ class Trainer:
         self.last_saved_step = -1  # on every process
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-        elif self.dist.is_main:
+        if self.dist.is_main:  # on resume too: the record follows the settings the run goes on with
             write_run_config(self.out / RUN_CONFIG, self.config, self.model_args)
         if self.parallel == "ddp":  # after loading: DDP broadcasts the main process's weights
             self.loss_module = replicate(self.loss_module, self.device)

@@ -1,0 +1,154 @@
+"""The run's record tells the truth: config.toml after a resume or a --config rerun reproduces the run it
+describes, derived values are derived again, config files are type-checked, a resumed run keeps its data,
+and the cases that used to end in tracebacks or misleading lines end in one line."""
+
+import json
+import sys
+
+import pytest
+from test_training import cli_flags, corpus_dir, tokenizer_path  # noqa: F401 (fixtures)
+
+import train as train_cli
+from llama_mini.convert import main as convert_main
+from llama_mini.model.args import ModelArgs
+from llama_mini.settings import read_config_file
+from llama_mini.train import build as build_module
+from llama_mini.train.config import TrainConfig, read_run_config, write_run_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def run_cli(argv, capsys):
+    code = train_cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def saved_train_config(out):
+    return tomllib.loads((out / "config.toml").read_text())["train"]
+
+
+def test_config_toml_follows_a_resume_that_changes_max_steps(corpus_dir, tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=2, eval_interval=2)
+    assert run_cli(flags, capsys)[0] == 0
+    assert saved_train_config(out)["max_steps"] == 2
+    code, _, err = run_cli(["--out", out, "--resume", "--max-steps", 4], capsys)
+    assert code == 0, err
+    assert saved_train_config(out)["max_steps"] == 4
+
+
+def test_a_derived_value_is_derived_again_from_a_changed_input(corpus_dir, tokenizer_path, tmp_path, capsys):
+    """min_lr defaults to lr / 10: rerunning a run's config.toml with another --lr gives that lr / 10, as a
+    fresh run with that --lr does, not the first run's min_lr frozen as if the user had set it."""
+    first = tmp_path / "first"
+    flags = cli_flags(corpus_dir, tokenizer_path, out=first, max_steps=1)
+    assert run_cli(flags, capsys)[0] == 0
+    text = (first / "config.toml").read_text()
+    assert "# min_lr = 0.0002  (derived)" in text and "# lr = 0.002  (derived)" in text
+    assert "min_lr" not in saved_train_config(first)  # a comment: read back, it is derived again
+
+    again = tmp_path / "again"
+    code, _, err = run_cli(["--config", first / "config.toml", "--out", again, "--lr", "1e-3"], capsys)
+    assert code == 0, err
+    state = json.loads((again / "step-0000001" / "trainer_state.json").read_text())
+    assert state["train_config"]["lr"] == 1e-3 and state["train_config"]["min_lr"] is None  # derived
+    assert "# min_lr = 0.0001  (derived)" in (again / "config.toml").read_text()
+    assert saved_train_config(again)["lr"] == 1e-3
+
+
+def test_to_dict_and_replace_keep_derived_values_derived():
+    config = TrainConfig(lr=1e-3)
+    assert (config.min_lr, config.derived) == (1e-4, ("min_lr", "warmup_steps"))
+    assert config.to_dict()["min_lr"] is None and config.to_dict()["lr"] == 1e-3
+    assert config.replace(lr=4e-3).min_lr == 4e-4  # dataclasses.replace would keep 1e-4
+    assert TrainConfig(lr=1e-3, min_lr=1e-4).derived == ("warmup_steps",)  # set by the user: kept
+
+
+def test_a_default_warmup_is_at_most_a_tenth_of_the_run():
+    assert TrainConfig(max_steps=20).warmup_steps == 2  # the README's 20-step run leaves its warmup
+    assert TrainConfig(max_steps=600).warmup_steps == 50
+    assert TrainConfig(max_steps=20, warmup_steps=15).warmup_steps == 15  # a chosen warmup is kept
+    assert TrainConfig(max_steps=40, init_from="m").warmup_steps == 4
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('lr = "1e-3"', "[train] lr = '1e-3' must be a number"),
+        ('max_steps = "twenty"', "[train] max_steps = 'twenty' must be an integer"),
+        ("max_steps = 20.7", "[train] max_steps = 20.7 must be an integer"),
+        ("compile = 1", "[train] compile = 1 must be true or false"),
+        ('dtype = "fp64"', "[train] dtype = 'fp64' must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
+    ],
+)
+def test_every_config_table_is_type_checked_in_one_line(tmp_path, capsys, line, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f"[train]\n{line}\n")
+    code, out, err = run_cli(["--config", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: --config {path}: {message}"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_type_check_accepts_every_default_and_an_int_for_a_float(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlr = 1\nmax_steps = 3\n[model]\ndim = 64\nrope_scaling = {factor = 8.0}\n")
+    train, model = read_run_config(path)
+    assert train == {"lr": 1, "max_steps": 3} and model["rope_scaling"] == {"factor": 8.0}
+    written = tmp_path / "all.toml"
+    write_run_config(written, TrainConfig(), ModelArgs())
+    assert read_config_file(written, {"train": TrainConfig, "model": ModelArgs})["train"]["max_steps"] == 600
+
+
+def test_resume_with_another_corpus_is_refused(corpus_dir, tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=1), capsys)[0] == 0
+    other = tmp_path / "other.txt"
+    other.write_text("another corpus entirely\n" * 50)
+    code, _, err = run_cli(["--out", out, "--resume", "--max-steps", 2, "--data", other], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--data {other} differs from the resumed run's {corpus_dir}" in err
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_go_on(corpus_dir, tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=2), capsys)[0] == 0
+    before = sorted(path.name for path in out.iterdir())
+    code, stdout, err = run_cli(["--out", out, "--resume"], capsys)
+    assert code == 0 and stdout == ""
+    assert f"{out} is finished: it trained all 2 of its 2 steps" in err and "--max-steps 4" in err
+    assert sorted(path.name for path in out.iterdir()) == before  # nothing trained, sampled or written
+
+
+def test_an_output_path_under_a_file_is_one_line(corpus_dir, tokenizer_path, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    flags = cli_flags(corpus_dir, tokenizer_path, out=tmp_path / "run", max_steps=1)
+    code, _, err = run_cli([*flags, "--data-dir", blocker / "data"], capsys)
+    assert (
+        code == 2
+        and err
+        == f"error: --data-dir {blocker / 'data'}: {blocker} is a file, not a folder; choose another path\n"
+    )
+    code, _, err = run_cli([*flags[:-2], "--out", blocker / "run"], capsys)
+    assert code == 2 and f"{blocker} is a file, not a folder" in err and err.count("\n") == 1
+    assert convert_main([str(tmp_path / "missing"), str(blocker / "dst")]) == 2
+    assert f"DST {blocker / 'dst'}: {blocker} is a file" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_preparing_says_so_and_leaves_no_empty_folder(
+    corpus_dir, tokenizer_path, tmp_path, capsys, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "prepare_tokenizer", interrupted)
+    out = tmp_path / "run"
+    code, _, err = run_cli(cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=1), capsys)
+    assert code == 130
+    assert err.startswith("interrupted before the first step") and err.count("\n") == 1
+    assert not out.exists()
