@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_chat_data
 
 import train as train_cli
 from llama_mini.data import (
@@ -20,9 +21,8 @@ from llama_mini.data import (
     open_source,
     prepare_data,
     read_manifest,
-    write_chat_data,
 )
-from llama_mini.data import prepare as prepare_module
+from llama_mini.data import pool as pool_module
 from llama_mini.errors import DataError
 from llama_mini.generation.command import main as generate_main
 from llama_mini.generation.decode import decode_continuation, generate
@@ -230,8 +230,8 @@ def test_data_prepared_with_another_template_are_prepared_again(tmp_path, chatml
 
 
 def test_chat_shards_are_identical_for_any_number_of_workers(monkeypatch, tmp_path, chatml, corpus):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 2000)
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
+    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 2000)
     for workers in (1, 2):
         prepare_data(corpus, tmp_path / f"w{workers}", Tokenizer(chatml), 0.2, workers=workers)
     names = sorted(path.name for path in (tmp_path / "w1").iterdir() if path.name != MANIFEST)
@@ -395,7 +395,7 @@ def test_a_bad_record_is_one_line_naming_its_file_and_line(tmp_path, chatml, cap
 def test_a_record_the_template_cannot_take_is_found_by_file_and_line(
     monkeypatch, tmp_path, chatml, capsys, workers
 ):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # the workers find it, by number
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # the workers find it, by number
     bad = {"messages": [{"role": "user", "content": "Say <|im_end|> now."}]}
     data = write_jsonl(tmp_path / "chats.jsonl", records_with(bad, at=9))
     code, err = run_train(capsys, *tiny_run(data, chatml, tmp_path / "run", "--data-workers", workers))

@@ -10,7 +10,7 @@ import pytest
 
 import train as train_cli
 from llama_mini.data import MANIFEST, TokenSplit
-from llama_mini.data import prepare as prepare_module
+from llama_mini.data import pool as pool_module
 from llama_mini.data.sources import Source
 from llama_mini.tokenizer import train_tokenizer
 
@@ -113,8 +113,8 @@ def test_cli_reads_a_hugging_face_dataset_by_name(tmp_path, tokenizer_path, caps
 
 
 def test_cli_data_workers_give_the_same_shards_as_one(monkeypatch, tmp_path, tokenizer_path, capsys):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 500)
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
+    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 500)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": story(i)} for i in range(60)])
     for workers in (1, 2):
         code, _, err = run(

@@ -16,6 +16,7 @@ from llama_mini.data import (
     split_documents,
     tokenizer_sample,
 )
+from llama_mini.data import pool as pool_module
 from llama_mini.data import prepare as prepare_module
 from llama_mini.data import split as split_module
 from llama_mini.data.shards import DataWriter
@@ -75,8 +76,8 @@ def test_the_manifest_records_settings_files_and_a_digest(corpus, tmp_path, toke
 
 
 def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch, corpus, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # use the pool even for a small corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 300)  # many batches in flight at once
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # use the pool even for a small corpus
+    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 300)  # many batches in flight at once
     lines = []
     for workers in (1, 2):
         prepare_data(
@@ -103,7 +104,7 @@ def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch,
 
 
 def test_the_corpus_is_read_a_batch_ahead_of_the_shards_never_whole(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 1000)
+    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 1000)
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # no first pass to count the scores
     read = [0]
 
@@ -226,7 +227,7 @@ def test_in_a_large_corpus_with_no_document_validating_by_score_a_second_pass_mo
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)
     documents = [scene(i) for i in range(3)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
-    lowest = min(prepare_module.validation_score(text.encode(), 0) for text in documents)
+    lowest = min(split_module.validation_score(text.encode(), 0) for text in documents)
     lines = []
     train, val = prepare_data(
         str(tmp_path / "c.jsonl"), tmp_path / "out", tokenizer, lowest / 2, seed=0, log=lines.append
@@ -262,7 +263,7 @@ def test_an_empty_corpus_is_an_error(tmp_path, tokenizer):
 
 
 def test_a_bad_line_midway_leaves_no_manifest_and_no_temporary_files(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 200)  # shards are being written when it fails
+    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 200)  # shards are being written when it fails
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # (a small corpus fails in its first pass)
     rows = [json.dumps({"text": scene(i)}) for i in range(60)] + ['{"text": "broken"']
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")

@@ -66,13 +66,14 @@ __all__ = [
     "token_dtype",
 ]
 
-FORMAT_VERSION = 2  # 1 was one train.bin / val.bin with a .json each
+FORMAT_VERSION = 2  # the layout above; data in another layout are prepared again
 MANIFEST = "prepared.json"
 SHARD_BYTES = 1 << 28  # 256 MiB: 134M uint16 tokens (about 500 MB of English text) per shard
 SPLITS = ("train", "val")
 _SHARD_NAME = re.compile(r"(train|val)(-masks|-conversations)?-\d{6}\.bin")
 _ONE_FILE = 1 << 62  # "shard size" of a conversation index: never cut
-_FORMAT_1_FILES = ("train.bin", "train.json", "val.bin", "val.json")
+# Format version 1 held each split in one file with a .json beside it: writing data deletes them.
+_VERSION_1_FILES = ("train.bin", "train.json", "val.bin", "val.json")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -500,6 +501,6 @@ class DataWriter:
         }
         listed |= {record["conversations"][0] for record in splits.values() if "conversations" in record}
         for path in self.folder.iterdir():
-            if (_SHARD_NAME.fullmatch(path.name) and path.name not in listed) or path.name in _FORMAT_1_FILES:
+            if (_SHARD_NAME.fullmatch(path.name) and path.name not in listed) or path.name in _VERSION_1_FILES:
                 path.unlink(missing_ok=True)
         return manifest
