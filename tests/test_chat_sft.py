@@ -231,7 +231,7 @@ def test_data_prepared_with_another_template_are_prepared_again(tmp_path, chatml
 
 def test_chat_shards_are_identical_for_any_number_of_workers(monkeypatch, tmp_path, chatml, corpus):
     monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 2000)
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 2000)
     for workers in (1, 2):
         prepare_data(corpus, tmp_path / f"w{workers}", Tokenizer(chatml), 0.2, workers=workers)
     names = sorted(path.name for path in (tmp_path / "w1").iterdir() if path.name != MANIFEST)

@@ -114,7 +114,7 @@ def test_cli_reads_a_hugging_face_dataset_by_name(tmp_path, tokenizer_path, caps
 
 def test_cli_data_workers_give_the_same_shards_as_one(monkeypatch, tmp_path, tokenizer_path, capsys):
     monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 500)
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 500)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": story(i)} for i in range(60)])
     for workers in (1, 2):
         code, _, err = run(

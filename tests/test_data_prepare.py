@@ -4,6 +4,11 @@ line, and nothing half written ever used (llama_mini.data.prepare)."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +24,7 @@ from llama_mini.data import (
 from llama_mini.data import pool as pool_module
 from llama_mini.data import prepare as prepare_module
 from llama_mini.data import split as split_module
-from llama_mini.data.shards import DataWriter
+from llama_mini.data.shards import PROGRESS, DataWriter
 from llama_mini.data.sources import Source
 from llama_mini.errors import DataError
 from llama_mini.tokenizer import train_tokenizer
@@ -77,7 +82,7 @@ def test_the_manifest_records_settings_files_and_a_digest(corpus, tmp_path, toke
 
 def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch, corpus, tmp_path, tokenizer):
     monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # use the pool even for a small corpus
-    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 300)  # many batches in flight at once
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 300)  # many batches in flight at once
     lines = []
     for workers in (1, 2):
         prepare_data(
@@ -104,7 +109,7 @@ def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch,
 
 
 def test_the_corpus_is_read_a_batch_ahead_of_the_shards_never_whole(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 1000)
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 1000)
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # no first pass to count the scores
     read = [0]
 
@@ -263,7 +268,7 @@ def test_an_empty_corpus_is_an_error(tmp_path, tokenizer):
 
 
 def test_a_bad_line_midway_leaves_no_manifest_and_no_temporary_files(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(pool_module, "_BATCH_CHARACTERS", 200)  # shards are being written when it fails
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)  # shards are being written when it fails
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # (a small corpus fails in its first pass)
     rows = [json.dumps({"text": scene(i)}) for i in range(60)] + ['{"text": "broken"']
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
@@ -305,3 +310,86 @@ def test_a_corpus_within_the_budget_gives_its_whole_training_split(corpus):
 def test_prepared_tokens_fit_the_dtype_of_the_vocabulary(tmp_path, corpus, tokenizer):
     train, _ = prepare_data(str(corpus), tmp_path / "out", tokenizer)
     assert train.dtype == np.uint16 and int(train.read(0, len(train)).max()) < tokenizer.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An interrupted preparation goes on where it stopped
+# ---------------------------------------------------------------------------------------------------------
+
+# Prepares CORPUS into OUT with tiny batches and shards, and kills itself with SIGKILL right after the
+# COUNT-th call of HOOK: DataWriter.write (between the writes of one batch), DataWriter.checkpoint (just
+# after a batch was recorded), or _SplitWriter._finish_shard counting only the calls that finish a shard
+# (a shard renamed into place, not yet recorded).
+KILLED_PREPARATION = """
+import os, signal, sys
+from llama_mini.data import pool, prepare_data, shards
+from llama_mini.tokenizer import Tokenizer
+
+corpus, out, tokenizer, hook, count = sys.argv[1:]
+pool.BATCH_CHARACTERS = 200
+owner = shards._SplitWriter if hook == "_finish_shard" else shards.DataWriter
+original, calls = getattr(owner, hook), [0]
+
+def then_kill(self, *args):
+    counts = hook != "_finish_shard" or self._file is not None
+    result = original(self, *args)
+    calls[0] += counts
+    if calls[0] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, hook, then_kill)
+prepare_data(corpus, out, Tokenizer(tokenizer), 0.2, 1, workers=1, shard_tokens=50, log=print)
+"""
+
+
+def prepared_files(folder) -> dict[str, bytes]:
+    """Every file in `folder` by name, the manifest's time of preparation left out."""
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    manifest = json.loads(files[MANIFEST])
+    manifest["provenance"]["prepared"] = None
+    files[MANIFEST] = json.dumps(manifest).encode()
+    return files
+
+
+def test_a_killed_preparation_goes_on_from_where_it_stopped_to_the_same_bytes(
+    monkeypatch, corpus, tmp_path, tokenizer
+):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)
+    prepare_data(str(corpus), tmp_path / "whole", tokenizer, 0.2, 1, workers=1, shard_tokens=50)
+    out = tmp_path / "out"
+    script = [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for run, (hook, count) in enumerate([("checkpoint", 5), ("write", 13), ("_finish_shard", 3)]):
+        killed = subprocess.run([*script, hook, str(count)], capture_output=True, text=True, env=environment)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert ("going on with the interrupted preparation" in killed.stdout) == (run > 0)
+    assert PROGRESS in os.listdir(out) and not (out / MANIFEST).exists()
+    first_shard = (out / "train-000000.bin").stat().st_mtime_ns
+    lines = []
+    prepare_data(str(corpus), out, tokenizer, 0.2, 1, workers=1, shard_tokens=50, log=lines.append)
+    assert re.fullmatch(
+        r"data: going on with .* from document \d+ \([1-9]\d* finished shards kept\)", lines[1]
+    )
+    assert (out / "train-000000.bin").stat().st_mtime_ns == first_shard  # kept, not written again
+    assert prepared_files(out) == prepared_files(tmp_path / "whole")  # no partial, temporary or progress file
+
+
+def test_stale_temporary_files_are_removed_and_other_progress_is_not_continued(
+    monkeypatch, corpus, tmp_path, tokenizer
+):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
+        + ["write", "7"],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (out / ".train-000000.bin.k3j9x_2a.tmp").write_bytes(b"\0" * 100)  # an atomic_file's, from any version
+    assert any(name.endswith(".partial") for name in os.listdir(out))
+    lines = []
+    prepare_data(str(corpus), out, tokenizer, 0.3, 1, workers=1, shard_tokens=50, log=lines.append)
+    assert lines[1] == f"data: {out} holds an unfinished preparation of other data: preparing from the start"
+    assert not [name for name in os.listdir(out) if name.startswith(".") or name == PROGRESS]

@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # only for type hints: any object with the same attributes an
     from llama_mini.tokenizer import Tokenizer
 
 __all__ = [
+    "BATCH_CHARACTERS",
     "PARALLEL_MIN_BYTES",
     "ChatEncoder",
     "ChatRecordError",
@@ -63,7 +64,7 @@ __all__ = [
 # batch is a fraction of a second of one worker's time, small enough to keep the order cheap. Both were
 # sized from the tokenizing rates in docs/BENCHMARKS.md ("Preparing a corpus").
 PARALLEL_MIN_BYTES = 16_000_000
-_BATCH_CHARACTERS = 1 << 20
+BATCH_CHARACTERS = 1 << 20
 _IN_FLIGHT_PER_WORKER = 2  # batches submitted ahead per worker: it never waits, memory stays bounded
 # Linux forks the workers: they start in milliseconds with llama_mini already imported, where a fresh
 # interpreter ("spawn") takes seconds to import torch and the parent's __main__ (train.py's whole training
@@ -261,7 +262,7 @@ def _encode_in_worker(first: int, texts: list[str]) -> Encoded:
 
 
 def document_batches(documents: Iterator[str], skipped: list[int]) -> Iterator[tuple[int, list[str]]]:
-    """(number of the first document, documents) of about _BATCH_CHARACTERS each, in corpus order; empty
+    """(number of the first document, documents) of about BATCH_CHARACTERS each, in corpus order; empty
     documents are left out and counted in skipped[0]."""
     batch: list[str] = []
     size = first = 0
@@ -271,7 +272,7 @@ def document_batches(documents: Iterator[str], skipped: list[int]) -> Iterator[t
             continue
         batch.append(text)
         size += len(text)
-        if size >= _BATCH_CHARACTERS:
+        if size >= BATCH_CHARACTERS:
             yield first, batch
             first += len(batch)
             batch, size = [], 0

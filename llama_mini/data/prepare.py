@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llama_mini.data import pool
 from llama_mini.data.pool import (
     ChatRecordError,
     Encoder,
+    batch_digest,
     document_batches,
     encoded_batches,
     utf8_of,
@@ -48,11 +50,12 @@ from llama_mini.data.provenance import (
     ALWAYS_RECORDED,
     chat_record,
     describe_change,
+    preparation_identity,
     provenance_record,
     reusable_manifest,
     summary,
 )
-from llama_mini.data.shards import DataWriter, TokenSplit, read_manifest
+from llama_mini.data.shards import SHARD_BYTES, DataWriter, TokenSplit, read_manifest, token_dtype
 from llama_mini.data.sources import HELP_DATA, ChatLines, InputRecord, Source, is_blank, open_source
 from llama_mini.data.split import (
     SPLIT_RULE,
@@ -187,7 +190,7 @@ def _prepare(
     if scores is None or len(scores) >= 2:
         threshold = None if scores is None else exact_threshold(scores, val_fraction)
         found = _tokenize(
-            source, folder, tokenizer, settings, inputs, workers, threshold, {}, shard_tokens, progress
+            source, folder, tokenizer, settings, inputs, workers, threshold, {}, shard_tokens, progress, log
         )
     if isinstance(found, _Pass) and found.documents >= 2:  # a large corpus's corner case
         no_validation = found.lowest[0] >= val_fraction
@@ -196,7 +199,9 @@ def _prepare(
             log("data: no document scored below --val-fraction, so the lowest-scoring one validates")
         else:
             log("data: every document scored below --val-fraction, so the highest-scoring one trains")
-        _tokenize(source, folder, tokenizer, settings, inputs, workers, None, forced, shard_tokens, progress)
+        _tokenize(
+            source, folder, tokenizer, settings, inputs, workers, None, forced, shard_tokens, progress, log
+        )
     elif found is None or isinstance(found, _Pass):
         documents = len(scores) if scores is not None else found.documents
         if documents == 0:
@@ -242,18 +247,41 @@ def _tokenize(
     forced: dict[int, bool],
     shard_tokens: int | None,
     progress: bool,
+    log: Log,
 ) -> dict[str, Any] | _Pass:
     """One pass over the corpus: documents to shards by their scores and the small corpus's `threshold`
     (`forced`: document number -> whether it validates, overriding both). Returns the manifest written,
-    or, when the split is a corner case (no document, one, or all in one split), a _Pass and no manifest."""
+    or, when the split is a corner case (no document, one, or all in one split), a _Pass and no manifest.
+
+    The pass is checkpointed after every batch (DataWriter.checkpoint): an interrupted pass is continued
+    by the next one with the same identity, which reads the documents already written without tokenizing
+    them (for the digest) and goes on from the first batch not written."""
     val_fraction, seed = settings["val_fraction"], settings["split_seed"]
     found, skipped, digest = _Pass(), [0], hashlib.sha256()
     chat = chat_record(tokenizer) if source.chat else None
+    parameters = {
+        "shard_tokens": shard_tokens or SHARD_BYTES // token_dtype(tokenizer.vocab_size).itemsize,
+        "batch_characters": pool.BATCH_CHARACTERS,
+        "threshold": threshold,
+        "forced": sorted(forced.items()),
+    }
+    identity = preparation_identity(settings, inputs, tokenizer, chat, parameters)
     with (
-        DataWriter(folder, tokenizer, shard_tokens, chat) as writer,
+        DataWriter(folder, tokenizer, shard_tokens, chat, identity) as writer,
         _bar(source.size, "tokenizing", progress) as bar,
     ):
         batches = document_batches(source.documents(), skipped)
+        if writer.stale_progress:
+            log(f"data: {folder} holds an unfinished preparation of other data: preparing from the start")
+        if writer.resumed is not None:
+            position = writer.resumed
+            found = _Pass(position["next"], tuple(position["lowest"]), tuple(position["highest"]))
+            kept = sum(len(writer.splits[split].checksums) for split in writer.splits)
+            log(
+                f"data: going on with the interrupted preparation of {folder} from document "
+                f"{found.documents + 1:,} ({kept} finished shards kept)"
+            )
+            batches = _written_batches_skipped(batches, found.documents, digest, bar)
         for encoded in encoded_batches(batches, tokenizer, seed, workers, source.chat):
             count = len(encoded.lengths)
             chosen = validates(encoded.scores, encoded.first, val_fraction, threshold)
@@ -273,10 +301,25 @@ def _tokenize(
             found.documents += count
             digest.update(encoded.digest)
             bar.update(int(encoded.sizes.sum()))
+            writer.checkpoint({"next": found.documents, "lowest": found.lowest, "highest": found.highest})
         if found.documents < 2 or 0 in (writer.counts("train")[0], writer.counts("val")[0]):
             writer.discard()
             return found
         return writer.finish(provenance_record(settings, inputs, digest.hexdigest(), skipped[0]))
+
+
+def _written_batches_skipped(
+    batches: Iterator[tuple[int, list[str]]], written: int, digest: Any, bar: Any
+) -> Iterator[tuple[int, list[str]]]:
+    """The batches from document number `written` on; the earlier ones, already written by an interrupted
+    pass, only go into the `digest` (the sha256 the workers would have computed) and the progress `bar`."""
+    for first, texts in batches:
+        if first >= written:
+            yield first, texts
+            continue
+        data = [utf8_of(text, number) for number, text in enumerate(texts, start=first + 1)]
+        digest.update(batch_digest(data))
+        bar.update(sum(map(len, data)))
 
 
 def _write_single_document(

@@ -9,6 +9,11 @@ have the sizes and modification times recorded then are used as they are, withou
 When the files changed, a new run prepares them again and a resumed run keeps the data it started with;
 either way one log line says what changed (`describe_change`).
 
+An unfinished preparation records how far it has come (llama_mini.data.shards.DataWriter.checkpoint),
+under a digest of everything its output depends on (`preparation_identity`): the settings, the corpus's
+files, the tokenizer, the shard size and the batching. A run with the same identity goes on from there,
+keeping the shards finished so far; any difference starts the preparation again.
+
 Chat data are rendered with the tokenizer's chat template, which the tokenizer's sha256 does not cover,
 so the manifest records the template too (`chat_record`): data rendered with another template are not
 reused. The template is the tokenizer's own (or DEFAULT_CHAT_TEMPLATE when it has none), which the run
@@ -18,6 +23,7 @@ saves with its checkpoints, so a model fine-tuned on the default template rememb
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +40,7 @@ __all__ = [
     "ALWAYS_RECORDED",
     "chat_record",
     "describe_change",
+    "preparation_identity",
     "provenance_record",
     "reusable_manifest",
     "summary",
@@ -75,9 +82,31 @@ def reusable_manifest(folder: Path, tokenizer: Tokenizer, wanted: dict[str, Any]
     return manifest if same and manifest["tokenizer_sha256"] == tokenizer.sha256 else None
 
 
+def preparation_identity(
+    settings: dict[str, Any],
+    inputs: list[InputRecord] | None,
+    tokenizer: Tokenizer,
+    chat: dict[str, Any] | None,
+    parameters: dict[str, Any],
+) -> str:
+    """A digest of what the shards of a preparation depend on: its settings, the corpus's files (sizes and
+    modification times), the tokenizer, the chat template, and `parameters` (shard size, batching, the
+    split's threshold). An interrupted preparation is continued only by one with the same identity."""
+    record = {
+        "settings": settings,
+        "inputs": inputs,
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "chat": chat,
+        **parameters,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def provenance_record(
     settings: dict[str, Any], inputs: list[InputRecord] | None, digest: str, skipped: int
 ) -> dict[str, Any]:
+    """The manifest's "provenance": what the data were made from."""
     return {
         "settings": settings,  # what the data were made with; the tokenizer is the manifest's own field
         "inputs": inputs,  # [name, size, mtime_ns] of each file read, in order (None: a Hub dataset)
@@ -88,6 +117,7 @@ def provenance_record(
 
 
 def summary(manifest: dict[str, Any]) -> str:
+    """What prepared data hold, in one line: documents (or conversations), tokens and shards per split."""
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     shards = len(train["shards"]) + len(val["shards"])
     skipped = manifest["provenance"].get("empty_documents", 0)
