@@ -393,3 +393,21 @@ def test_stale_temporary_files_are_removed_and_other_progress_is_not_continued(
     prepare_data(str(corpus), out, tokenizer, 0.3, 1, workers=1, shard_tokens=50, log=lines.append)
     assert lines[1] == f"data: {out} holds an unfinished preparation of other data: preparing from the start"
     assert not [name for name in os.listdir(out) if name.startswith(".") or name == PROGRESS]
+
+
+def test_a_shard_whose_size_changed_is_named_in_one_line_and_prepared_again(corpus, tmp_path, tokenizer):
+    first, _ = prepare_data(str(corpus), tmp_path / "out", tokenizer, 0.2, seed=1, shard_tokens=100)
+    tokens = first.read(0, len(first)).tolist()
+    del first  # (its maps would see the shard cut short)
+    shard = tmp_path / "out" / "train-000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    lines = []
+    again, _ = prepare_data(
+        str(corpus), tmp_path / "out", tokenizer, 0.2, 1, shard_tokens=100, log=lines.append
+    )
+    assert lines[0] == (
+        f"data: shard train-000001.bin has 190 bytes where {MANIFEST} records 200: it changed since "
+        f"{tmp_path / 'out'} was prepared; preparing the data again"
+    )
+    assert lines[1].startswith("data: tokenizing") and shard.stat().st_size == 200
+    assert again.read(0, len(again)).tolist() == tokens

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llama_mini.data import pool
+from llama_mini.data.checks import check_prepared
 from llama_mini.data.pool import (
     ChatRecordError,
     Encoder,
@@ -96,19 +97,24 @@ def prepare_data(
     progress: bool = False,
     log: Log | None = None,
     chat: bool | None = None,
+    verify: bool = False,
 ) -> tuple[TokenSplit, TokenSplit]:
     """Tokenize corpus `spec` (llama_mini.data.sources) into train and validation shards in `out_dir`,
     split by document with `seed` (llama_mini.data.split); return the two splits, memory-mapped.
 
     chat: read `spec` as conversations (True), as text (False), or as conversations when its records have
     "messages" (None); chat data are rendered with the tokenizer's chat template, or DEFAULT_CHAT_TEMPLATE
-    when it has none (see the module docstring), and reused only with the same template.
+    when it has none (llama_mini.data.pool.ChatEncoder), and reused only with the same template.
 
     Data already in `out_dir` are used as they are when they were written with this tokenizer and these
-    settings, and the corpus's files still have the recorded sizes and modification times (see the module
-    docstring; `resuming` keeps them even when the corpus changed). workers: tokenizing processes (None:
+    settings, and the corpus's files still have the recorded sizes and modification times
+    (llama_mini.data.provenance; `resuming` keeps them even when the corpus changed). workers: tokenizing processes (None:
     usable_cores()); shard_tokens: ids per shard (None: SHARD_BYTES worth); progress: tqdm bars on a
     terminal; log: called with one line per stage.
+
+    An interrupted preparation is continued where it stopped (llama_mini.data.shards.DataWriter). The data
+    returned are checked (llama_mini.data.checks): a DataError names a shard holding ids beyond the
+    vocabulary, and with `verify` a file whose sha256 is not the one recorded when it was written.
     """
     check_val_fraction(val_fraction)
     folder, log = Path(out_dir), log or (lambda line: None)
@@ -121,7 +127,7 @@ def prepare_data(
         "split_rule": SPLIT_RULE,
         "chat": chat,
     }
-    manifest = reusable_manifest(folder, tokenizer, wanted)
+    manifest = reusable_manifest(folder, tokenizer, wanted, log)
     if manifest is not None and resuming:
         try:
             current = open_source(spec, text_field, data_split, cache_dir, chat).inputs()
@@ -135,7 +141,7 @@ def prepare_data(
                 f"data: corpus {spec} changed since {folder} was prepared ({change}); the resumed run goes "
                 f"on with the data it started with (start a new run to train on the new corpus)"
             )
-        return TokenSplit(folder, "train"), TokenSplit(folder, "val")
+        return _checked(folder, verify, log)
     source = open_source(spec, text_field, data_split, cache_dir, chat)
     if manifest is not None and ("chat" in manifest) != source.chat:
         manifest = None  # prepared as text and now read as chat, or the other way round
@@ -143,7 +149,7 @@ def prepare_data(
         change = describe_change(manifest["provenance"].get("inputs"), source.inputs())
         if change is None:
             log(f"data: reusing {folder} ({summary(manifest)})")
-            return TokenSplit(folder, "train"), TokenSplit(folder, "val")
+            return _checked(folder, verify, log)
         log(f"data: corpus {spec} changed since {folder} was prepared ({change}); preparing it again")
     workers = worker_count(workers, source.size, tokenizer)
     settings = {key: wanted[key] for key in (*ALWAYS_RECORDED, *source.settings)}
@@ -154,7 +160,14 @@ def prepare_data(
     except ChatRecordError as error:
         where = source.locate(error.number) if isinstance(source, ChatLines) else str(error)
         raise DataError(f"{where}: {error.reason}") from None
-    return TokenSplit(folder, "train"), TokenSplit(folder, "val")
+    return _checked(folder, verify, log)
+
+
+def _checked(folder: Path, verify: bool, log: Log) -> tuple[TokenSplit, TokenSplit]:
+    """The two splits in `folder`, checked as a run opens them (llama_mini.data.checks)."""
+    splits = TokenSplit(folder, "train"), TokenSplit(folder, "val")
+    check_prepared(splits, verify, log)
+    return splits
 
 
 @dataclass

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llama_mini.data.checks import shard_change
 from llama_mini.data.shards import SPLITS, TokenSplit, read_manifest
 from llama_mini.data.sources import InputRecord
 from llama_mini.errors import DataError
@@ -61,12 +63,13 @@ def chat_record(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def reusable_manifest(folder: Path, tokenizer: Tokenizer, wanted: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of complete data in `folder` written with this tokenizer and these settings, or None."""
+def reusable_manifest(
+    folder: Path, tokenizer: Tokenizer, wanted: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The manifest of complete data in `folder` written with this tokenizer and these settings, or None;
+    data whose shards changed since are not complete, and `log` gets a line saying which changed."""
     try:
         manifest = read_manifest(folder)
-        for split in SPLITS:
-            TokenSplit(folder, split)  # every shard there, with its size
     except DataError:
         return None
     settings = manifest.get("provenance", {}).get("settings", {})
@@ -79,7 +82,18 @@ def reusable_manifest(folder: Path, tokenizer: Tokenizer, wanted: dict[str, Any]
         same = same and wanted["chat"] is not False
     else:
         same = same and not wanted["chat"]
-    return manifest if same and manifest["tokenizer_sha256"] == tokenizer.sha256 else None
+    if not same or manifest["tokenizer_sha256"] != tokenizer.sha256:
+        return None
+    change = shard_change(folder, manifest)
+    if change is not None:
+        log(f"data: shard {change}: it changed since {folder} was prepared; preparing the data again")
+        return None
+    try:
+        for split in SPLITS:
+            TokenSplit(folder, split)  # everything else a split needs
+    except DataError:
+        return None
+    return manifest
 
 
 def preparation_identity(
