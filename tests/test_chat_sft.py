@@ -23,6 +23,8 @@ from llama_mini.data import (
     read_manifest,
 )
 from llama_mini.data import pool as pool_module
+from llama_mini.data.checks import CHECKED
+from llama_mini.data.shards import DataWriter
 from llama_mini.errors import DataError
 from llama_mini.generation.command import main as generate_main
 from llama_mini.generation.decode import decode_continuation, generate
@@ -239,6 +241,38 @@ def test_chat_shards_are_identical_for_any_number_of_workers(monkeypatch, tmp_pa
     assert all(
         (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes() for name in names
     )
+
+
+def test_chat_preparation_stopped_by_ctrl_c_goes_on_to_the_same_bytes(monkeypatch, tmp_path, chatml, corpus):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 300)
+    checkpoint, calls = DataWriter.checkpoint, []
+
+    def counted(self, position):
+        calls.append(position["next"])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        checkpoint(self, position)
+
+    monkeypatch.setattr(DataWriter, "checkpoint", counted)
+    stop_at = 0  # (never)
+    prepare_data(corpus, tmp_path / "whole", Tokenizer(chatml), 0.2, shard_tokens=200)
+    stop_at, batches = len(calls) // 2 + len(calls), len(calls)  # in the middle of the next preparation
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(corpus, tmp_path / "out", Tokenizer(chatml), 0.2, shard_tokens=200)
+    lines = []
+    prepare_data(corpus, tmp_path / "out", Tokenizer(chatml), 0.2, shard_tokens=200, log=lines.append)
+    assert lines[1].startswith(f"data: going on with the interrupted preparation of {tmp_path / 'out'} from ")
+    assert len(calls) == 2 * batches + 1  # the resumed run tokenized only the batches not yet written
+    files = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir() if path.name != CHECKED}
+    whole = {path.name: path.read_bytes() for path in (tmp_path / "whole").iterdir() if path.name != CHECKED}
+    assert any("-conversations-" in name for name in files) and files.keys() == whole.keys()
+    for name in files:
+        if name == MANIFEST:  # equal but for the time of writing
+            files[name], whole[name] = (
+                {**json.loads(m), "provenance": {**json.loads(m)["provenance"], "prepared": 0}}
+                for m in (files[name], whole[name])
+            )
+        assert files[name] == whole[name], name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from llama_mini.data import (
 from llama_mini.data import pool as pool_module
 from llama_mini.data import prepare as prepare_module
 from llama_mini.data import split as split_module
+from llama_mini.data.checks import CHECKED
 from llama_mini.data.shards import PROGRESS, DataWriter
 from llama_mini.data.sources import Source
 from llama_mini.errors import DataError
@@ -96,16 +98,8 @@ def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch,
             log=lines.append,
         )
     assert lines[2].endswith("with 2 workers")  # the second run's first line
-    files = sorted(path.name for path in (tmp_path / "w1").iterdir())
-    assert files == sorted(path.name for path in (tmp_path / "w2").iterdir()) and len(files) > 4
-    for name in files:
-        one, two = (tmp_path / "w1" / name).read_bytes(), (tmp_path / "w2" / name).read_bytes()
-        if name == MANIFEST:  # equal but for the time of writing
-            one, two = (
-                {**json.loads(m), "provenance": {**json.loads(m)["provenance"], "prepared": 0}}
-                for m in (one, two)
-            )
-        assert one == two, name
+    files = prepared_files(tmp_path / "w1")
+    assert files == prepared_files(tmp_path / "w2") and len(files) > 4
 
 
 def test_the_corpus_is_read_a_batch_ahead_of_the_shards_never_whole(monkeypatch, tmp_path, tokenizer):
@@ -316,17 +310,19 @@ def test_prepared_tokens_fit_the_dtype_of_the_vocabulary(tmp_path, corpus, token
 # An interrupted preparation goes on where it stopped
 # ---------------------------------------------------------------------------------------------------------
 
-# Prepares CORPUS into OUT with tiny batches and shards, and kills itself with SIGKILL right after the
-# COUNT-th call of HOOK: DataWriter.write (between the writes of one batch), DataWriter.checkpoint (just
-# after a batch was recorded), or _SplitWriter._finish_shard counting only the calls that finish a shard
-# (a shard renamed into place, not yet recorded).
+# Prepares CORPUS into OUT with tiny batches and shards and WORKERS processes, and kills itself with
+# SIGKILL right after the COUNT-th call of HOOK: DataWriter.write (between the writes of one batch),
+# DataWriter.checkpoint (just after a batch was recorded), or _SplitWriter._finish_shard counting only the
+# calls that finish a shard (a shard renamed into place, not yet recorded). Its last line of output lists
+# its child processes as it is killed.
 KILLED_PREPARATION = """
 import os, signal, sys
+from pathlib import Path
 from llama_mini.data import pool, prepare_data, shards
 from llama_mini.tokenizer import Tokenizer
 
-corpus, out, tokenizer, hook, count = sys.argv[1:]
-pool.BATCH_CHARACTERS = 200
+corpus, out, tokenizer, hook, count, workers = sys.argv[1:]
+pool.BATCH_CHARACTERS, pool.PARALLEL_MIN_BYTES = 200, 0
 owner = shards._SplitWriter if hook == "_finish_shard" else shards.DataWriter
 original, calls = getattr(owner, hook), [0]
 
@@ -335,17 +331,20 @@ def then_kill(self, *args):
     result = original(self, *args)
     calls[0] += counts
     if calls[0] == int(count):
+        children = [pid for file in Path("/proc/self/task").glob("*/children") for pid in file.read_text().split()]
+        print("children:", *children, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 
 setattr(owner, hook, then_kill)
-prepare_data(corpus, out, Tokenizer(tokenizer), 0.2, 1, workers=1, shard_tokens=50, log=print)
+prepare_data(corpus, out, Tokenizer(tokenizer), 0.2, 1, workers=int(workers), shard_tokens=50, log=print)
 """
 
 
 def prepared_files(folder) -> dict[str, bytes]:
-    """Every file in `folder` by name, the manifest's time of preparation left out."""
-    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    """Every file in `folder` by name, the manifest's time of preparation and the checks' cache (which
+    holds modification times) left out."""
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != CHECKED}
     manifest = json.loads(files[MANIFEST])
     manifest["provenance"]["prepared"] = None
     files[MANIFEST] = json.dumps(manifest).encode()
@@ -361,7 +360,9 @@ def test_a_killed_preparation_goes_on_from_where_it_stopped_to_the_same_bytes(
     script = [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for run, (hook, count) in enumerate([("checkpoint", 5), ("write", 13), ("_finish_shard", 3)]):
-        killed = subprocess.run([*script, hook, str(count)], capture_output=True, text=True, env=environment)
+        killed = subprocess.run(
+            [*script, hook, str(count), "1"], capture_output=True, text=True, env=environment
+        )
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert ("going on with the interrupted preparation" in killed.stdout) == (run > 0)
     assert PROGRESS in os.listdir(out) and not (out / MANIFEST).exists()
@@ -382,7 +383,7 @@ def test_stale_temporary_files_are_removed_and_other_progress_is_not_continued(
     out = tmp_path / "out"
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
-        + ["write", "7"],
+        + ["write", "7", "1"],
         capture_output=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
@@ -411,3 +412,33 @@ def test_a_shard_whose_size_changed_is_named_in_one_line_and_prepared_again(corp
     )
     assert lines[1].startswith("data: tokenizing") and shard.stat().st_size == 200
     assert again.read(0, len(again)).tolist() == tokens
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists a process's children from /proc")
+def test_the_workers_of_a_killed_preparation_end_with_it(corpus, tmp_path, tokenizer):
+    command = [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(tmp_path / "out")]
+    command += [str(tokenizer.model_path), "checkpoint", "3", "2"]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "stdout", "w") as stdout:  # (a pipe would stay open as long as any worker lives)
+        assert subprocess.run(command, stdout=stdout, env=environment).returncode == -signal.SIGKILL
+    label, *workers = (tmp_path / "stdout").read_text().splitlines()[-1].split()
+    workers = [int(pid) for pid in workers]
+    try:
+        assert label == "children:" and len(workers) == 2
+        for _ in range(50):
+            if not any(alive(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -26,6 +26,8 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -243,6 +245,7 @@ def _start_worker(tokenizer_path: str, sha256: str, seed: int, template: str | N
     chat data (`template` is the parent's chat template) give it the parent's template, which the files
     need not hold (a template set on the Tokenizer object, or DEFAULT_CHAT_TEMPLATE)."""
     global _worker_encoder
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     # Hugging Face tokenizers would spread each call over all cores: the workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
@@ -254,6 +257,15 @@ def _start_worker(tokenizer_path: str, sha256: str, seed: int, template: str | N
     if template is not None and chat_template_for(tokenizer) != template:
         tokenizer.chat_template = template
     _worker_encoder = encoder_for(tokenizer, seed, chat=template is not None)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when its parent is gone. A worker waits on a queue whose writing end it holds too,
+    so a parent killed with SIGKILL, which cannot shut the pool down, would leave it waiting for good; the
+    interrupted preparation is continued by the next run, with workers of its own."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_in_worker(first: int, texts: list[str]) -> Encoded:

@@ -6,7 +6,11 @@
       ...                 shorter); uint16 when the vocabulary fits in 16 bits, else uint32
       val-000000.bin      the same for the validation split
       prepared.json       the manifest: format, tokenizer, dtype, each split's shards, documents, tokens
-                          and UTF-8 bytes, and the provenance (corpus, its files, settings, digest)
+                          and UTF-8 bytes, the provenance (corpus, its files, settings, digest) and
+                          each file's sha256
+      preparing.json      while the data are being written: how far the writing has come (see below)
+      checked.json        the largest id of each shard, cached by its size and modification time
+                          (llama_mini.data.checks)
 
     and for chat data (llama_mini.data.sources.ChatLines), beside each split's token shards:
       train-masks-000000.bin          one uint8 per token, 1 where the token is an assistant token (the
@@ -86,7 +90,8 @@ _SHARD_NAME = re.compile(r"(train|val)(-masks|-conversations)?-\d{6}\.bin")
 # of shards, the manifest or the progress (.NAME.RANDOM.tmp).
 _LEFTOVER = re.compile(
     r"\.(?:(?:train|val)(?:-masks|-conversations)?-\d{6}\.bin\.partial"
-    r"|(?:(?:train|val)(?:-masks|-conversations)?-\d{6}\.bin|prepared\.json|preparing\.json)\.\w+\.tmp)"
+    r"|(?:(?:train|val)(?:-masks|-conversations)?-\d{6}\.bin|prepared\.json|preparing\.json|checked\.json)"
+    r"\.\w+\.tmp)"
 )
 _ONE_FILE = 1 << 62  # "shard size" of a conversation index: never cut
 # Format version 1 held each split in one file with a .json beside it: writing data deletes them.
@@ -370,7 +375,8 @@ class _SplitWriter:
     shard's sha256 is computed as it is written."""
 
     def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
-        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.folder, self.prefix, self.shard_tokens = folder, prefix, shard_tokens
+        self.dtype = np.dtype(dtype)
         self.shards: list[list[Any]] = []  # [name, tokens] of the shards begun so far
         self.checksums: dict[str, str] = {}  # sha256 of each finished shard
         self.documents = self.bytes = 0
