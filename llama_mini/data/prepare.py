@@ -11,7 +11,9 @@ of workers), and the writer appends to the open shard (llama_mini.data.shards).
 
 `prepare_data` first looks at what `out_dir` already holds (llama_mini.data.provenance): data prepared
 with the same tokenizer and split settings from an unchanged corpus are used as they are, without reading
-the corpus.
+the corpus. A preparation that was interrupted (killed, Ctrl-C) is continued by the next one from its last
+checkpoint, keeping the shards it finished, to the same bytes as one never interrupted (DataWriter in
+llama_mini.data.shards). The data returned are checked as a run opens them (llama_mini.data.checks).
 
 `tokenizer_sample` reads the first `budget` bytes of the training split for a new tokenizer to learn
 from, so a corpus of any size trains its tokenizer in the same time.
@@ -108,9 +110,9 @@ def prepare_data(
 
     Data already in `out_dir` are used as they are when they were written with this tokenizer and these
     settings, and the corpus's files still have the recorded sizes and modification times
-    (llama_mini.data.provenance; `resuming` keeps them even when the corpus changed). workers: tokenizing processes (None:
-    usable_cores()); shard_tokens: ids per shard (None: SHARD_BYTES worth); progress: tqdm bars on a
-    terminal; log: called with one line per stage.
+    (llama_mini.data.provenance; `resuming` keeps them even when the corpus changed). workers: tokenizing
+    processes (None: usable_cores()); shard_tokens: ids per shard (None: SHARD_BYTES worth); progress: tqdm
+    bars on a terminal; log: called with one line per stage.
 
     An interrupted preparation is continued where it stopped (llama_mini.data.shards.DataWriter). The data
     returned are checked (llama_mini.data.checks): a DataError names a shard holding ids beyond the
