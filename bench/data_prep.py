@@ -2,6 +2,8 @@
 
     python bench/data_prep.py                                    # 25, 100, 400 MB x 1, 2 workers; resume
     python bench/data_prep.py --sizes 25 100 400 2000 --workers 1 2 --json out.json
+    python bench/data_prep.py --tokenize-only --sizes 100 --workers 1 2    # the tokenizing step alone
+    python bench/data_prep.py --tokenize-only --corpus FILE.txt           # ... of a text file of yours
 
 Each measurement runs, as its own process tree, what `train.py --data CORPUS --data-workers N` does before
 its first step (llama_mini.train.data_feed with the default settings): train a 4096-piece tokenizer on the
@@ -24,6 +26,18 @@ then, on the largest corpus, `train.py --data CORPUS --max-steps 2 --eval-interv
 seconds from the start of `train.py --out RUN --resume --max-steps 3` to its first training step's line in
 metrics.jsonl. The corpora are synthetic English-like text
 (paragraphs of sentences of Zipf-distributed words), made once into --work and reused.
+
+--tokenize-only times the tokenizing step alone, without the tokenizer's training, the split or the
+writing: a tokenizer is trained once per corpus (as above, on its tokenizer sample), then for each
+--workers value a child process, holding the lock, runs llama_mini.data.pool.encoded_batches over
+`open_source(corpus).documents()` and reports
+
+    tokenize MB/s   the corpus's UTF-8 bytes / the seconds from the first document read to the last batch
+                    tokenized
+    workers CPU s   the CPU seconds of the worker processes (getrusage(RUSAGE_CHILDREN)), and the
+    main CPU s      main process's own (reading the corpus, handing out batches, receiving the tokens)
+
+and the ratio of MB/s with 2 workers to 1: what parallel tokenization gains where nothing else runs.
 """
 
 from __future__ import annotations
@@ -182,10 +196,89 @@ def child(corpus: str, out: Path, workers: int) -> None:
     )
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["--child"]:
-        corpus, out, workers = sys.argv[2:5]
-        return child(corpus, Path(out), int(workers))
+def tokenize_child(corpus: str, tokenizer_path: str, workers: int) -> None:
+    """Tokenize `corpus` with llama_mini's pipeline alone and print one JSON line of rates and CPU times."""
+    sys.path.insert(0, str(REPO))
+    import resource
+
+    from llama_mini.data.pool import document_batches, encoded_batches
+    from llama_mini.data.sources import open_source
+    from llama_mini.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    source = open_source(corpus)
+
+    def cpu_seconds(who: int) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    main_before = cpu_seconds(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    size = 0
+    batches = document_batches(source.documents(), [0])
+    for encoded in encoded_batches(batches, tokenizer, seed=0, workers=workers, chat=False):
+        size += int(encoded.sizes.sum())
+    seconds = time.perf_counter() - started  # the pool has been shut down: its workers are reaped
+    main = cpu_seconds(resource.RUSAGE_SELF) - main_before
+    result = {"seconds": seconds, "bytes": size, "workers_cpu_s": cpu_seconds(resource.RUSAGE_CHILDREN)}
+    print(json.dumps({**result, "main_cpu_s": main}))
+
+
+def tokenize_only(args: argparse.Namespace, work: Path) -> list[dict]:
+    """The --tokenize-only rows: for each corpus size, each --workers value (see the module docstring)."""
+    rows = []
+    sizes = [Path(args.corpus).stat().st_size / 1e6] if args.corpus else args.sizes
+    for size in sizes:
+        corpus = Path(args.corpus) if args.corpus else synthetic_corpus(work / f"corpus-{size:g}MB.txt", size)
+        tokenizer = work / f"tokenizer-{corpus.stem}-{args.vocab_size}.model"
+        if not tokenizer.exists():  # trained as train.py trains one, on the corpus's tokenizer sample
+            sys.path.insert(0, str(REPO))
+            from llama_mini.data import tokenizer_sample
+            from llama_mini.tokenizer import train_tokenizer
+
+            train_tokenizer(tokenizer_sample(str(corpus)), tokenizer, args.vocab_size)
+        for workers in args.workers:
+            best = None
+            for _ in range(args.repeats):
+                command = [sys.executable, "bench/data_prep.py", "--tokenize-child"]
+                command += [str(corpus), str(tokenizer), str(workers)]
+                with open(args.lock if args.lock != "none" else os.devnull, "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # (a lock on /dev/null is nobody's)
+                    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+                if finished.returncode != 0:
+                    raise SystemExit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+                result = json.loads(finished.stdout.strip().splitlines()[-1])
+                if best is None or result["seconds"] < best["seconds"]:
+                    best = result
+            rows.append(
+                {
+                    "corpus MB": size,
+                    "workers": workers,
+                    "tokenize s": round(best["seconds"], 2),
+                    "tokenize MB/s": round(best["bytes"] / 1e6 / best["seconds"], 2),
+                    "workers CPU s": round(best["workers_cpu_s"], 2),
+                    "main CPU s": round(best["main_cpu_s"], 2),
+                }
+            )
+            print(rows[-1], flush=True)
+    by = {(row["corpus MB"], row["workers"]): row for row in rows}
+    for size in sizes:
+        if (size, 1) in by and (size, 2) in by:
+            ratio = by[size, 2]["tokenize MB/s"] / by[size, 1]["tokenize MB/s"]
+            print(f"{size:g} MB, tokenizing alone: 2 workers / 1 worker = {ratio:.2f}x MB/s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        corpus, out, workers = argv[1:4]
+        child(corpus, Path(out), int(workers))
+        return 0
+    if argv[:1] == ["--tokenize-child"]:
+        corpus, tokenizer, workers = argv[1:4]
+        tokenize_child(corpus, tokenizer, int(workers))
+        return 0
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -194,9 +287,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest is reported")
     parser.add_argument("--work", default="/tmp/llama_mini_bench_data", help="folder for corpora and runs")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--tokenize-only", action="store_true", help="time the tokenizing step alone")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="--tokenize-only: the tokenizer's size")
+    parser.add_argument("--lock", default=LOCK, help="--tokenize-only: the lock to hold (none: no lock)")
+    parser.add_argument("--corpus", help="--tokenize-only: this text file instead of the synthetic corpora")
+    args = parser.parse_args(argv)
 
     work = Path(args.work)
+    if args.tokenize_only:
+        rows = tokenize_only(args, work)
+        if args.json:
+            Path(args.json).write_text(json.dumps({**_run_info(), "results": rows}, indent=2))
+        return 0
     rows = []
     for size in args.sizes:
         corpus = synthetic_corpus(work / f"corpus-{size:g}MB.txt", size)
@@ -241,15 +343,7 @@ def main() -> None:
         resume, result = seconds_to_first_resumed_step(run)
         print(f"train.py on {corpus.name}: {first['wall_s']:.1f} s; its --resume reached its first training "
               f"step after {resume:.1f} s (whole command {result['wall_s']:.1f} s)", flush=True)  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    cpu = re.search(
-        r"^Model name:\s+(.*)$", subprocess.run(["lscpu"], capture_output=True, text=True).stdout, re.M
-    )
-    info = {
-        "device": f"{cpu.group(1) if cpu else 'CPU'}, {os.cpu_count()} cores",
-        "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
-    }
+    info = _run_info()
     print(f"\n{info}\n")
     columns = list(rows[0]) if rows else []
     print("| " + " | ".join(columns) + " |")
@@ -272,7 +366,24 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({**info, "rows": rows, "resume_first_step_s": resume}, indent=2)
         )
+    return 0
+
+
+def _run_info() -> dict:
+    """The machine, date, commit and torch version the numbers come from."""
+    from importlib.metadata import version
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    cpu = re.search(
+        r"^Model name:\s+(.*)$", subprocess.run(["lscpu"], capture_output=True, text=True).stdout, re.M
+    )
+    return {
+        "device": f"{cpu.group(1) if cpu else 'CPU'}, {os.cpu_count()} cores",
+        "date": date.today().isoformat(),
+        "commit": commit.stdout.strip(),
+        "torch": version("torch"),
+    }
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

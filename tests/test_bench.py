@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import decode, decode_cpu, ffn, profile_cpu, train_throughput, vs_transformers
+from bench import data_prep, decode, decode_cpu, ffn, profile_cpu, train_throughput, vs_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,3 +155,23 @@ def test_profile_bench_splits_a_training_step_and_times_both_products(tmp_path):
     assert 98 <= sum(shares) <= 102 and shares[0] > 0  # every operator counted once, the products found
     assert profile_cpu.main(["matvec", "--preset", "tiny", "--json", str(out)]) == 0
     assert [row["rows"] for row in results(out)] == [1, 8]
+
+
+def test_data_prep_times_the_tokenizing_step_alone_for_each_worker_count(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Paragraph {i}: the fox {i % 13} ran to the river.\n\n" for i in range(3000)))
+    argv = ["--tokenize-only", "--corpus", str(corpus), "--workers", "1", "2", "--repeats", "1"]
+    argv += [
+        "--vocab-size",
+        "300",
+        "--lock",
+        "none",
+        "--work",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "d.json"),
+    ]
+    assert data_prep.main(argv) == 0
+    rows = results(tmp_path / "d.json")
+    assert [row["workers"] for row in rows] == [1, 2] and all(row["tokenize MB/s"] > 0 for row in rows)
+    assert "tokenizing alone: 2 workers / 1 worker = " in capsys.readouterr().out

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_chat_data
 
 import train as train_cli
 from llama_mini.checkpoint import load_model
@@ -21,9 +22,10 @@ from llama_mini.data import (
     open_source,
     prepare_data,
     read_manifest,
-    write_chat_data,
 )
-from llama_mini.data import prepare as prepare_module
+from llama_mini.data import pool as pool_module
+from llama_mini.data.checks import CHECKED
+from llama_mini.data.shards import DataWriter
 from llama_mini.errors import DataError
 from llama_mini.generation.command import main as generate_main
 from llama_mini.generation.decode import decode_continuation, generate
@@ -230,15 +232,47 @@ def test_data_prepared_with_another_template_are_prepared_again(tmp_path, chatml
 
 
 def test_chat_shards_are_identical_for_any_number_of_workers(monkeypatch, tmp_path, chatml, corpus):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 2000)
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 2000)
     for workers in (1, 2):
         prepare_data(corpus, tmp_path / f"w{workers}", Tokenizer(chatml), 0.2, workers=workers)
-    names = sorted(path.name for path in (tmp_path / "w1").iterdir() if path.name != MANIFEST)
+    names = sorted(path.name for path in (tmp_path / "w1").iterdir() if path.name not in (MANIFEST, CHECKED))
     assert any("-masks-" in name for name in names) and any("-conversations-" in name for name in names)
     assert all(
         (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes() for name in names
     )
+
+
+def test_chat_preparation_stopped_by_ctrl_c_goes_on_to_the_same_bytes(monkeypatch, tmp_path, chatml, corpus):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 300)
+    checkpoint, calls = DataWriter.checkpoint, []
+
+    def counted(self, position):
+        calls.append(position["next"])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        checkpoint(self, position)
+
+    monkeypatch.setattr(DataWriter, "checkpoint", counted)
+    stop_at = 0  # (never)
+    prepare_data(corpus, tmp_path / "whole", Tokenizer(chatml), 0.2, shard_tokens=200)
+    stop_at, batches = len(calls) // 2 + len(calls), len(calls)  # in the middle of the next preparation
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(corpus, tmp_path / "out", Tokenizer(chatml), 0.2, shard_tokens=200)
+    lines = []
+    prepare_data(corpus, tmp_path / "out", Tokenizer(chatml), 0.2, shard_tokens=200, log=lines.append)
+    assert lines[1].startswith(f"data: going on with the interrupted preparation of {tmp_path / 'out'} from ")
+    assert len(calls) == 2 * batches + 1  # the resumed run tokenized only the batches not yet written
+    files = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir() if path.name != CHECKED}
+    whole = {path.name: path.read_bytes() for path in (tmp_path / "whole").iterdir() if path.name != CHECKED}
+    assert any("-conversations-" in name for name in files) and files.keys() == whole.keys()
+    for name in files:
+        if name == MANIFEST:  # equal but for the time of writing
+            files[name], whole[name] = (
+                {**json.loads(m), "provenance": {**json.loads(m)["provenance"], "prepared": 0}}
+                for m in (files[name], whole[name])
+            )
+        assert files[name] == whole[name], name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,7 +429,7 @@ def test_a_bad_record_is_one_line_naming_its_file_and_line(tmp_path, chatml, cap
 def test_a_record_the_template_cannot_take_is_found_by_file_and_line(
     monkeypatch, tmp_path, chatml, capsys, workers
 ):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # the workers find it, by number
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # the workers find it, by number
     bad = {"messages": [{"role": "user", "content": "Say <|im_end|> now."}]}
     data = write_jsonl(tmp_path / "chats.jsonl", records_with(bad, at=9))
     code, err = run_train(capsys, *tiny_run(data, chatml, tmp_path / "run", "--data-workers", workers))

@@ -6,13 +6,15 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 
 import train as train_cli
-from llama_mini.data import MANIFEST, TokenSplit
-from llama_mini.data import prepare as prepare_module
+from llama_mini.data import MANIFEST, TokenSplit, prepare_data
+from llama_mini.data import pool as pool_module
+from llama_mini.data.checks import check_prepared
 from llama_mini.data.sources import Source
-from llama_mini.tokenizer import train_tokenizer
+from llama_mini.tokenizer import Tokenizer, train_tokenizer
 
 TINY = dict(
     device="cpu", batch_size=2, eval_steps=1, sample_tokens=0, dim=32, n_layers=1, n_heads=2, max_seq_len=16
@@ -113,8 +115,8 @@ def test_cli_reads_a_hugging_face_dataset_by_name(tmp_path, tokenizer_path, caps
 
 
 def test_cli_data_workers_give_the_same_shards_as_one(monkeypatch, tmp_path, tokenizer_path, capsys):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 500)
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # start the workers even for a tiny corpus
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 500)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": story(i)} for i in range(60)])
     for workers in (1, 2):
         code, _, err = run(
@@ -200,3 +202,52 @@ def test_cli_help_lists_the_data_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--data-workers", "--text-field", "--data-split", "--tokenizer-sample-mb"):
         assert flag in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged shards stop the run in one line
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tmp_path, tokenizer_path):
+    """A corpus and its data prepared in a folder of their own, which runs share with --data-dir."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": story(i)} for i in range(60)])
+    prepare_data(str(corpus), tmp_path / "data", Tokenizer(tokenizer_path), 0.1, 1337, workers=1)
+    return corpus, tmp_path / "data"
+
+
+def test_cli_refuses_a_shard_with_ids_beyond_the_vocabulary_in_one_line(
+    tmp_path, tokenizer_path, prepared, capsys
+):
+    corpus, data = prepared
+    with open(data / "train-000000.bin", "r+b") as shard:  # the size stays, id 65535 of a 300-id vocabulary
+        shard.seek(40)
+        shard.write(b"\xff\xff")
+    code, _, err = run(
+        flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data), capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: token shard {data / 'train-000000.bin'} holds id 65,535, beyond the vocabulary of 300 ids: "
+        f"its bytes are damaged; delete it and run again to prepare the data again"
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step trained
+
+
+def test_cli_verify_data_finds_a_changed_byte_that_keeps_ids_in_range(
+    tmp_path, tokenizer_path, prepared, capsys
+):
+    corpus, data = prepared
+    shard = data / "val-000000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[3] ^= 1  # another id of the vocabulary: 299 ^ 1 = 298 at most
+    tokens.tofile(shard)
+    check_prepared((TokenSplit(data, "train"), TokenSplit(data, "val")))  # in range: the cheap check passes
+    args = flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data)
+    code, _, err = run([*args, "--verify-data"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: --verify-data: {shard} does not have the sha256 recorded in {MANIFEST} when it was written: "
+        f"its bytes changed; delete it and run again to prepare the data again"
+    )

@@ -4,6 +4,12 @@ line, and nothing half written ever used (llama_mini.data.prepare)."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +22,11 @@ from llama_mini.data import (
     split_documents,
     tokenizer_sample,
 )
+from llama_mini.data import pool as pool_module
 from llama_mini.data import prepare as prepare_module
 from llama_mini.data import split as split_module
-from llama_mini.data.shards import DataWriter
+from llama_mini.data.checks import CHECKED
+from llama_mini.data.shards import PROGRESS, DataWriter
 from llama_mini.data.sources import Source
 from llama_mini.errors import DataError
 from llama_mini.tokenizer import train_tokenizer
@@ -75,8 +83,8 @@ def test_the_manifest_records_settings_files_and_a_digest(corpus, tmp_path, toke
 
 
 def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch, corpus, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # use the pool even for a small corpus
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 300)  # many batches in flight at once
+    monkeypatch.setattr(pool_module, "PARALLEL_MIN_BYTES", 0)  # use the pool even for a small corpus
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 300)  # many batches in flight at once
     lines = []
     for workers in (1, 2):
         prepare_data(
@@ -90,20 +98,12 @@ def test_shards_are_byte_identical_for_one_and_two_worker_processes(monkeypatch,
             log=lines.append,
         )
     assert lines[2].endswith("with 2 workers")  # the second run's first line
-    files = sorted(path.name for path in (tmp_path / "w1").iterdir())
-    assert files == sorted(path.name for path in (tmp_path / "w2").iterdir()) and len(files) > 4
-    for name in files:
-        one, two = (tmp_path / "w1" / name).read_bytes(), (tmp_path / "w2" / name).read_bytes()
-        if name == MANIFEST:  # equal but for the time of writing
-            one, two = (
-                {**json.loads(m), "provenance": {**json.loads(m)["provenance"], "prepared": 0}}
-                for m in (one, two)
-            )
-        assert one == two, name
+    files = prepared_files(tmp_path / "w1")
+    assert files == prepared_files(tmp_path / "w2") and len(files) > 4
 
 
 def test_the_corpus_is_read_a_batch_ahead_of_the_shards_never_whole(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 1000)
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 1000)
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # no first pass to count the scores
     read = [0]
 
@@ -226,7 +226,7 @@ def test_in_a_large_corpus_with_no_document_validating_by_score_a_second_pass_mo
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)
     documents = [scene(i) for i in range(3)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
-    lowest = min(prepare_module.validation_score(text.encode(), 0) for text in documents)
+    lowest = min(split_module.validation_score(text.encode(), 0) for text in documents)
     lines = []
     train, val = prepare_data(
         str(tmp_path / "c.jsonl"), tmp_path / "out", tokenizer, lowest / 2, seed=0, log=lines.append
@@ -262,7 +262,7 @@ def test_an_empty_corpus_is_an_error(tmp_path, tokenizer):
 
 
 def test_a_bad_line_midway_leaves_no_manifest_and_no_temporary_files(monkeypatch, tmp_path, tokenizer):
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARACTERS", 200)  # shards are being written when it fails
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)  # shards are being written when it fails
     monkeypatch.setattr(split_module, "SMALL_CORPUS_BYTES", 0)  # (a small corpus fails in its first pass)
     rows = [json.dumps({"text": scene(i)}) for i in range(60)] + ['{"text": "broken"']
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
@@ -304,3 +304,141 @@ def test_a_corpus_within_the_budget_gives_its_whole_training_split(corpus):
 def test_prepared_tokens_fit_the_dtype_of_the_vocabulary(tmp_path, corpus, tokenizer):
     train, _ = prepare_data(str(corpus), tmp_path / "out", tokenizer)
     assert train.dtype == np.uint16 and int(train.read(0, len(train)).max()) < tokenizer.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An interrupted preparation goes on where it stopped
+# ---------------------------------------------------------------------------------------------------------
+
+# Prepares CORPUS into OUT with tiny batches and shards and WORKERS processes, and kills itself with
+# SIGKILL right after the COUNT-th call of HOOK: DataWriter.write (between the writes of one batch),
+# DataWriter.checkpoint (just after a batch was recorded), or _SplitWriter._finish_shard counting only the
+# calls that finish a shard (a shard renamed into place, not yet recorded). Its last line of output lists
+# its child processes as it is killed.
+KILLED_PREPARATION = """
+import os, signal, sys
+from pathlib import Path
+from llama_mini.data import pool, prepare_data, shards
+from llama_mini.tokenizer import Tokenizer
+
+corpus, out, tokenizer, hook, count, workers = sys.argv[1:]
+pool.BATCH_CHARACTERS, pool.PARALLEL_MIN_BYTES = 200, 0
+owner = shards._SplitWriter if hook == "_finish_shard" else shards.DataWriter
+original, calls = getattr(owner, hook), [0]
+
+def then_kill(self, *args):
+    counts = hook != "_finish_shard" or self._file is not None
+    result = original(self, *args)
+    calls[0] += counts
+    if calls[0] == int(count):
+        children = [pid for file in Path("/proc/self/task").glob("*/children") for pid in file.read_text().split()]
+        print("children:", *children, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, hook, then_kill)
+prepare_data(corpus, out, Tokenizer(tokenizer), 0.2, 1, workers=int(workers), shard_tokens=50, log=print)
+"""
+
+
+def prepared_files(folder) -> dict[str, bytes]:
+    """Every file in `folder` by name, the manifest's time of preparation and the checks' cache (which
+    holds modification times) left out."""
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != CHECKED}
+    manifest = json.loads(files[MANIFEST])
+    manifest["provenance"]["prepared"] = None
+    files[MANIFEST] = json.dumps(manifest).encode()
+    return files
+
+
+def test_a_killed_preparation_goes_on_from_where_it_stopped_to_the_same_bytes(
+    monkeypatch, corpus, tmp_path, tokenizer
+):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)
+    prepare_data(str(corpus), tmp_path / "whole", tokenizer, 0.2, 1, workers=1, shard_tokens=50)
+    out = tmp_path / "out"
+    script = [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for run, (hook, count) in enumerate([("checkpoint", 5), ("write", 13), ("_finish_shard", 3)]):
+        killed = subprocess.run(
+            [*script, hook, str(count), "1"], capture_output=True, text=True, env=environment
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert ("going on with the interrupted preparation" in killed.stdout) == (run > 0)
+    assert PROGRESS in os.listdir(out) and not (out / MANIFEST).exists()
+    first_shard = (out / "train-000000.bin").stat().st_mtime_ns
+    lines = []
+    prepare_data(str(corpus), out, tokenizer, 0.2, 1, workers=1, shard_tokens=50, log=lines.append)
+    assert re.fullmatch(
+        r"data: going on with .* from document \d+ \([1-9]\d* finished shards kept\)", lines[1]
+    )
+    assert (out / "train-000000.bin").stat().st_mtime_ns == first_shard  # kept, not written again
+    assert prepared_files(out) == prepared_files(tmp_path / "whole")  # no partial, temporary or progress file
+
+
+def test_stale_temporary_files_are_removed_and_other_progress_is_not_continued(
+    monkeypatch, corpus, tmp_path, tokenizer
+):
+    monkeypatch.setattr(pool_module, "BATCH_CHARACTERS", 200)
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(out), str(tokenizer.model_path)]
+        + ["write", "7", "1"],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (out / ".train-000000.bin.k3j9x_2a.tmp").write_bytes(b"\0" * 100)  # an atomic_file's, from any version
+    assert any(name.endswith(".partial") for name in os.listdir(out))
+    lines = []
+    prepare_data(str(corpus), out, tokenizer, 0.3, 1, workers=1, shard_tokens=50, log=lines.append)
+    assert lines[1] == f"data: {out} holds an unfinished preparation of other data: preparing from the start"
+    assert not [name for name in os.listdir(out) if name.startswith(".") or name == PROGRESS]
+
+
+def test_a_shard_whose_size_changed_is_named_in_one_line_and_prepared_again(corpus, tmp_path, tokenizer):
+    first, _ = prepare_data(str(corpus), tmp_path / "out", tokenizer, 0.2, seed=1, shard_tokens=100)
+    tokens = first.read(0, len(first)).tolist()
+    del first  # (its maps would see the shard cut short)
+    shard = tmp_path / "out" / "train-000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    lines = []
+    again, _ = prepare_data(
+        str(corpus), tmp_path / "out", tokenizer, 0.2, 1, shard_tokens=100, log=lines.append
+    )
+    assert lines[0] == (
+        f"data: shard train-000001.bin has 190 bytes where {MANIFEST} records 200: it changed since "
+        f"{tmp_path / 'out'} was prepared; preparing the data again"
+    )
+    assert lines[1].startswith("data: tokenizing") and shard.stat().st_size == 200
+    assert again.read(0, len(again)).tolist() == tokens
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists a process's children from /proc")
+def test_the_workers_of_a_killed_preparation_end_with_it(corpus, tmp_path, tokenizer):
+    command = [sys.executable, "-c", KILLED_PREPARATION, str(corpus), str(tmp_path / "out")]
+    command += [str(tokenizer.model_path), "checkpoint", "3", "2"]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "stdout", "w") as stdout:  # (a pipe would stay open as long as any worker lives)
+        assert subprocess.run(command, stdout=stdout, env=environment).returncode == -signal.SIGKILL
+    label, *workers = (tmp_path / "stdout").read_text().splitlines()[-1].split()
+    workers = [int(pid) for pid in workers]
+    try:
+        assert label == "children:" and len(workers) == 2
+        for _ in range(50):
+            if not any(alive(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_token_data
 from numpy.lib.stride_tricks import sliding_window_view
 
-from llama_mini.data import MANIFEST, TokenSplit, get_batch, read_manifest, write_token_data
+from llama_mini.data import MANIFEST, TokenSplit, get_batch, read_manifest
 from llama_mini.data.shards import DataWriter
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.tokenizer import train_tokenizer

@@ -7,6 +7,8 @@ The path from text to a training batch, streamed so that no step holds the corpu
     split.py      validation_score         each document goes to train or val by a keyed hash of its text
     prepare.py    prepare_data(spec, ...)  documents -> tokenizer workers -> shards, reused when unchanged;
                   tokenizer_sample         the bounded sample a new tokenizer learns from
+    pool.py       encoded_batches          batches of documents tokenized here or by worker processes
+    provenance.py reusable_manifest        what prepared data were made from, so reruns reuse them
     shards.py     TokenSplit(dir, split)   a split's shards, memory-mapped and read as one sequence
     batches.py    get_batch(split, ...)    random windows, a pure function of (seed, step)
 
@@ -24,15 +26,8 @@ from llama_mini.data.downloads import (
     fetch_shakespeare,
     fetch_tinystories,
 )
-from llama_mini.data.prepare import (
-    PARALLEL_MIN_BYTES,
-    TOKENIZER_SAMPLE_BYTES,
-    prepare_data,
-    tokenizer_sample,
-    usable_cores,
-    write_chat_data,
-    write_token_data,
-)
+from llama_mini.data.pool import PARALLEL_MIN_BYTES, usable_cores
+from llama_mini.data.prepare import TOKENIZER_SAMPLE_BYTES, prepare_data, tokenizer_sample
 from llama_mini.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -80,6 +75,4 @@ __all__ = [
     "tokenizer_sample",
     "usable_cores",
     "validation_score",
-    "write_chat_data",
-    "write_token_data",
 ]

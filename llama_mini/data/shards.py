@@ -6,7 +6,11 @@
       ...                 shorter); uint16 when the vocabulary fits in 16 bits, else uint32
       val-000000.bin      the same for the validation split
       prepared.json       the manifest: format, tokenizer, dtype, each split's shards, documents, tokens
-                          and UTF-8 bytes, and the provenance (corpus, its files, settings, digest)
+                          and UTF-8 bytes, the provenance (corpus, its files, settings, digest) and
+                          each file's sha256
+      preparing.json      while the data are being written: how far the writing has come (see below)
+      checked.json        the largest id of each shard, cached by its size and modification time
+                          (llama_mini.data.checks)
 
     and for chat data (llama_mini.data.sources.ChatLines), beside each split's token shards:
       train-masks-000000.bin          one uint8 per token, 1 where the token is an assistant token (the
@@ -28,18 +32,27 @@ sha256), since the tokenizer's sha256 does not cover it: data rendered with anot
 reused, and a run can tell which template its model is learning.
 
 Writing is crash-safe (llama_mini.files): the old manifest is deleted first, every shard is written under
-a temporary name and renamed when whole, and the new manifest is written last; `TokenSplit` opens only
-shards that a manifest lists, with the size it lists. So data whose writing was interrupted have no
-manifest and are never used: they are prepared again.
+a partial name (.NAME.partial) and renamed when whole, and the new manifest is written last; `TokenSplit`
+opens only shards that a manifest lists, with the size it lists. So data whose writing was interrupted
+have no manifest and are never used as they are. Writing is also resumable: after every batch the
+writer records in PROGRESS (preparing.json) each shard's state, the finished shards with their sha256,
+and how far its input has been read (`DataWriter.checkpoint`). A later preparation of the same data keeps
+the finished shards, cuts the open ones back to the recorded size and goes on from there, so a
+preparation killed at any point and run again gives the same bytes as one never interrupted; the partial
+and temporary files of any other unfinished writing are deleted when writing starts.
+
+The manifest records the sha256 of every file it lists ("checksums"), computed as they are written, for
+`train.py --verify-data` (llama_mini.data.checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -55,6 +68,7 @@ if TYPE_CHECKING:  # only for type hints: any object with the same attributes wo
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "PROGRESS",
     "SHARD_BYTES",
     "SPLITS",
     "ChatIndex",
@@ -66,13 +80,22 @@ __all__ = [
     "token_dtype",
 ]
 
-FORMAT_VERSION = 2  # 1 was one train.bin / val.bin with a .json each
+FORMAT_VERSION = 2  # the layout above; data in another layout are prepared again
 MANIFEST = "prepared.json"
 SHARD_BYTES = 1 << 28  # 256 MiB: 134M uint16 tokens (about 500 MB of English text) per shard
 SPLITS = ("train", "val")
+PROGRESS = "preparing.json"  # how far an unfinished preparation has come (DataWriter.checkpoint)
 _SHARD_NAME = re.compile(r"(train|val)(-masks|-conversations)?-\d{6}\.bin")
+# Files of an interrupted writing: shards being written (.NAME.partial), and atomic_file's temporary files
+# of shards, the manifest or the progress (.NAME.RANDOM.tmp).
+_LEFTOVER = re.compile(
+    r"\.(?:(?:train|val)(?:-masks|-conversations)?-\d{6}\.bin\.partial"
+    r"|(?:(?:train|val)(?:-masks|-conversations)?-\d{6}\.bin|prepared\.json|preparing\.json|checked\.json)"
+    r"\.\w+\.tmp)"
+)
 _ONE_FILE = 1 << 62  # "shard size" of a conversation index: never cut
-_FORMAT_1_FILES = ("train.bin", "train.json", "val.bin", "val.json")
+# Format version 1 held each split in one file with a .json beside it: writing data deletes them.
+_VERSION_1_FILES = ("train.bin", "train.json", "val.bin", "val.json")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -348,14 +371,17 @@ class ChatRows:
 
 class _SplitWriter:
     """Appends values to one sequence of shards named PREFIX-000000.bin, ..., starting a new shard every
-    `shard_tokens` values."""
+    `shard_tokens` values. The open shard is written as .NAME.partial and renamed to NAME when whole; each
+    shard's sha256 is computed as it is written."""
 
     def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
-        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.folder, self.prefix, self.shard_tokens = folder, prefix, shard_tokens
+        self.dtype = np.dtype(dtype)
         self.shards: list[list[Any]] = []  # [name, tokens] of the shards begun so far
+        self.checksums: dict[str, str] = {}  # sha256 of each finished shard
         self.documents = self.bytes = 0
-        self._stack: ExitStack | None = None  # holds the open shard's atomic_file
-        self._file: IO[bytes] | None = None
+        self._file: IO[bytes] | None = None  # the open shard's .partial file
+        self._hash: Any = None  # and its sha256 so far
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens, dtype=self.dtype)
@@ -363,22 +389,27 @@ class _SplitWriter:
             if self._file is None or self.shards[-1][1] == self.shard_tokens:
                 self._next_shard()
             room = self.shard_tokens - self.shards[-1][1]
-            self._file.write(tokens[:room].tobytes())
+            data = tokens[:room].tobytes()
+            self._file.write(data)
+            self._hash.update(data)
             self.shards[-1][1] += min(room, len(tokens))
             tokens = tokens[room:]
 
     def _next_shard(self) -> None:
         self._finish_shard()
         name = f"{self.prefix}-{len(self.shards):06d}.bin"
-        self._stack = ExitStack()
-        self._file = self._stack.enter_context(atomic_file(self.folder / name))
+        self._file = open(_partial(self.folder / name), "wb")  # noqa: SIM115 (closed by _finish_shard)
+        self._hash = hashlib.sha256()
         self.shards.append([name, 0])
 
     def _finish_shard(self) -> None:
-        """Rename the open shard to its final name (atomic_file does it when its block ends)."""
-        if self._stack is not None:
-            stack, self._stack, self._file = self._stack, None, None
-            stack.close()
+        """Close the open shard and rename it to its final name."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
+            name = self.shards[-1][0]
+            os.replace(_partial(self.folder / name), self.folder / name)
+            self.checksums[name] = self._hash.hexdigest()
 
     def close(self) -> dict[str, Any]:
         self._finish_shard()
@@ -386,19 +417,83 @@ class _SplitWriter:
         return {"documents": self.documents, "tokens": tokens, "bytes": self.bytes, "shards": self.shards}
 
     def abort(self) -> None:
-        """Delete the open shard's temporary file (the shards already renamed have no manifest: unused)."""
-        if self._stack is not None:
-            stack, self._stack, self._file = self._stack, None, None
-            stack.__exit__(DataError, DataError("aborted"), None)
+        """Delete the open shard's partial file (the shards already renamed have no manifest: unused)."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
+            _partial(self.folder / self.shards[-1][0]).unlink(missing_ok=True)
+
+    def forget(self) -> None:
+        """Start again from nothing, leaving the files as they are."""
+        if self._file is not None:
+            self._file.close()
+        self.__init__(self.folder, self.prefix, self.dtype, self.shard_tokens)
+
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to go on from here, after writing out what was written so far."""
+        if self._file is not None:
+            self._file.flush()
+        return {
+            "shards": [list(shard) for shard in self.shards],
+            "open": self._file is not None,
+            "checksums": dict(self.checksums),
+            "documents": self.documents,
+            "bytes": self.bytes,
+        }
+
+    def restore(self, state: dict[str, Any]) -> bool:
+        """Go on from `state` (a `state()` of an earlier process): its finished shards must be there with
+        their sizes, and its open shard hold at least the recorded values (those after them are cut off).
+        False, and nothing changed, when they are not."""
+        itemsize = self.dtype.itemsize
+        shards = [list(shard) for shard in state["shards"]]
+        finished = shards[:-1] if state["open"] else shards
+        for name, tokens in finished:
+            if _size(self.folder / name) != tokens * itemsize:
+                return False
+        if state["open"]:
+            name, tokens = shards[-1]
+            partial, final = _partial(self.folder / name), self.folder / name
+            if _size(partial) is None and (_size(final) or 0) >= tokens * itemsize:
+                os.replace(final, partial)  # finished after the state was taken: it is open again
+            if (_size(partial) or -1) < tokens * itemsize:
+                return False
+            self._file = open(partial, "r+b")  # noqa: SIM115 (closed by _finish_shard)
+            self._file.truncate(tokens * itemsize)
+            self._hash = hashlib.sha256()
+            while chunk := self._file.read(1 << 24):
+                self._hash.update(chunk)
+        self.shards, self.checksums = shards, dict(state["checksums"])
+        self.documents, self.bytes = state["documents"], state["bytes"]
+        return True
+
+
+def _partial(path: Path) -> Path:
+    """Where the shard `path` is written until it is whole."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 class DataWriter:
     """Writes prepared data into `folder`: use as a context manager, `write` tokens of either split in
-    any interleaving, then `finish(provenance)`. Leaving the block by an exception deletes the open
-    shards' temporary files and writes no manifest.
+    any interleaving, then `finish(provenance)`. Leaving the block by an error deletes the open shards'
+    partial files and writes no manifest.
 
     chat: for chat data, the manifest's "chat" record ({"template": ..., "template_sha256": ...}); each
     `write` then brings its ChatRows, and the masks and conversation index are written beside the tokens.
+
+    identity: makes the writing resumable. `checkpoint(position)` records, in PROGRESS, how far the writing
+    has come (every shard's state, and `position`: where the caller is in its input); a later DataWriter
+    with the same identity whose files are still as recorded goes on from there, and `resumed` is that
+    `position` (None when starting afresh). An interruption (kill -9, Ctrl-C) thus loses only what was
+    written since the last checkpoint; an error (an exception other than KeyboardInterrupt) gives up and
+    deletes the progress with the partial files, since a rerun will not go the same way.
     """
 
     def __init__(
@@ -407,6 +502,7 @@ class DataWriter:
         tokenizer: Tokenizer,
         shard_tokens: int | None = None,
         chat: dict[str, Any] | None = None,
+        identity: str | None = None,
     ):
         if chat is None and (tokenizer.bos_id < 0 or tokenizer.eos_id < 0):
             # (Chat data need neither: the conversation index marks where each begins.)
@@ -415,7 +511,7 @@ class DataWriter:
                 f"shards need to mark document boundaries: use a tokenizer trained by llama_mini or LLaMA's"
             )
         self.folder = Path(folder)
-        self.tokenizer, self.chat = tokenizer, chat
+        self.tokenizer, self.chat, self.identity = tokenizer, chat, identity
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.shard_tokens = shard_tokens or SHARD_BYTES // self.dtype.itemsize
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -432,13 +528,58 @@ class DataWriter:
                 self.conversations[split] = _SplitWriter(
                     self.folder, f"{split}-conversations", np.int64, _ONE_FILE
                 )
+        self.resumed: dict[str, Any] | None = None
+        self.stale_progress = False  # whether PROGRESS recorded another preparation, now given up
+        self._resume()
+        self._remove_leftovers()
 
     def __enter__(self) -> DataWriter:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
-        if kind is not None:
+        if kind is None:
+            return
+        if issubclass(kind, Exception) or self.identity is None:
             self.discard()
+        else:  # interrupted: the partial files and the last checkpoint stay, for the next run to go on
+            for writer in self._writers():
+                writer.forget()
+
+    def _resume(self) -> None:
+        """Go on from PROGRESS if it records a preparation with this identity whose files are as recorded."""
+        try:
+            progress = json.loads((self.folder / PROGRESS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        writers = self._named_writers()
+        states = progress.get("writers", {}) if isinstance(progress, dict) else {}
+        if (
+            self.identity is None
+            or progress.get("identity") != self.identity
+            or set(states) != set(writers)
+            or not all(writer.restore(states[name]) for name, writer in writers.items())
+        ):
+            for writer in writers.values():
+                writer.forget()
+            self.stale_progress = True
+            (self.folder / PROGRESS).unlink(missing_ok=True)
+            return
+        self.targets = {split: list(values) for split, values in progress["targets"].items()}
+        self.resumed = progress["position"]
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary and partial files of earlier writing that this one does not go on with."""
+        open_files = {
+            _partial(self.folder / writer.shards[-1][0]).name
+            for writer in self._writers()
+            if writer._file is not None
+        }
+        for path in self.folder.iterdir():
+            if _LEFTOVER.fullmatch(path.name) and path.name not in open_files:
+                path.unlink(missing_ok=True)
+
+    def _named_writers(self) -> dict[str, _SplitWriter]:
+        return {writer.prefix: writer for writer in self._writers()}
 
     def write(
         self, split: str, tokens: np.ndarray, documents: int, text_bytes: int, chat: ChatRows | None = None
@@ -461,10 +602,25 @@ class DataWriter:
         writer.documents += documents
         writer.bytes += text_bytes
 
+    def checkpoint(self, position: dict[str, Any]) -> None:
+        """Record in PROGRESS that everything written so far is done, with the caller's `position` (see the
+        class docstring): the shards finished so far are kept by a later run, with their checksums."""
+        if self.identity is None:
+            raise ValueError("only a DataWriter with an identity can be resumed")
+        progress = {
+            "identity": self.identity,
+            "position": position,
+            "writers": {name: writer.state() for name, writer in self._named_writers().items()},
+            "targets": self.targets,
+        }
+        with atomic_file(self.folder / PROGRESS) as file:
+            file.write(json.dumps(progress).encode("utf-8"))
+
     def discard(self) -> None:
-        """Give up: delete the open shards' temporary files and write no manifest."""
+        """Give up: delete the open shards' partial files and the progress, and write no manifest."""
         for writer in self._writers():
             writer.abort()
+        (self.folder / PROGRESS).unlink(missing_ok=True)
 
     def _writers(self) -> list[_SplitWriter]:
         return [*self.splits.values(), *self.masks.values(), *self.conversations.values()]
@@ -490,16 +646,20 @@ class DataWriter:
             "dtype": self.dtype.name,
             "splits": splits,
             "provenance": provenance,
+            # sha256 of every file listed above, which --verify-data compares (llama_mini.data.checks)
+            "checksums": {name: sha for writer in self._writers() for name, sha in writer.checksums.items()},
         }
         if self.chat is not None:
             manifest["chat"] = self.chat
         with atomic_file(self.folder / MANIFEST) as file:
             file.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+        (self.folder / PROGRESS).unlink(missing_ok=True)
         listed = {
             name for record in splits.values() for name, _ in record["shards"] + record.get("masks", [])
         }
         listed |= {record["conversations"][0] for record in splits.values() if "conversations" in record}
         for path in self.folder.iterdir():
-            if (_SHARD_NAME.fullmatch(path.name) and path.name not in listed) or path.name in _FORMAT_1_FILES:
+            unlisted = _SHARD_NAME.fullmatch(path.name) and path.name not in listed
+            if unlisted or path.name in _VERSION_1_FILES:
                 path.unlink(missing_ok=True)
         return manifest

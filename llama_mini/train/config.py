@@ -99,6 +99,11 @@ class TrainConfig:
     data_dir: str | None = setting(
         None, "folder for the tokenized shards (none = OUT/data); runs on one corpus can share it"
     )
+    verify_data: bool = setting(
+        False,
+        "compare every shard's sha256 with the one recorded when it was prepared before training (a full "
+        "read; sizes and token ids are always checked)",
+    )
     max_steps: int = setting(600, "optimizer steps to train for")
     batch_size: int = setting(16, "sequences per micro-step, shared out over all processes under torchrun")
     grad_accum: int = setting(

@@ -109,6 +109,7 @@ def prepare_shards(
             progress=True,
             log=_log,
             chat=config.chat,
+            verify=config.verify_data,
         )
     dist.barrier()
     return TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
