@@ -56,7 +56,8 @@ from llama_mini.model.transformer import (  # noqa: E402
     INIT_RESIDUAL_GAIN,
     init_stds,
 )
-from llama_mini.study.ablate import AblationConfig, _prepare_shared, read_results  # noqa: E402
+from llama_mini.study.ablate import AblationConfig, read_results  # noqa: E402
+from llama_mini.study.ablate.runner import prepare_shared  # noqa: E402
 from llama_mini.train import Trainer  # noqa: E402
 
 RESULTS = "results.jsonl"
@@ -185,7 +186,7 @@ def run(options: argparse.Namespace) -> int:
     if not todo:
         return 0
     config = AblationConfig(variants=list(options.variants), out=str(out), device="cpu")
-    tokenizer, data_dir = _prepare_shared(config, out, print)
+    tokenizer, data_dir = prepare_shared(config, out, print)
     for index, arm in enumerate(todo, start=1):
         with exclusive_lock(options.lock):
             result = train_arm(arm, config, tokenizer, data_dir, out)

@@ -21,6 +21,7 @@ from llama_mini.study.ablate import (
     main,
     read_results,
     run_ablation,
+    runner,
     spearman,
     summarize,
 )
@@ -139,7 +140,7 @@ def test_resume_trains_only_the_runs_not_yet_finished(finished, monkeypatch, tmp
         trained.append((variant, seed))
         return {**fake_result(variant, seed, 5.0, settings), "seconds": 1.0, "device": "cpu"}
 
-    monkeypatch.setattr(ablate, "_train_one", fake_train)
+    monkeypatch.setattr(runner, "_train_one", fake_train)
     extended = AblationConfig(
         **{**dataclass_values(config), "out": str(out), "variants": ["relu", "gelu", "swiglu"]}
     )
@@ -182,7 +183,7 @@ def test_results_from_before_the_init_setting_extend_an_ablation_with_init_gpt2(
     old = AblationConfig(**{**dataclass_values(config), "out": str(tmp_path / "out"), "weight_init": "gpt2"})
     results_from_before_the_init_setting(old, tmp_path / "out")
     monkeypatch.setattr(
-        ablate, "_train_one", lambda *args: pytest.fail("the run is already in results.jsonl")
+        runner, "_train_one", lambda *args: pytest.fail("the run is already in results.jsonl")
     )
     outcome = run_ablation(dataclasses.replace(old, variants=["relu"]), log=lambda line: None)
     assert [(r["variant"], r["val_loss"]) for r in outcome["results"]] == [("relu", 5.0)]
@@ -283,7 +284,7 @@ def test_cli_mistakes_exit_2_with_one_line(capsys, tmp_path, argv, message):
 
 
 def test_an_interrupted_run_is_not_recorded_and_exits_130(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ablate, "_train_one", lambda *args: None)  # as when Ctrl-C stops a Trainer
+    monkeypatch.setattr(runner, "_train_one", lambda *args: None)  # as when Ctrl-C stops a Trainer
     corpus = write_corpus(tmp_path / "corpus")
     argv = ["--variants", "relu", "--seeds", "0", "--data", str(corpus), "--out", str(tmp_path / "out")]
     argv += ["--vocab-size", "300", "--dim", "48", "--n-heads", "2", "--max-seq-len", "32", "--device", "cpu"]

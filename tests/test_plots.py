@@ -122,7 +122,7 @@ def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys)
 def test_run_labels_are_folder_names(tmp_path):
     runs = [write_metrics(tmp_path / "a" / "demo"), write_metrics(tmp_path / "b" / "demo"), tmp_path / "c"]
     (tmp_path / "c").mkdir()
-    labels = plots._run_labels(runs)
+    labels = plots.run_labels(runs)
     assert labels == [str(runs[0]), str(runs[1]), "c"]  # duplicates fall back to the path as given
 
 
@@ -150,10 +150,10 @@ def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokeniz
 def test_swiglu_unit_is_silu_gate_times_value_with_both_slices():
     unit = plots.gated_unit("swiglu")
     x = torch.linspace(-4, 4, 41, dtype=torch.float64)
-    torch.testing.assert_close(plots._glu_values(unit, x, x), x * x * torch.sigmoid(x))  # diagonal
-    torch.testing.assert_close(plots._glu_values(unit, x, torch.ones_like(x)), F.silu(x))  # b = 1
+    torch.testing.assert_close(plots.glu_values(unit, x, x), x * x * torch.sigmoid(x))  # diagonal
+    torch.testing.assert_close(plots.glu_values(unit, x, torch.ones_like(x)), F.silu(x))  # b = 1
     a, b = torch.randn(2, 100, dtype=torch.float64)
-    torch.testing.assert_close(plots._glu_values(unit, a, b), F.silu(a) * b)
+    torch.testing.assert_close(plots.glu_values(unit, a, b), F.silu(a) * b)
 
 
 def test_every_variant_panel_names_a_gated_feed_forward():
