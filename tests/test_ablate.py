@@ -10,8 +10,10 @@ import pytest
 
 from llama_mini.data import MANIFEST
 from llama_mini.errors import ConfigError
+from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import FEED_FORWARDS
 from llama_mini.model.sizes import parameter_counts
+from llama_mini.settings import help_text
 from llama_mini.study import ablate
 from llama_mini.study.ablate import (
     SHAZEER_TABLE1,
@@ -25,6 +27,8 @@ from llama_mini.study.ablate import (
     spearman,
     summarize,
 )
+from llama_mini.study.ablate.config import MODEL_DEFAULTS, MODEL_SETTINGS, TRAIN_DEFAULTS, TRAIN_SETTINGS
+from llama_mini.train.config import TrainConfig
 
 # dim 48 keeps the FFNs matched: 8 * 48 / 3 = 128 and 4 * 48 = 192 are multiples of 16.
 TINY = dict(
@@ -56,7 +60,7 @@ def write_corpus(folder: Path, documents: int = 12, seed: int = 0) -> Path:
 
 
 def tiny_config(corpus: Path, out: Path, **overrides) -> AblationConfig:
-    return AblationConfig(
+    return AblationConfig.from_settings(
         **{
             **TINY,
             "variants": ["relu", "swiglu"],
@@ -100,6 +104,58 @@ def test_default_settings_give_every_variant_the_same_ffn_parameters():
     assert len(set(counts.values())) == 1, counts
 
 
+def test_every_run_is_train_config_and_model_args_with_only_the_ablations_defaults_changed():
+    """The runs' settings come from TrainConfig and ModelArgs: the fields the ablation does not set keep
+    their declared defaults, and the ones it sets have the values its results were made with."""
+    config = AblationConfig()
+    run = config.train_config(2, Path("runs/x"))
+    ablation_values = dict(
+        vocab_size=2048, split_seed=0, max_steps=200, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+        eval_steps=40, seed=2, out="runs/x", eval_interval=200, log_interval=10, keep_last=1, sample_tokens=0,
+    )  # fmt: skip
+    declared = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        expected = ablation_values.get(field.name, getattr(declared, field.name))
+        assert getattr(run, field.name) == expected, field.name
+    model = config.model_args("geglu", vocab_size=300)
+    assert model == ModelArgs(dim=96, multiple_of=32, max_seq_len=128, ffn="geglu", vocab_size=300)
+
+
+def test_the_ablation_declares_no_training_or_model_setting_again():
+    own = {field.name for field in dataclasses.fields(AblationConfig)}
+    shared = {field.name for cls in (TrainConfig, ModelArgs) for field in dataclasses.fields(cls)}
+    assert own & shared == {"out"}  # the ablation's folder; each run's own out is TrainConfig's
+    assert set(TRAIN_DEFAULTS) <= set(TRAIN_SETTINGS) and set(MODEL_DEFAULTS) <= set(MODEL_SETTINGS)
+
+
+def test_flags_carry_the_help_of_train_config_and_model_args_with_the_ablations_defaults(capsys):
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+    assert f"--max-steps MAX_STEPS {help_text(TrainConfig, 'max_steps')} (default: 200)" in text
+    assert f"--dim DIM {help_text(ModelArgs, 'dim')} (default: 96)" in text
+    assert f"--n-kv-heads N_KV_HEADS {help_text(ModelArgs, 'n_kv_heads')} (default: None)" in text
+
+
+def test_from_settings_puts_each_setting_where_it_is_declared():
+    config = AblationConfig.from_settings(variants=["relu"], max_steps=7, lr=1e-3, dim=64, n_kv_heads=2)
+    assert config.variants == ["relu"] and config.train.max_steps == 7 and config.train.lr == 1e-3
+    assert config.train.min_lr == 2e-4  # the ablation's, not derived from --lr
+    assert config.model.dim == 64 and config.model.n_kv_heads == 2 and config.model.multiple_of == 32
+    with pytest.raises(ConfigError, match="unknown ablation setting\\(s\\) 'grad_accum'"):
+        AblationConfig.from_settings(grad_accum=2)
+
+
+def test_a_shared_setting_changed_from_python_is_part_of_the_results_settings():
+    config = AblationConfig()
+    assert "grad_accum" not in config.settings() and "dropout" not in config.settings()
+    changed = dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, grad_accum=2),
+        model=dataclasses.replace(config.model, dropout=0.1),
+    )
+    assert changed.settings() == {**config.settings(), "grad_accum": 2, "dropout": 0.1}
+
+
 def test_tiny_ablation_writes_a_table_with_both_rows(finished):
     _, outcome, _ = finished
     table = outcome["table"].read_text()
@@ -141,37 +197,42 @@ def test_resume_trains_only_the_runs_not_yet_finished(finished, monkeypatch, tmp
         return {**fake_result(variant, seed, 5.0, settings), "seconds": 1.0, "device": "cpu"}
 
     monkeypatch.setattr(runner, "_train_one", fake_train)
-    extended = AblationConfig(
-        **{**dataclass_values(config), "out": str(out), "variants": ["relu", "gelu", "swiglu"]}
-    )
+    extended = dataclasses.replace(config, out=str(out), variants=["relu", "gelu", "swiglu"])
     outcome = run_ablation(extended, log=lambda line: None)
     assert trained == [("gelu", 0)]
     assert [row["variant"] for row in outcome["summary"]] == ["relu", "gelu", "swiglu"]
 
 
-def dataclass_values(config: AblationConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+def with_settings(config: AblationConfig, **changes) -> AblationConfig:
+    """`config` with some of its training (TRAIN_SETTINGS) or model (MODEL_SETTINGS) settings changed."""
+    train = {name: value for name, value in changes.items() if name in TRAIN_SETTINGS}
+    model = {name: value for name, value in changes.items() if name in MODEL_SETTINGS}
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, **train),
+        model=dataclasses.replace(config.model, **model),
+    )
 
 
 def test_results_made_with_other_settings_are_refused(finished):
     config, _, _ = finished
-    changed = AblationConfig(**{**dataclass_values(config), "max_steps": 3})
+    changed = with_settings(config, max_steps=3)
     with pytest.raises(ConfigError, match="max_steps 2 -> 3"):
         run_ablation(changed, log=lambda line: None)
 
 
 def test_every_run_starts_from_the_init_rule_of_the_ablation(finished):
     config, _, _ = finished
-    assert config.weight_init == "scaled" and config.model_overrides("relu")["weight_init"] == "scaled"
-    assert (
-        AblationConfig(**{**dataclass_values(config), "weight_init": "gpt2"}).model_args("relu").weight_init
-        == "gpt2"
-    )
+    assert config.model.weight_init == "scaled" and config.model_overrides("relu")["weight_init"] == "scaled"
+    assert with_settings(config, weight_init="gpt2").model_args("relu").weight_init == "gpt2"
 
 
 def results_from_before_the_init_setting(config: AblationConfig, out: Path) -> None:
-    """A results.jsonl as llama_mini wrote it before `weight_init` existed: GPT-2's init, no such setting."""
+    """A results.jsonl as llama_mini wrote it before `weight_init` existed: GPT-2's init, no such setting,
+    and multi-head attention written as n_kv_heads None."""
     settings = {key: value for key, value in config.settings().items() if key != "weight_init"}
+    assert settings["n_kv_heads"] == config.model.n_heads
+    settings["n_kv_heads"] = None
     out.mkdir(parents=True)
     (out / ablate.RESULTS).write_text(json.dumps(fake_result("relu", 0, 5.0, settings)) + "\n")
 
@@ -180,7 +241,7 @@ def test_results_from_before_the_init_setting_extend_an_ablation_with_init_gpt2(
     finished, tmp_path, monkeypatch
 ):
     config, _, _ = finished
-    old = AblationConfig(**{**dataclass_values(config), "out": str(tmp_path / "out"), "weight_init": "gpt2"})
+    old = dataclasses.replace(with_settings(config, weight_init="gpt2"), out=str(tmp_path / "out"))
     results_from_before_the_init_setting(old, tmp_path / "out")
     monkeypatch.setattr(
         runner, "_train_one", lambda *args: pytest.fail("the run is already in results.jsonl")
@@ -191,7 +252,7 @@ def test_results_from_before_the_init_setting_extend_an_ablation_with_init_gpt2(
 
 def test_results_from_before_the_init_setting_are_refused_by_the_scaled_init(finished, tmp_path):
     config, _, _ = finished
-    new = AblationConfig(**{**dataclass_values(config), "out": str(tmp_path / "out")})
+    new = dataclasses.replace(config, out=str(tmp_path / "out"))
     results_from_before_the_init_setting(new, tmp_path / "out")
     with pytest.raises(ConfigError, match="weight_init 'gpt2' -> 'scaled'"):
         run_ablation(new, log=lambda line: None)

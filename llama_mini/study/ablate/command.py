@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import types
 from typing import Any
 
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.model.args import ModelArgs
 from llama_mini.settings import add_flags
-from llama_mini.study.ablate.config import MODEL_SETTINGS, TRAIN_SETTINGS, AblationConfig
+from llama_mini.study.ablate.config import MODEL_DEFAULTS, MODEL_SETTINGS, TRAIN_SETTINGS, AblationConfig
 from llama_mini.study.ablate.runner import run_ablation
 from llama_mini.train.config import TrainConfig
 
@@ -25,11 +27,17 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         "validation losses with Shazeer (2020), Table 1.",
     )
     add_flags(parser, AblationConfig)
+    training = parser.add_argument_group("training (every run)")
+    add_flags(training, TrainConfig, only=TRAIN_SETTINGS, defaults=defaults.train)
+    # The model's defaults as declared: ModelArgs resolves n_kv_heads None to n_heads when it is built, and
+    # the help shows None, which follows --n-heads.
+    declared = {field.name: field.default for field in dataclasses.fields(ModelArgs)}
+    model_defaults = types.SimpleNamespace(**{**declared, **MODEL_DEFAULTS})
     add_flags(
-        parser.add_argument_group("training (every run)"), TrainConfig, only=TRAIN_SETTINGS, defaults=defaults
-    )
-    add_flags(
-        parser.add_argument_group("model (every run)"), ModelArgs, only=MODEL_SETTINGS, defaults=defaults
+        parser.add_argument_group("model (every run)"),
+        ModelArgs,
+        only=MODEL_SETTINGS,
+        defaults=model_defaults,
     )
     return parser
 
@@ -41,7 +49,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def _ablate(options: dict[str, Any]) -> int:
     started = time.perf_counter()
     try:
-        outcome = run_ablation(AblationConfig(**options), log=lambda line: print(line, flush=True))
+        outcome = run_ablation(
+            AblationConfig.from_settings(**options), log=lambda line: print(line, flush=True)
+        )
     except KeyboardInterrupt:  # between runs (a run itself stops cleanly and returns)
         print("interrupted; run the same command again to go on", file=sys.stderr)
         return 130

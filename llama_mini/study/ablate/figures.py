@@ -16,9 +16,10 @@ __all__ = ["plot_curves", "plot_results", "plot_title", "training_curves"]
 
 def plot_title(config: AblationConfig, results: list[dict[str, Any]]) -> str:
     seeds = len({r["seed"] for r in results})
+    model = config.model
     return (
-        f"FFN variants: dim {config.dim}, {config.n_layers} layers, {config.weight_init} init, "
-        f"{config.max_steps} steps, {config.data}, {seeds} seed(s)"
+        f"FFN variants: dim {model.dim}, {model.n_layers} layers, {model.weight_init} init, "
+        f"{config.train.max_steps} steps, {config.train.data}, {seeds} seed(s)"
     )
 
 

@@ -137,13 +137,14 @@ def markdown_table(
             f"| {row['rank']} | {row['shazeer_65k']:.3f} | {row['shazeer_rank']} |"
         )
     devices = sorted({r.get("device", "?") for r in results})
+    train, model = config.train, config.model
     lines += [
         "",
         f"Mean ± sample standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
-        f"validation loss in nats per token after {config.max_steps} steps of {config.batch_size} x "
-        f"{config.max_seq_len} tokens; model dim {config.dim}, {config.n_layers} layers, {config.n_heads} "
-        f"heads, vocabulary {config.vocab_size}, {config.weight_init} init, lr {config.lr:g}, corpus "
-        f"{config.data}; device {', '.join(devices)}. "
+        f"validation loss in nats per token after {train.max_steps} steps of {train.batch_size} x "
+        f"{model.max_seq_len} tokens; model dim {model.dim}, {model.n_layers} layers, {model.n_heads} heads, "
+        f"vocabulary {train.vocab_size}, {model.weight_init} init, lr {train.lr:g}, corpus "
+        f"{train.data}; device {', '.join(devices)}. "
         "Tokens/s: training tokens over the run's wall time, evaluation included. Ranks: 1 = lowest loss "
         "among the variants here. Shazeer's numbers are T5-base log-perplexities on C4: compare the "
         "orderings, not the values.",

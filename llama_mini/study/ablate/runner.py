@@ -16,7 +16,7 @@ from llama_mini.study.ablate.config import AblationConfig
 from llama_mini.study.ablate.figures import plot_curves, plot_results, plot_title, training_curves
 from llama_mini.study.ablate.report import markdown_table, summarize
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
-from llama_mini.train import TrainConfig, Trainer, list_step_checkpoints
+from llama_mini.train import Trainer, list_step_checkpoints
 
 __all__ = ["CURVES", "PLOT", "RESULTS", "TABLE", "prepare_shared", "read_results", "run_ablation"]
 
@@ -46,16 +46,22 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _with_old_defaults(result: dict[str, Any]) -> dict[str, Any]:
-    """A result line with the settings added since it was written, at the values it was made with.
+def _as_written_now(result: dict[str, Any]) -> dict[str, Any]:
+    """A result line with its settings as AblationConfig.settings writes them today.
 
     Results written before the `weight_init` setting existed were made with GPT-2's N(0, 0.02) ("gpt2"), so
-    `--weight-init gpt2` extends such an ablation and the default ("scaled") refuses to mix with it.
+    `--weight-init gpt2` extends such an ablation and the default ("scaled") refuses to mix with it. An
+    `n_kv_heads` of None (multi-head attention, as the flag's default spells it) is n_heads, the value
+    ModelArgs gives it and the settings now record.
     """
     settings = result.get("settings")
-    if isinstance(settings, dict) and "weight_init" not in settings:
-        result = {**result, "settings": {**settings, "weight_init": "gpt2"}}
-    return result
+    if not isinstance(settings, dict):
+        return result
+    settings = dict(settings)
+    settings.setdefault("weight_init", "gpt2")
+    if "n_kv_heads" in settings and settings["n_kv_heads"] is None:
+        settings["n_kv_heads"] = settings.get("n_heads")
+    return {**result, "settings": settings}
 
 
 def _check_settings(results: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
@@ -72,21 +78,22 @@ def _check_settings(results: list[dict[str, Any]], settings: dict[str, Any], pat
 
 def prepare_shared(config: AblationConfig, out: Path, log) -> tuple[Path, Path]:
     """The tokenizer (trained once on the training split, unless --tokenizer) and the prepared data."""
-    if config.tokenizer is not None:
-        tokenizer_path = Path(config.tokenizer)
+    train = config.train
+    if train.tokenizer is not None:
+        tokenizer_path = Path(train.tokenizer)
     else:
         tokenizer_path = out / "tokenizer.model"
-        reuse = tokenizer_path.exists() and Tokenizer(tokenizer_path).vocab_size == config.vocab_size
+        reuse = tokenizer_path.exists() and Tokenizer(tokenizer_path).vocab_size == train.vocab_size
         if not reuse:
-            log(f"training a {config.vocab_size}-piece tokenizer on {config.data} ...")
+            log(f"training a {train.vocab_size}-piece tokenizer on {train.data} ...")
             # the first --tokenizer-sample-mb of the training split, as train.py does: bounded, whatever the
             # corpus's size (the corpus itself is only ever streamed, by prepare_data)
-            budget = round(TrainConfig().tokenizer_sample_mb * 1e6)
-            sample = tokenizer_sample(config.data, budget, config.val_fraction, config.split_seed)
-            train_tokenizer(sample, tokenizer_path, config.vocab_size)
+            budget = round(train.tokenizer_sample_mb * 1e6)
+            sample = tokenizer_sample(train.data, budget, train.val_fraction, train.split_seed)
+            train_tokenizer(sample, tokenizer_path, train.vocab_size)
     tokenizer = Tokenizer(tokenizer_path)
     data_dir = out / "data"
-    prepare_data(config.data, data_dir, tokenizer, config.val_fraction, config.split_seed)
+    prepare_data(train.data, data_dir, tokenizer, train.val_fraction, train.split_seed)
     return tokenizer_path, data_dir
 
 
@@ -101,7 +108,7 @@ def run_ablation(config: AblationConfig, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
     settings = config.settings()
-    results = [_with_old_defaults(result) for result in read_results(results_path)]
+    results = [_as_written_now(result) for result in read_results(results_path)]
     _check_settings(results, settings, results_path)
     done = {(result["variant"], result["seed"]) for result in results}
     todo = [
