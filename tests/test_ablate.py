@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 from llama_mini.data import MANIFEST
 from llama_mini.errors import ConfigError
@@ -21,6 +22,7 @@ from llama_mini.study.ablate import (
     findings,
     gated_gap,
     main,
+    plot_curves,
     read_results,
     run_ablation,
     runner,
@@ -168,6 +170,27 @@ def test_tiny_ablation_writes_png_plots_of_losses_and_curves(finished):
     _, outcome, _ = finished
     for plot in (outcome["plot"], outcome["curves"]):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("logged", [[1, 2, 3], [6]], ids=["three steps", "one step"])
+def test_training_curves_have_whole_step_ticks(logged, tmp_path, monkeypatch):
+    """Runs logged at steps 1 to 3, or at step 6 alone, would get ticks at 1.25, 1.5, ... or 5.8, 5.9, ...
+    from matplotlib's default locator."""
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    curves = {
+        variant: {
+            "gated": FEED_FORWARDS[variant].gated,
+            "per_seed": {0: {step: 5.0 / step for step in logged}},
+        }
+        for variant in ("relu", "swiglu")
+    }
+    assert plot_curves(curves, tmp_path / "curves.png")
+    losses, gap = drawn[0].axes
+    for axes in (losses, gap):
+        low, high = axes.get_xlim()
+        ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+        assert len(ticks) >= min(2, len(logged)) and all(tick == round(tick) for tick in ticks), ticks
 
 
 def test_each_finished_run_is_one_line_of_results(finished):

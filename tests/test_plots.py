@@ -16,7 +16,9 @@ from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
 from llama_mini.study import plots
-from llama_mini.tokenizer import train_tokenizer
+from llama_mini.study.plots import glu
+from llama_mini.study.plots.style import figure_style, new_figure
+from llama_mini.tokenizer import Tokenizer, train_tokenizer
 
 matplotlib.use("Agg")  # no display in tests; figures are written to files only
 
@@ -142,6 +144,33 @@ def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokeniz
     printed = plots.plot_ffn_stats(run, tmp_path / "img")
     assert [Path(path).name for path in printed] == ["ffn_stats.png"]
     assert capsys.readouterr().err == f"loading {run / 'best'} (the checkpoint of run folder {run})\n"
+
+
+def test_ffn_stats_says_when_it_cuts_a_long_text_and_to_how_many_tokens(tokenizer_path, tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, "swiglu")
+    long_text = tmp_path / "long.txt"
+    long_text.write_text("to be or not to be that is the question\n" * 40)
+    tokens = len(Tokenizer(tokenizer_path).encode(long_text.read_text(), bos=True))
+    max_seq_len = get_preset("tiny").max_seq_len
+    assert tokens > max_seq_len
+    argv = ["ffn-stats", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img")]
+    assert plots.main([*argv, "--text-file", str(long_text)]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"note: the text is {tokens:,} tokens; cut to the model's max_seq_len, its first {max_seq_len} tokens\n"
+    )
+    assert plots.main([*argv, "--text", "to be or not to be"]) == 0
+    assert capsys.readouterr().err == ""  # a text that fits is not cut, and nothing is said
+
+
+def test_glu_surface_legend_sits_outside_the_heat_map():
+    with figure_style():
+        figure = new_figure(15, 4.6)
+        axes = figure.subplots(1, 3)
+        glu._draw_glu_row(figure, axes, plots.GLU_VARIANTS[-1])
+        figure.draw_without_rendering()
+        heat, legend = axes[0].get_window_extent(), axes[0].get_legend().get_window_extent()
+    assert legend.height > 0 and legend.y1 < heat.y0  # wholly below the map
 
 
 # --------------------------------------------------------------------------------------------- the curves

@@ -98,6 +98,7 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "") 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     groups = {gated: [n for n in curves if curves[n]["gated"] == gated] for gated in (True, False)}
@@ -112,7 +113,7 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "") 
                 statistics.fmean(curves[name]["per_seed"][seed][step] for seed in seeds) for step in steps
             ]
             shade = colours[gated](0.45 + 0.5 * index / max(1, len(names) - 1))
-            losses.plot(steps, mean, color=shade, label=name, lw=1.4)
+            losses.plot(steps, mean, color=shade, label=name, lw=1.4, marker="o" if len(steps) == 1 else None)
     losses.set_xlabel("step")
     losses.set_ylabel("training loss (nats/token), mean over seeds")
     losses.legend(fontsize=8, ncol=2)
@@ -135,6 +136,7 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "") 
             [statistics.fmean(values) for values in zip(*differences, strict=True)],
             color="black",
             lw=1.6,
+            marker="o" if len(steps) == 1 else None,  # one logged step is a point, not a line
         )
         gap.axhline(0.0, color="tab:red", lw=0.8, ls="--")
         gap.set_xlabel("step")
@@ -143,6 +145,9 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "") 
         gap.grid(alpha=0.3)
     else:
         gap.set_axis_off()
+    for axes in (losses, gap):
+        # Steps are whole numbers: integer ticks, even when the runs logged one step only.
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()

@@ -172,8 +172,9 @@ def plot_ffn_stats(
 
     `checkpoint` is anything `Transformer.from_pretrained` reads, a run folder included (its best/). The
     text (default: a passage of Hamlet) is tokenized with the checkpoint's tokenizer (or `tokenizer`),
-    with BOS first, and cut to max_seq_len tokens. `compare_init` overlays the same statistics of a freshly
-    initialised model of the same shape (grey), so the picture shows what training changed.
+    with BOS first, and cut to max_seq_len tokens (saying so on stderr). `compare_init` overlays the same
+    statistics of a freshly initialised model of the same shape (grey), so the picture shows what training
+    changed.
     """
 
     check_format(image_format)
@@ -192,7 +193,14 @@ def plot_ffn_stats(
     if not text.strip():
         raise PlotError("the text is empty: pass --text or --text-file with some text in it")
     model = Transformer.from_pretrained(folder, dtype=torch.float32)
-    ids = Tokenizer(tokenizer_path).encode(text, bos=True)[: model.args.max_seq_len]
+    ids = Tokenizer(tokenizer_path).encode(text, bos=True)
+    if len(ids) > model.args.max_seq_len:  # the model reads at most its context; say what was left out
+        print(
+            f"note: the text is {len(ids):,} tokens; cut to the model's max_seq_len, its first "
+            f"{model.args.max_seq_len:,} tokens",
+            file=sys.stderr,
+        )
+        ids = ids[: model.args.max_seq_len]
     tokens = torch.tensor(ids, dtype=torch.long)
     if int(tokens.max()) >= model.args.vocab_size:
         raise PlotError(

@@ -115,7 +115,8 @@ def _draw_glu_row(figure: Figure, axes: Sequence[Axes], variant: GluVariant) -> 
     heat.set_xlabel("gate a = (w1 x)$_j$")
     heat.set_ylabel("value b = (w3 x)$_j$")
     heat.set_title(f"{variant.title}: f(a, b) = {variant.formula}")
-    heat.legend(loc="lower right", fontsize=8, frameon=True, framealpha=0.9)
+    # Beside the map, under its x label, so that no part of the surface is hidden.
+    heat.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8.5)
     colour_bar = figure.colorbar(image, ax=heat, shrink=0.85)
     colour_bar.ax.set_title("f(a, b)", fontsize=9)
 
@@ -170,7 +171,9 @@ def plot_glu(out: str | Path, image_format: str = "png") -> list[Path]:
             axes.axhline(0, color="0.3", lw=0.6)
             axes.axvline(0, color="0.3", lw=0.6)
             axes.set_xlim(-GLU_RANGE, GLU_RANGE)
-            axes.legend(loc="upper left")
+        # Where no curve passes: on the diagonal, x^2 fills the upper left; at b = 1 the upper left is empty.
+        diagonal_axes.legend(loc="upper center", frameon=True, framealpha=0.9, edgecolor="none")
+        gate_axes.legend(loc="upper left")
         figure.suptitle(
             "The two slices of f(a, b) = act(a) b, for the five gated variants (Shazeer 2020)", fontsize=12
         )
