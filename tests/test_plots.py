@@ -141,7 +141,7 @@ def test_ffn_stats_command_writes_histograms(ffn, tokenizer_path, tmp_path, caps
 def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokenizer_path, tmp_path, capsys):
     run = tmp_path / "run"
     save_tiny_checkpoint(run / "best", tokenizer_path, "swiglu")
-    printed = plots.plot_ffn_stats(run, tmp_path / "img")
+    printed = plots.plot_ffn_stats(run, tmp_path / "img", text="to be or not to be")  # fits: not cut
     assert [Path(path).name for path in printed] == ["ffn_stats.png"]
     assert capsys.readouterr().err == f"loading {run / 'best'} (the checkpoint of run folder {run})\n"
 
