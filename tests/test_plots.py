@@ -10,6 +10,7 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
@@ -114,11 +115,40 @@ def test_svg_format_writes_svg_files(tmp_path):
     assert_images(plots.plot_training([write_metrics(tmp_path / "run")], tmp_path / "img", "svg"), "svg")
 
 
-def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys):
+def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys, monkeypatch):
     first = write_metrics(tmp_path / "baseline").parent  # a run folder
     second = write_metrics(tmp_path / "wider", seed=1)  # a metrics.jsonl path
+    drawn = catch_figures(monkeypatch)
     assert plots.main(["training", "--runs", str(first), str(second), "--out", str(tmp_path / "img")]) == 0
-    assert_images(capsys.readouterr().out.split())
+    assert [Path(path).name for path in capsys.readouterr().out.split()] == ["training.png"]
+    step_axes = drawn[0].axes[0]
+    labels = [line.get_label() for line in step_axes.get_lines()]
+    assert labels == [
+        f"baseline (best val {best_val_loss(first):.3f}): train",
+        "baseline: validation",
+        f"wider (best val {best_val_loss(second):.3f}): train",
+        "wider: validation",
+    ]
+    assert list(step_axes.get_lines()[2].get_xdata()) == [10, 20, 30, 40]  # the second run's train steps
+
+
+def catch_figures(monkeypatch) -> list:
+    """The figures saved from now on, in order (still written to their files)."""
+    drawn = []
+    save = Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        drawn.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return drawn
+
+
+def best_val_loss(run: Path) -> float:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return min(record["val_loss"] for record in records if record["type"] == "eval")
 
 
 def test_run_labels_are_folder_names(tmp_path):
@@ -129,13 +159,26 @@ def test_run_labels_are_folder_names(tmp_path):
 
 
 @pytest.mark.parametrize("ffn", ["swiglu", "relu"])
-def test_ffn_stats_command_writes_histograms(ffn, tokenizer_path, tmp_path, capsys):
+def test_ffn_stats_command_draws_one_row_per_layer_with_the_initial_model(
+    ffn, tokenizer_path, tmp_path, capsys, monkeypatch
+):
+    """Rows: the layers; columns: a, act(a) and, for gated variants, act(a) * w3 x; --compare-init adds the
+    outline of a freshly initialised model to every panel."""
     checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, ffn)
+    drawn = catch_figures(monkeypatch)
     argv = ["ffn-stats", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img"), "--compare-init"]
-    assert plots.main(argv) == 0
+    assert plots.main([*argv, "--text", "to be or not to be"]) == 0
     printed = capsys.readouterr().out.split()
     assert [Path(path).name for path in printed] == ["ffn_stats.png"]
     assert_images(printed)
+    columns = 3 if ffn in GATED_FEED_FORWARDS else 2
+    panels = drawn[0].axes
+    assert len(panels) == get_preset("tiny").n_layers * columns
+    assert panels[0].get_title() == "layer 0: a = w1 x" and panels[columns].get_title().startswith(
+        "layer 1: "
+    )
+    legend = [text.get_text() for text in drawn[0].legends[0].get_texts()]
+    assert legend[:2] == ["trained", "at initialisation"]
 
 
 def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokenizer_path, tmp_path, capsys):
