@@ -56,7 +56,8 @@ from llama_mini.model.transformer import (  # noqa: E402
     INIT_RESIDUAL_GAIN,
     init_stds,
 )
-from llama_mini.study.ablate import AblationConfig, _prepare_shared, read_results  # noqa: E402
+from llama_mini.study.ablate import AblationConfig, read_results  # noqa: E402
+from llama_mini.study.ablate.runner import prepare_shared  # noqa: E402
 from llama_mini.train import Trainer  # noqa: E402
 
 RESULTS = "results.jsonl"
@@ -184,8 +185,8 @@ def run(options: argparse.Namespace) -> int:
     print(f"init sweep: {len(todo)} runs to train into {out} ({len(done)} already there)", flush=True)
     if not todo:
         return 0
-    config = AblationConfig(variants=list(options.variants), out=str(out), device="cpu")
-    tokenizer, data_dir = _prepare_shared(config, out, print)
+    config = AblationConfig.from_settings(variants=list(options.variants), out=str(out), device="cpu")
+    tokenizer, data_dir = prepare_shared(config, out, print)
     for index, arm in enumerate(todo, start=1):
         with exclusive_lock(options.lock):
             result = train_arm(arm, config, tokenizer, data_dir, out)
@@ -318,8 +319,9 @@ def plot(results: list[dict[str, Any]], path: Path, lr: float, steps: int, base:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    config = AblationConfig()
-    gpt2_gain = 0.02 * math.sqrt(config.dim)
+    defaults = AblationConfig()
+    train, model = defaults.train, defaults.model
+    gpt2_gain = 0.02 * math.sqrt(model.dim)
     results = [r for r in results if r["max_steps"] == steps]
     on_base = [r for r in results if r["init"] == GPT2 or _differs_from(r, base) <= {"ffn_gain"}]
     at_lr = [r for r in on_base if r["lr"] == lr]
@@ -412,8 +414,8 @@ def plot(results: list[dict[str, Any]], path: Path, lr: float, steps: int, base:
     alone.legend(fontsize=7)
     alone.grid(alpha=0.3)
     figure.suptitle(
-        f"Initial scale x FFN variant: dim {config.dim}, {config.n_layers} layers, {steps} steps of "
-        f"{config.batch_size} x {config.max_seq_len} tokens, Shakespeare; base: "
+        f"Initial scale x FFN variant: dim {model.dim}, {model.n_layers} layers, {steps} steps of "
+        f"{train.batch_size} x {model.max_seq_len} tokens, Shakespeare; base: "
         + ", ".join(f"{name} {value:g}" for name, value in base.items() if name != "ffn_gain"),
         fontsize=11,
     )
@@ -435,11 +437,13 @@ def hidden_scales(arm: Arm, dim: int, lr: float, batch_size: int = 8) -> dict[st
     from llama_mini.model.transformer import Transformer
     from llama_mini.ops.loss import cross_entropy
 
-    config = AblationConfig(dim=dim, multiple_of=32)
+    config = AblationConfig.from_settings(dim=dim, multiple_of=32)
     model = Transformer(config.model_args(arm.variant))
     reinitialise(model, arm)
     generator = torch.Generator().manual_seed(arm.seed)
-    tokens = torch.randint(0, config.vocab_size, (batch_size, config.max_seq_len + 1), generator=generator)
+    tokens = torch.randint(
+        0, config.train.vocab_size, (batch_size, config.model.max_seq_len + 1), generator=generator
+    )
     hidden: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     feed_forward = model.layers[0].feed_forward
@@ -488,13 +492,15 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-") + "s"
         train.add_argument(flag, nargs="+", type=float, default=[DEFAULTS[name]], help=f"values of {name}")
     train.add_argument("--gpt2", action="store_true", help="also run GPT-2's rule")
-    train.add_argument("--max-steps", type=int, default=AblationConfig().max_steps)
+    train.add_argument("--max-steps", type=int, default=AblationConfig().train.max_steps)
     train.add_argument("--lock", help="hold an exclusive flock on this file during each run")
     shown = commands.add_parser("report", help="print the table; --figure also draws the plot")
     shown.add_argument("--figure", help="write the figure here (PNG)")
     shown.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: all)")
     shown.add_argument("--lr", type=float, default=2e-3, help="the learning rate of the left panels")
-    shown.add_argument("--max-steps", type=int, default=AblationConfig().max_steps, help="the runs plotted")
+    shown.add_argument(
+        "--max-steps", type=int, default=AblationConfig().train.max_steps, help="the runs plotted"
+    )
     for name in CONSTANTS:
         shown.add_argument(
             "--" + name.replace("_", "-"),
@@ -507,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = commands.add_parser("scales", help="the FFN hidden units' scale at init and after one step")
     measure.add_argument("--variants", nargs="+", default=list(FEED_FORWARDS), choices=list(FEED_FORWARDS))
     measure.add_argument("--ffn-gains", nargs="+", type=float, default=[DEFAULTS["ffn_gain"]])
-    measure.add_argument("--dim", type=int, default=AblationConfig().dim)
+    measure.add_argument("--dim", type=int, default=AblationConfig().model.dim)
     measure.add_argument("--lr", type=float, default=2e-3)
     options = parser.parse_args(argv)
     return {"run": run, "report": report, "scales": scales}[options.command](options)

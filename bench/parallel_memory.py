@@ -19,7 +19,7 @@ With --preset, pass --tokenizer with that preset's vocabulary (Llama 2's tokeniz
 ...): a run's vocabulary is its tokenizer's. The table shows the largest value over the processes. The
 defaults (dim 768, 12 layers, 85M parameters; 2 sequences of 256 tokens per process) make the weights,
 gradients and AdamW state (16 bytes per parameter, 1.3 GiB) and the activations (about 0.4 GiB, as
-`python -m llama_mini.inspect` counts them) large next to the ~0.4 GiB of the interpreter. AdamW's
+`python -m llama_mini inspect` counts them) large next to the ~0.4 GiB of the interpreter. AdamW's
 moments appear at the first step, so the peak is that of the second: weights, moments, activations, and
 gradients growing as backward frees activations.
 """

@@ -28,8 +28,11 @@ COMMANDS = {
         "llama_mini.study.inspector",
         "parameters, FLOPs, memory and shapes of a preset or checkpoint",
     ),
-    "plots": ("llama_mini.study.plots", "activations, GLU surfaces, training curves, FFN statistics"),
-    "ablate": ("llama_mini.study.ablate", "train every feed-forward variant and compare with Shazeer (2020)"),
+    "plots": ("llama_mini.study.plots.command", "activations, GLU surfaces, training curves, FFN statistics"),
+    "ablate": (
+        "llama_mini.study.ablate.command",
+        "train every feed-forward variant and compare with Shazeer (2020)",
+    ),
 }
 
 

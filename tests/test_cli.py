@@ -77,7 +77,7 @@ def test_every_command_reports_a_mistake_as_one_line_and_exit_2(argv, message, c
         ["generate.py"],
         ["-m", "llama_mini"],
         ["-m", "llama_mini.convert"],
-        ["-m", "llama_mini.inspect"],
+        ["-m", "llama_mini", "inspect"],
         ["-m", "llama_mini.plots"],
         ["-m", "llama_mini.ablate"],
     ],
@@ -138,3 +138,17 @@ def test_every_command_refuses_a_prefix_of_its_flags(name, capsys):
 def test_train_reads_no_abbreviation_of_log_interval(capsys):
     assert cli.main(["train", "--log-int", "5"]) == 2
     assert "unrecognized arguments: --log-int 5" in capsys.readouterr().err
+
+
+def test_no_runnable_module_sits_beside_a_module_named_like_the_standard_library():
+    """`python llama_mini/X.py` puts X's folder first on sys.path: a llama_mini/inspect.py beside it would
+    then be imported as `inspect` by torch itself. So no module or package in a folder holding a script
+    (a module with a `__main__` block) is named like a standard library module."""
+    package = REPO / "llama_mini"
+    folders = {path.parent for path in package.rglob("*.py") if '__name__ == "__main__"' in path.read_text()}
+    assert package in folders and package / "study" in folders  # cli.py and inspector.py are scripts
+    names = {
+        path.stem for folder in folders for path in folder.iterdir() if path.suffix == ".py" or path.is_dir()
+    }
+    assert "cli" in names and "plots" in names
+    assert names & sys.stdlib_module_names == set()

@@ -10,13 +10,16 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.model.ffn import FEED_FORWARDS, GATED_FEED_FORWARDS
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
 from llama_mini.study import plots
-from llama_mini.tokenizer import train_tokenizer
+from llama_mini.study.plots import glu
+from llama_mini.study.plots.style import figure_style, new_figure
+from llama_mini.tokenizer import Tokenizer, train_tokenizer
 
 matplotlib.use("Agg")  # no display in tests; figures are written to files only
 
@@ -112,36 +115,105 @@ def test_svg_format_writes_svg_files(tmp_path):
     assert_images(plots.plot_training([write_metrics(tmp_path / "run")], tmp_path / "img", "svg"), "svg")
 
 
-def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys):
+def test_training_command_overlays_runs_from_folders_and_files(tmp_path, capsys, monkeypatch):
     first = write_metrics(tmp_path / "baseline").parent  # a run folder
     second = write_metrics(tmp_path / "wider", seed=1)  # a metrics.jsonl path
+    drawn = catch_figures(monkeypatch)
     assert plots.main(["training", "--runs", str(first), str(second), "--out", str(tmp_path / "img")]) == 0
-    assert_images(capsys.readouterr().out.split())
+    assert [Path(path).name for path in capsys.readouterr().out.split()] == ["training.png"]
+    step_axes = drawn[0].axes[0]
+    labels = [line.get_label() for line in step_axes.get_lines()]
+    assert labels == [
+        f"baseline (best val {best_val_loss(first):.3f}): train",
+        "baseline: validation",
+        f"wider (best val {best_val_loss(second):.3f}): train",
+        "wider: validation",
+    ]
+    assert list(step_axes.get_lines()[2].get_xdata()) == [10, 20, 30, 40]  # the second run's train steps
+
+
+def catch_figures(monkeypatch) -> list:
+    """The figures saved from now on, in order (still written to their files)."""
+    drawn = []
+    save = Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        drawn.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return drawn
+
+
+def best_val_loss(run: Path) -> float:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return min(record["val_loss"] for record in records if record["type"] == "eval")
 
 
 def test_run_labels_are_folder_names(tmp_path):
     runs = [write_metrics(tmp_path / "a" / "demo"), write_metrics(tmp_path / "b" / "demo"), tmp_path / "c"]
     (tmp_path / "c").mkdir()
-    labels = plots._run_labels(runs)
+    labels = plots.run_labels(runs)
     assert labels == [str(runs[0]), str(runs[1]), "c"]  # duplicates fall back to the path as given
 
 
 @pytest.mark.parametrize("ffn", ["swiglu", "relu"])
-def test_ffn_stats_command_writes_histograms(ffn, tokenizer_path, tmp_path, capsys):
+def test_ffn_stats_command_draws_one_row_per_layer_with_the_initial_model(
+    ffn, tokenizer_path, tmp_path, capsys, monkeypatch
+):
+    """Rows: the layers; columns: a, act(a) and, for gated variants, act(a) * w3 x; --compare-init adds the
+    outline of a freshly initialised model to every panel."""
     checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, ffn)
+    drawn = catch_figures(monkeypatch)
     argv = ["ffn-stats", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img"), "--compare-init"]
-    assert plots.main(argv) == 0
+    assert plots.main([*argv, "--text", "to be or not to be"]) == 0
     printed = capsys.readouterr().out.split()
     assert [Path(path).name for path in printed] == ["ffn_stats.png"]
     assert_images(printed)
+    columns = 3 if ffn in GATED_FEED_FORWARDS else 2
+    panels = drawn[0].axes
+    assert len(panels) == get_preset("tiny").n_layers * columns
+    assert panels[0].get_title() == "layer 0: a = w1 x" and panels[columns].get_title().startswith(
+        "layer 1: "
+    )
+    legend = [text.get_text() for text in drawn[0].legends[0].get_texts()]
+    assert legend[:2] == ["trained", "at initialisation"]
 
 
 def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokenizer_path, tmp_path, capsys):
     run = tmp_path / "run"
     save_tiny_checkpoint(run / "best", tokenizer_path, "swiglu")
-    printed = plots.plot_ffn_stats(run, tmp_path / "img")
+    printed = plots.plot_ffn_stats(run, tmp_path / "img", text="to be or not to be")  # fits: not cut
     assert [Path(path).name for path in printed] == ["ffn_stats.png"]
     assert capsys.readouterr().err == f"loading {run / 'best'} (the checkpoint of run folder {run})\n"
+
+
+def test_ffn_stats_says_when_it_cuts_a_long_text_and_to_how_many_tokens(tokenizer_path, tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, "swiglu")
+    long_text = tmp_path / "long.txt"
+    long_text.write_text("to be or not to be that is the question\n" * 40)
+    tokens = len(Tokenizer(tokenizer_path).encode(long_text.read_text(), bos=True))
+    max_seq_len = get_preset("tiny").max_seq_len
+    assert tokens > max_seq_len
+    argv = ["ffn-stats", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img")]
+    assert plots.main([*argv, "--text-file", str(long_text)]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"note: the text is {tokens:,} tokens; cut to the model's max_seq_len, its first {max_seq_len} tokens\n"
+    )
+    assert plots.main([*argv, "--text", "to be or not to be"]) == 0
+    assert capsys.readouterr().err == ""  # a text that fits is not cut, and nothing is said
+
+
+def test_glu_surface_legend_sits_outside_the_heat_map():
+    with figure_style():
+        figure = new_figure(15, 4.6)
+        axes = figure.subplots(1, 3)
+        glu._draw_glu_row(figure, axes, plots.GLU_VARIANTS[-1])
+        figure.draw_without_rendering()
+        heat, legend = axes[0].get_window_extent(), axes[0].get_legend().get_window_extent()
+    assert legend.height > 0 and legend.y1 < heat.y0  # wholly below the map
 
 
 # --------------------------------------------------------------------------------------------- the curves
@@ -150,10 +222,10 @@ def test_ffn_stats_of_a_run_folder_reads_its_best_checkpoint_and_says_so(tokeniz
 def test_swiglu_unit_is_silu_gate_times_value_with_both_slices():
     unit = plots.gated_unit("swiglu")
     x = torch.linspace(-4, 4, 41, dtype=torch.float64)
-    torch.testing.assert_close(plots._glu_values(unit, x, x), x * x * torch.sigmoid(x))  # diagonal
-    torch.testing.assert_close(plots._glu_values(unit, x, torch.ones_like(x)), F.silu(x))  # b = 1
+    torch.testing.assert_close(plots.glu_values(unit, x, x), x * x * torch.sigmoid(x))  # diagonal
+    torch.testing.assert_close(plots.glu_values(unit, x, torch.ones_like(x)), F.silu(x))  # b = 1
     a, b = torch.randn(2, 100, dtype=torch.float64)
-    torch.testing.assert_close(plots._glu_values(unit, a, b), F.silu(a) * b)
+    torch.testing.assert_close(plots.glu_values(unit, a, b), F.silu(a) * b)
 
 
 def test_every_variant_panel_names_a_gated_feed_forward():

@@ -1,6 +1,6 @@
 """Look inside a model without training or loading it: its parameters, sizes, costs and tensor shapes.
 
-    llama-mini inspect --preset llama3-8b                  (or python -m llama_mini.inspect ...)
+    llama-mini inspect --preset llama3-8b                  (or python -m llama_mini inspect ...)
     llama-mini inspect --checkpoint out/demo --json        (a run folder: its best/ checkpoint)
     llama-mini inspect --preset stories15m --ffn relu --dtype fp32
 
@@ -434,7 +434,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog=prog or "python -m llama_mini.inspect",
+        prog=prog or "python -m llama_mini inspect",
         description="Parameters, FFN size, FLOPs, KV-cache size and tensor shapes of a model, "
         "computed on the meta device (no weights are allocated or loaded).",
     )
