@@ -118,8 +118,7 @@ class AblationConfig:
         One evaluation, at the end (eval_interval = max_steps): the final validation loss is what the
         table compares, and each evaluation also writes a checkpoint.
         """
-        return dataclasses.replace(
-            self.train,
+        return self.train.replace(
             out=str(out),
             seed=seed,
             tokenizer=str(tokenizer) if tokenizer else self.train.tokenizer,
