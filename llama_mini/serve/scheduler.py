@@ -1,0 +1,395 @@
+"""Continuous batching: many independent sequences decoded together, joining and leaving between steps.
+
+The scheduler owns the model, its KV caches and the batch, and knows nothing of HTTP. A caller submits a
+`SequenceRequest` (token ids and how to continue them) with a callback; the scheduler's thread calls it
+with `PromptScored`, `NewToken` and finally `Finished` events as the sequence advances. Each iteration of
+its loop (`step`), in the spirit of Orca (Yu et al. 2022), schedules per decode step, not per request:
+
+    1. drop the sequences whose caller cancelled them (a client that went away): their slots free now;
+    2. admit the oldest waiting sequence into a free slot and feed it the next chunk of its prompt
+       (`prefill_chunk` tokens at most), so a long prompt never stalls the running streams for long;
+       when the whole prompt is in, its first token is chosen and it joins the running batch;
+    3. one decode step for every running sequence together: one forward pass of B rows, each at its own
+       position (a SlotKVCache), then each row chooses its next token with its own sampling settings.
+
+KV slots. The running sequences occupy rows 0 .. B-1 of one SlotKVCache per layer, in the order of
+`self._running`; a prompt is prefilled alone in a one-row KVCache and then copied into the next free row;
+when a sequence leaves, the last row moves into its place, so a decode step reads a slice of the cache.
+
+Sampling reuses llama_mini.generation's pure functions: temperature 0 is the argmax, otherwise
+`sample_next` with the request's temperature, top-k and top-p and a generator of its own seeded with the
+request's seed, so a seeded request draws the same tokens whatever else is in the batch (up to the float
+rounding of batched matrix products, which does not change a draw short of an exact tie).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_mini.errors import LlamaMiniError
+from llama_mini.generation import SamplingConfig, next_token_logits, sample_next
+from llama_mini.model.cache import KVCache, SlotKVCache
+from llama_mini.model.transformer import Transformer
+
+__all__ = [
+    "Finished",
+    "NewToken",
+    "PromptScored",
+    "QueueFull",
+    "Scheduler",
+    "Sequence",
+    "SequenceRequest",
+    "TokenLogprobs",
+]
+
+log = logging.getLogger("llama_mini.serve")
+
+
+class QueueFull(LlamaMiniError):
+    """Every slot is busy and the waiting queue is full: try again later."""
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to continue.
+
+    prompt: token ids (non-empty), fed as they are.
+    max_tokens: new tokens at most (0: only score the prompt). len(prompt) + max_tokens must fit the context.
+    sampling: temperature, top_k, top_p, seed (an int; None draws one), and eos_id: the ids that end the
+        sequence (not returned).
+    top_logprobs: None for no log-probabilities; k >= 0 for each new token's log-probability and the k
+        most likely tokens' at its position.
+    prompt_logprobs: also score the prompt's tokens (each given the tokens before it), with top_logprobs
+        alternatives each (PromptScored).
+    """
+
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0)
+    top_logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model (log_softmax of the raw logits, before temperature and
+    filtering) and the `top` most likely tokens at its position, as (id, log-probability), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """The prompt's log-probabilities: None for the first token (nothing precedes it), then one per token."""
+
+    logprobs: tuple[TokenLogprobs | None, ...]
+
+
+@dataclass(frozen=True)
+class NewToken:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The sequence is over: reason "stop" (an eos id), "length" (max_tokens), "cancelled", or "error"
+    (with a message)."""
+
+    reason: str
+    message: str = ""
+
+
+Event = PromptScored | NewToken | Finished
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A submitted request and where it stands; `cancel()` is safe from any thread."""
+
+    request: SequenceRequest
+    emit: Callable[[Event], None]
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _wake: Callable[[], None] = lambda: None
+    prefilled: int = 0  # prompt tokens already in the cache
+    length: int = 0  # positions in the cache once running
+    generated: int = 0  # new tokens emitted
+    next_token: int = -1  # the token to feed at position `length`
+    generator: torch.Generator | None = None
+    prompt_scores: list[TokenLogprobs | None] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Stop this sequence: its slot is freed at the scheduler's next step."""
+        self._cancelled.set()
+        self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Scheduler:
+    """Runs `model` over many sequences at once (see the module docstring). `start()` runs the loop in a
+    thread of its own; `step()` runs one iteration (what the thread does, and what tests call directly).
+
+    max_batch_size: sequences decoded together (KV slots); max_queue: sequences waiting for a slot before
+    `submit` raises QueueFull; prefill_chunk: prompt tokens fed per iteration at most.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 128,
+        decode_step: Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.model = model.eval()
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        # step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V); `serve --compile`
+        # passes this same function through torch.compile.
+        self.decode_step = decode_step or next_token_logits
+        args, weight = model.args, model.tok_embeddings.weight
+        shape = dict(n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, dtype=weight.dtype, device=weight.device)
+        self.device = weight.device
+        context = args.max_seq_len
+        self._slots = [SlotKVCache(max_batch_size, context, **shape) for _ in model.layers]
+        self._prefill_cache = [KVCache(1, context, **shape) for _ in model.layers]
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: Sequence | None = None
+        self._running: list[Sequence] = []  # row i of the slot caches is self._running[i]
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, for tests and logs
+
+    # ------------------------------------------------------------------------------- callers
+
+    def submit(self, request: SequenceRequest, emit: Callable[[Event], None]) -> Sequence:
+        """Queue a sequence; `emit` is called from the scheduler's thread with its events. Raises QueueFull
+        when max_queue sequences are already waiting."""
+        return self.submit_many([request], [emit])[0]
+
+    def submit_many(
+        self, requests: list[SequenceRequest], emits: list[Callable[[Event], None]]
+    ) -> list[Sequence]:
+        """Queue several sequences (a request's n choices) together: all, or none and QueueFull."""
+        with self._condition:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(
+                    f"{len(self._waiting)} sequences are waiting for one of {self.max_batch_size} slots "
+                    f"(at most {self.max_queue} may wait): retry shortly"
+                )
+            sequences = [
+                Sequence(request, emit, _wake=self.wake) for request, emit in zip(requests, emits, strict=True)
+            ]
+            self._waiting.extend(sequences)
+            self._condition.notify()
+        return sequences
+
+    def wake(self) -> None:
+        with self._condition:
+            self._condition.notify()
+
+    @property
+    def active(self) -> int:
+        """Sequences holding a KV slot (prefilling or running)."""
+        return len(self._running) + (self._prefilling is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="llama-mini-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cancel every sequence and end the thread (each caller gets Finished("cancelled"))."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._cancel_all()
+
+    # ------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and not self._has_work():
+                    self._condition.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step ends its sequences, not the server
+                log.exception("a scheduler step failed")
+                self._cancel_all(Finished("error", f"{type(error).__name__}: {error}"))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def _cancel_all(self, event: Finished | None = None) -> None:
+        with self._condition:
+            sequences = [*self._waiting, *([self._prefilling] if self._prefilling else []), *self._running]
+            self._waiting.clear()
+            self._prefilling, self._running = None, []
+        for sequence in sequences:
+            sequence.emit(event or Finished("cancelled"))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: drop cancelled sequences, feed one prompt chunk, one decode step for the batch."""
+        self._drop_cancelled()
+        with self._condition:
+            if self._prefilling is None and self._waiting and len(self._running) < self.max_batch_size:
+                self._prefilling = self._waiting.popleft()
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._condition:
+            dropped = [sequence for sequence in self._waiting if sequence.cancelled]
+            for sequence in dropped:
+                self._waiting.remove(sequence)
+            if self._prefilling is not None and self._prefilling.cancelled:
+                dropped.append(self._prefilling)
+                self._prefilling = None
+        leaving = [row for row, sequence in enumerate(self._running) if sequence.cancelled]
+        dropped += [self._running[row] for row in leaving]
+        self._free_rows(leaving)
+        for sequence in dropped:
+            sequence.emit(Finished("cancelled"))
+
+    def _attach(self, caches: list[KVCache]) -> None:
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.attention.cache = cache
+
+    def _prefill_chunk(self, sequence: Sequence) -> None:
+        """Feed the next chunk of the prompt into the one-row prefill cache; after the last chunk, score its
+        next token and move the sequence into a slot of the batch."""
+        request = sequence.request
+        start = sequence.prefilled
+        chunk = request.prompt[start : start + self.prefill_chunk]
+        tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
+        self._attach(self._prefill_cache)
+        last = start + len(chunk) == len(request.prompt)
+        if request.prompt_logprobs:
+            logits = self.model(tokens, start)[0].float()  # (T, V): every position's next-token scores
+            self._score_prompt(sequence, logits)
+            logits = logits[-1:]
+        elif last:
+            logits = next_token_logits(self.model, tokens, start).float()  # (1, V)
+        else:
+            self.model.hidden_states(tokens, start)  # fills the cache; no scores needed yet
+        sequence.prefilled += len(chunk)
+        if not last:
+            return
+        self._prefilling = None
+        if request.prompt_logprobs:
+            sequence.emit(PromptScored(tuple(sequence.prompt_scores)))
+        if request.max_tokens == 0:
+            sequence.emit(Finished("length"))
+            return
+        row = len(self._running)
+        for slot, prefill in zip(self._slots, self._prefill_cache, strict=True):
+            slot.copy_row_from(row, prefill, len(request.prompt))
+        sequence.length = len(request.prompt)
+        sampling = request.sampling
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            sequence.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._running.append(sequence)
+        if not self._choose([sequence], logits):
+            self._free_rows([row])
+
+    def _score_prompt(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt's tokens from the chunk's logits (T, V): position t scores t+1."""
+        request, start = sequence.request, sequence.prefilled
+        if start == 0:
+            sequence.prompt_scores = [None]
+        logprobs = logits.log_softmax(dim=-1)
+        following = request.prompt[start + 1 : start + 1 + logprobs.shape[0]]
+        for position, token_id in enumerate(following):
+            sequence.prompt_scores.append(_token_logprobs(logprobs[position], token_id, request.top_logprobs))
+
+    def _decode(self) -> None:
+        """One forward pass for every running sequence, each at its own position, then each chooses."""
+        self._attach(self._slots)
+        tokens = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.length] for s in self._running], dtype=torch.long, device=self.device)
+        logits = self.decode_step(self.model, tokens, positions).float()  # (B, V)
+        self.steps += 1
+        for sequence in self._running:
+            sequence.length += 1
+        running = list(self._running)
+        finished = [row for row, keep in enumerate(self._choose(running, logits, many=True)) if not keep]
+        self._free_rows(finished)
+
+    def _choose(self, sequences: list[Sequence], logits: torch.Tensor, many: bool = False):
+        """Choose each sequence's next token from its row of logits (B, V) and emit it; True for each
+        sequence that goes on (a list when `many`, else one bool)."""
+        greedy_ids = logits.argmax(dim=-1).tolist()  # one read for every greedy row
+        keep = []
+        for row, sequence in enumerate(sequences):
+            request = sequence.request
+            sampling = request.sampling
+            if sampling.temperature == 0:
+                token_id = greedy_ids[row]
+            else:
+                token_id = int(
+                    sample_next(
+                        logits[row : row + 1], sampling.temperature, sampling.top_k, sampling.top_p,
+                        [sequence.generator],
+                    )[0]
+                )  # fmt: skip
+            if token_id in sampling.stop_ids:
+                sequence.emit(Finished("stop"))
+                keep.append(False)
+                continue
+            scores = None
+            if request.top_logprobs is not None:
+                scores = _token_logprobs(logits[row].log_softmax(dim=-1), token_id, request.top_logprobs)
+            sequence.generated += 1
+            sequence.next_token = token_id
+            sequence.emit(NewToken(token_id, scores))
+            full = sequence.length + 1 > self.model.args.max_seq_len  # no position left to feed it at
+            if sequence.generated >= request.max_tokens or full:
+                sequence.emit(Finished("length"))
+                keep.append(False)
+            else:
+                keep.append(True)
+        return keep if many else keep[0]
+
+    def _free_rows(self, rows: list[int]) -> None:
+        """Remove the running sequences at `rows`; the last rows move into the gaps (rows stay 0 .. B-1)."""
+        for row in sorted(rows, reverse=True):  # from the end: a later row to remove is gone already
+            last = len(self._running) - 1
+            if row != last:
+                moved = self._running[last]
+                for slot in self._slots:
+                    slot.move_row(last, row, moved.length)
+                self._running[row] = moved
+            self._running.pop()
+
+
+def _token_logprobs(logprobs: torch.Tensor, token_id: int, top: int | None) -> TokenLogprobs:
+    """TokenLogprobs of `token_id` from one position's log-probabilities (V,), with `top` alternatives."""
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(float(logprobs[token_id]), alternatives)
