@@ -255,10 +255,13 @@ class Scheduler:
         with self._condition:
             if self._prefilling is None and self._waiting and len(self._running) < self.max_batch_size:
                 self._prefilling = self._waiting.popleft()
-        if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
-        if self._running:
-            self._decode()
+        try:
+            if self._prefilling is not None:
+                self._prefill_chunk(self._prefilling)
+            if self._running:
+                self._decode()
+        finally:
+            self.model.clear_cache()  # the caches are the scheduler's: the model is left as it was given
 
     def _drop_cancelled(self) -> None:
         with self._condition:
