@@ -61,14 +61,14 @@ def test_a_batched_step_over_rows_at_different_positions_equals_each_row_alone(m
     alone_logits, next_ids = [], []
     for row, prompt in enumerate(PROMPTS):
         caches = [KVCache(1, args.max_seq_len, *shape) for _ in model.layers]
-        for layer, cache in zip(model.layers, caches):
+        for layer, cache in zip(model.layers, caches, strict=True):
             layer.attention.cache = cache
         first = next_token_logits(model, torch.tensor([prompt]), 0).argmax(-1)  # (1,)
         next_ids.append(int(first))
         alone_logits.append(next_token_logits(model, first[:, None], len(prompt))[0])  # decode alone
-        for slot, cache in zip(slots, caches):
+        for slot, cache in zip(slots, caches, strict=True):
             slot.copy_row_from(row, cache, len(prompt))
-    for layer, slot in zip(model.layers, slots):
+    for layer, slot in zip(model.layers, slots, strict=True):
         layer.attention.cache = slot
     tokens = torch.tensor(next_ids)[:, None]
     positions = torch.tensor([[len(p)] for p in PROMPTS])
@@ -88,7 +88,7 @@ def test_greedy_sequences_joining_at_different_steps_equal_generate(model):
     scheduler.submit(SequenceRequest(tuple(PROMPTS[0]), 20), recorders[0])
     for _ in range(5):
         scheduler.step()
-    for prompt, recorder in zip(PROMPTS[1:], recorders[1:]):
+    for prompt, recorder in zip(PROMPTS[1:], recorders[1:], strict=True):
         scheduler.submit(SequenceRequest(tuple(prompt), 20), recorder)  # one waits: 3 slots for 4
         scheduler.step()
     run_until_done(scheduler, recorders)
@@ -103,7 +103,9 @@ def test_a_seeded_sample_equals_generate_with_that_seed_whatever_runs_beside_it(
     alone = generate(model, [PROMPTS[0]], 15, sampling.replace(seed=[1234]))[0]
     scheduler = Scheduler(model, max_batch_size=4)
     recorders = [Recorder() for _ in range(3)]
-    scheduler.submit(SequenceRequest(tuple(PROMPTS[1]), 15, SamplingConfig(temperature=1.0, seed=5)), recorders[1])
+    scheduler.submit(
+        SequenceRequest(tuple(PROMPTS[1]), 15, SamplingConfig(temperature=1.0, seed=5)), recorders[1]
+    )
     scheduler.submit(SequenceRequest(tuple(PROMPTS[0]), 15, sampling), recorders[0])
     scheduler.submit(SequenceRequest(tuple(PROMPTS[2]), 15), recorders[2])
     run_until_done(scheduler, recorders)
@@ -119,7 +121,9 @@ def test_an_eos_id_ends_the_sequence_and_is_not_emitted(model):
     eos = greedy[4]
     scheduler = Scheduler(model)
     recorder = Recorder()
-    scheduler.submit(SequenceRequest(tuple(PROMPTS[0]), 10, SamplingConfig(temperature=0, eos_id=eos)), recorder)
+    scheduler.submit(
+        SequenceRequest(tuple(PROMPTS[0]), 10, SamplingConfig(temperature=0, eos_id=eos)), recorder
+    )
     run_until_done(scheduler, [recorder])
     assert recorder.tokens == greedy[: greedy.index(eos)] and recorder.finished.reason == "stop"
 
@@ -127,7 +131,9 @@ def test_an_eos_id_ends_the_sequence_and_is_not_emitted(model):
 def test_cancelling_frees_the_slot_and_the_other_rows_go_on_unchanged(model):
     scheduler = Scheduler(model, max_batch_size=4)
     recorders = [Recorder() for _ in PROMPTS]
-    sequences = [scheduler.submit(SequenceRequest(tuple(p), 20), r) for p, r in zip(PROMPTS, recorders)]
+    sequences = [
+        scheduler.submit(SequenceRequest(tuple(p), 20), r) for p, r in zip(PROMPTS, recorders, strict=True)
+    ]
     while scheduler.active < 4 or scheduler.waiting:
         scheduler.step()
     for _ in range(3):

@@ -194,7 +194,12 @@ class Served:
     """A model and its tokenizer behind the API: model_id names it; context and vocab_size bound requests."""
 
     def __init__(self, model_id: str, tokenizer: Tokenizer, context: int, vocab_size: int):
-        self.model_id, self.tokenizer, self.context, self.vocab_size = model_id, tokenizer, context, vocab_size
+        self.model_id, self.tokenizer, self.context, self.vocab_size = (
+            model_id,
+            tokenizer,
+            context,
+            vocab_size,
+        )
         self.chat_stop_ids = chat_stop_ids(tokenizer)
         self.eos_ids = tuple(tokenizer.eos_ids)
         self._sentencepiece = is_sentencepiece_model(tokenizer.model_path)
@@ -212,7 +217,9 @@ class Served:
         stops = request.stop_strings()
         sequences = []
         for index, prompt in enumerate(prompts):
-            self._check_length(prompt, request.max_tokens, f"prompt {index}" if len(prompts) > 1 else "prompt")
+            self._check_length(
+                prompt, request.max_tokens, f"prompt {index}" if len(prompts) > 1 else "prompt"
+            )
             for choice in range(request.n):
                 sequences.append(
                     SequenceRequest(
@@ -286,7 +293,9 @@ class Served:
             )
         ids = [self.tokenizer.encode(text, bos=True) for text in texts]
         if any(not prompt_ids for prompt_ids in ids):
-            raise APIError(400, "the prompt is empty and this tokenizer has no BOS to start from", param="prompt")
+            raise APIError(
+                400, "the prompt is empty and this tokenizer has no BOS to start from", param="prompt"
+            )
         return ids, texts
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
@@ -365,7 +374,9 @@ class Served:
 
         content = []
         for token_id, score in zip(token_ids, scores, strict=True):
-            content.append({**entry(token_id, score.logprob), "top_logprobs": [entry(i, lp) for i, lp in score.top]})
+            content.append(
+                {**entry(token_id, score.logprob), "top_logprobs": [entry(i, lp) for i, lp in score.top]}
+            )
         return {"content": content}
 
 

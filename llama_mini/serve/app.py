@@ -80,6 +80,7 @@ def create_app(
 
     app = FastAPI(title="llama-mini", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestLog)
+    app.state.scheduler, app.state.served = scheduler, served  # for the command's shutdown and for tests
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -214,7 +215,8 @@ async def _respond(request: Request, served: Served, scheduler: Scheduler, plan:
     state.completion_tokens = 0
     job = Job(scheduler, plan)
     choices = [
-        Choice(served.choice_text(plan, plan.prompts[index // plan.n])) for index in range(len(plan.sequences))
+        Choice(served.choice_text(plan, plan.prompts[index // plan.n]))
+        for index in range(len(plan.sequences))
     ]
     if body.stream:
         chunks = _stream_chunks(served, plan, body, job, choices, state)
@@ -344,7 +346,13 @@ async def _stream_chunks(
             item = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             item = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        out = {"id": response_id, "object": kind, "created": created, "model": served.model_id, "choices": [item]}
+        out = {
+            "id": response_id,
+            "object": kind,
+            "created": created,
+            "model": served.model_id,
+            "choices": [item],
+        }
         if include_usage:
             out["usage"] = None
         return out
@@ -448,7 +456,9 @@ class RequestLog:
             client = scope.get("client") or ("-", 0)
             tokens = ""
             if "prompt_tokens" in state:
-                tokens = f" prompt_tokens={state['prompt_tokens']} completion_tokens={state['completion_tokens']}"
+                tokens = (
+                    f" prompt_tokens={state['prompt_tokens']} completion_tokens={state['completion_tokens']}"
+                )
             note = f" ({state['status_note']})" if "status_note" in state else ""
             log.info(
                 '%s "%s %s" %s%s %.3fs%s',

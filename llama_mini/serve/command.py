@@ -51,7 +51,9 @@ class ServeConfig:
     port: int = setting(8000, "TCP port (0: any free port, printed at start)")
     max_batch_size: int = setting(8, "requests decoded together, each in its own KV-cache slot")
     max_queue: int = setting(64, "requests that may wait for a slot; beyond that, 429 with Retry-After")
-    prefill_chunk: int = setting(128, "prompt tokens fed per scheduler step, so long prompts don't stall streams")
+    prefill_chunk: int = setting(
+        128, "prompt tokens fed per scheduler step, so long prompts don't stall streams"
+    )
     max_body_bytes: int = setting(1 << 20, "largest request body accepted (413 beyond)")
     api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE})")
     compile: bool = setting(False, "compile the batched decode step with torch.compile (slow to start)")
@@ -69,11 +71,14 @@ class ServeConfig:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
+        allow_abbrev=False,
         description="Serve a checkpoint: an OpenAI-compatible API (/v1/completions, /v1/chat/completions) "
         "with continuous batching, and a chat page at /.",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder or training run folder")
-    parser.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model or tokenizer.json (default: the checkpoint's)")
+    parser.add_argument(
+        "--tokenizer", metavar="FILE", help="tokenizer.model or tokenizer.json (default: the checkpoint's)"
+    )
     add_flags(parser, ServeConfig)
     add_flags(parser, RuntimeSettings)
     return parser
@@ -88,14 +93,19 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(**{name: value for name, value in vars(args).items() if name in fields})
     if config.api_key is None and os.environ.get(API_KEY_VARIABLE):
         config = dataclasses.replace(config, api_key=os.environ[API_KEY_VARIABLE])
-    runtime = RuntimeSettings(**{name: getattr(args, name) for name in ("device", "dtype") if hasattr(args, name)})
+    runtime = RuntimeSettings(
+        **{name: getattr(args, name) for name in ("device", "dtype") if hasattr(args, name)}
+    )
     uvicorn = _import_server()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     app, model_id = build_app(args.checkpoint, config, runtime, args.tokenizer)
     listener = socket.create_server((config.host, config.port))  # bound here: a port error is ours to report
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_id} at http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1", file=sys.stderr)
+    print(
+        f"serving {model_id} at http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1",
+        file=sys.stderr,
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -136,7 +146,9 @@ def build_app(
     dtype = resolve_dtype(runtime.dtype, device)
     path = Path(checkpoint)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a checkpoint folder or a training run folder")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: pass a checkpoint folder or a training run folder"
+        )
     note = describe_resolution(path)
     if note:
         print(note, file=sys.stderr)
@@ -150,7 +162,9 @@ def build_app(
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
     step = torch.compile(next_token_logits, dynamic=True) if config.compile else None
-    scheduler = Scheduler(model, config.max_batch_size, config.max_queue, config.prefill_chunk, decode_step=step)
+    scheduler = Scheduler(
+        model, config.max_batch_size, config.max_queue, config.prefill_chunk, decode_step=step
+    )
     served = Served(model_id, tokenizer, model.args.max_seq_len, model.args.vocab_size)
     return create_app(served, scheduler, config.api_key, config.max_body_bytes), model_id
 
@@ -158,7 +172,9 @@ def build_app(
 def _load_tokenizer(folder: Path, tokenizer_path: str | os.PathLike | None) -> Tokenizer:
     """--tokenizer, else the checkpoint's tokenizer.model or tokenizer.json (as generate.py finds it)."""
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
-        raise CheckpointError(f"--tokenizer {tokenizer_path} does not exist: pass the model's tokenizer.model or .json")
+        raise CheckpointError(
+            f"--tokenizer {tokenizer_path} does not exist: pass the model's tokenizer.model or .json"
+        )
     found = find_tokenizer(tokenizer_path if tokenizer_path is not None else folder)
     if found is None:
         raise CheckpointError(

@@ -157,7 +157,9 @@ class Scheduler:
         # passes this same function through torch.compile.
         self.decode_step = decode_step or next_token_logits
         args, weight = model.args, model.tok_embeddings.weight
-        shape = dict(n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, dtype=weight.dtype, device=weight.device)
+        shape = dict(
+            n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, dtype=weight.dtype, device=weight.device
+        )
         self.device = weight.device
         context = args.max_seq_len
         self._slots = [SlotKVCache(max_batch_size, context, **shape) for _ in model.layers]
@@ -190,7 +192,8 @@ class Scheduler:
                     f"(at most {self.max_queue} may wait): retry shortly"
                 )
             sequences = [
-                Sequence(request, emit, _wake=self.wake) for request, emit in zip(requests, emits, strict=True)
+                Sequence(request, emit, _wake=self.wake)
+                for request, emit in zip(requests, emits, strict=True)
             ]
             self._waiting.extend(sequences)
             self._condition.notify()
