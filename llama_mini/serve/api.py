@@ -205,10 +205,17 @@ class Served:
         self._sentencepiece = is_sentencepiece_model(tokenizer.model_path)
 
     def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "llama-mini"}],
+        """GET /v1/models. Besides OpenAI's fields, "context_length" and "chat_template" (whether the
+        tokenizer has a template of its own) tell the chat page which mode suits the model."""
+        model = {
+            "id": self.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llama-mini",
+            "context_length": self.context,
+            "chat_template": self.tokenizer.chat_template is not None,
         }
+        return {"object": "list", "data": [model]}
 
     # ------------------------------------------------------------------------------- planning
 
@@ -246,7 +253,7 @@ class Served:
         except LlamaMiniError as error:
             raise APIError(400, str(error), param="messages") from None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        self._check_length(prompt, max_tokens or 1, "the messages")
+        self._check_length(prompt, max_tokens or 1, "the conversation")
         if max_tokens is None:
             max_tokens = self.context - len(prompt)  # as far as the context goes
         top = (request.top_logprobs or 0) if request.logprobs else None
@@ -312,7 +319,7 @@ class Served:
                 400,
                 f"{what} has {len(prompt)} tokens but the model's context is {self.context} tokens, which "
                 "must also hold at least one new token: shorten it",
-                param="messages" if what == "the messages" else "prompt",
+                param="messages" if what == "the conversation" else "prompt",
                 code="context_length_exceeded",
             )
         if len(prompt) + max_tokens > self.context:
