@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -114,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         )
     )
+    # uvicorn turns SIGTERM into a graceful shutdown, then raises the signal again for the handler that
+    # was there before it: a no-op one makes that shutdown the end of a clean run (exit code 0).
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
     server.run(sockets=[listener])
+    print("server stopped", file=sys.stderr)
     return 0
 
 
