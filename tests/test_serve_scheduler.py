@@ -185,3 +185,23 @@ def test_the_thread_serves_submissions_and_stop_cancels_what_is_left(model):
     scheduler.submit(SequenceRequest(tuple(PROMPTS[0]), 50), long)
     scheduler.stop()
     assert long.finished is not None and long.finished.reason in ("cancelled", "length")
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
+    """`serve --compile`'s step: next_token_logits through torch.compile (traced by dynamo here and run
+    eagerly, so no C++ compiler runs) decodes what the eager step decodes."""
+    import torch._dynamo
+
+    from llama_mini.serve.command import compiled_decode_step
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend="eager"))
+    torch._dynamo.reset()
+    scheduler = Scheduler(model, max_batch_size=3, decode_step=compiled_decode_step())
+    recorders = [Recorder() for _ in PROMPTS[:3]]
+    for prompt, recorder in zip(PROMPTS[:3], recorders, strict=True):
+        scheduler.submit(SequenceRequest(tuple(prompt), 12), recorder)
+    run_until_done(scheduler, recorders)
+    torch._dynamo.reset()
+    assert [r.tokens for r in recorders] == generate(model, PROMPTS[:3], 12, temperature=0)

@@ -38,10 +38,13 @@ PROMPTS = [
 class ServerProcess:
     """`python -m llama_mini.cli serve CHECKPOINT --port 0`; the port is read from its first line."""
 
-    def __init__(self, checkpoint, *flags):
+    def __init__(self, checkpoint, *flags, environment: dict | None = None):
         # One thread: the tiny model gains nothing from more, and on a busy machine threads that wait for each
         # other at every operation make each step many times slower.
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        environment = {
+            **os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(environment or {})
+        }  # fmt: skip
+        self.headers = {"Content-Type": "application/json"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_mini.cli", "serve", str(checkpoint), "--port", "0", *flags],
             stderr=subprocess.PIPE,
@@ -170,7 +173,7 @@ def test_a_soak_of_many_clients_leaves_right_answers_no_held_slots_and_flat_memo
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_streams_and_exits_cleanly_with_one_log_line_per_request(base_checkpoint):  # noqa: F811
+def test_sigterm_ends_the_streams_and_exits_cleanly_and_each_request_is_logged(base_checkpoint):  # noqa: F811
     server = ServerProcess(base_checkpoint)
     connection, response = server.request(
         "POST", "/v1/completions", {"prompt": "lily", "max_tokens": 40, "stream": True}

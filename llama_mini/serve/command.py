@@ -36,7 +36,15 @@ from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags, setting
 from llama_mini.tokenizer import Tokenizer
 
-__all__ = ["API_KEY_VARIABLE", "ServeConfig", "build_app", "build_parser", "main", "run"]
+__all__ = [
+    "API_KEY_VARIABLE",
+    "ServeConfig",
+    "build_app",
+    "build_parser",
+    "compiled_decode_step",
+    "main",
+    "run",
+]
 
 API_KEY_VARIABLE = "LLAMA_MINI_API_KEY"
 SHUTDOWN_GRACE_SECONDS = 10
@@ -166,12 +174,18 @@ def build_app(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
-    step = torch.compile(next_token_logits, dynamic=True) if config.compile else None
+    step = compiled_decode_step() if config.compile else None
     scheduler = Scheduler(
         model, config.max_batch_size, config.max_queue, config.prefill_chunk, decode_step=step
     )
     served = Served(model_id, tokenizer, model.args.max_seq_len, model.args.vocab_size)
     return create_app(served, scheduler, config.api_key, config.max_body_bytes), model_id
+
+
+def compiled_decode_step():
+    """The scheduler's decode step, next_token_logits, through torch.compile with dynamic shapes: one graph
+    serves every batch size and cache length (the batch grows and shrinks as requests come and go)."""
+    return torch.compile(next_token_logits, dynamic=True)
 
 
 def _load_tokenizer(folder: Path, tokenizer_path: str | os.PathLike | None) -> Tokenizer:
