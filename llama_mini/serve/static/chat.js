@@ -51,6 +51,9 @@ async function loadModel() {
     $("model-name").textContent = model.id + " (context " + model.context_length + " tokens)";
     $("mode").value = model.chat_template ? "chat" : "completion";
     $("max-tokens").max = model.context_length;
+    // A reply may take at most half the context by default, so a conversation has room to go on.
+    const half = Math.max(1, Math.floor(model.context_length / 2));
+    if (Number($("max-tokens").value) > half) $("max-tokens").value = half;
   } catch (error) {
     setStatus("The server is not answering: " + error);
   }
