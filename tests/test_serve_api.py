@@ -222,6 +222,17 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(base, library):
     assert response.choices[0].text.startswith(tokenizer.decode(ids))
 
 
+def test_echo_puts_the_prompt_first_streamed_or_not(base):
+    client = base.client()
+    settings = dict(model="base", prompt=PROMPT, max_tokens=5, temperature=0)
+    plain = client.completions.create(**settings).choices[0].text
+    assert client.completions.create(**settings, echo=True).choices[0].text == PROMPT + plain
+    chunks = client.completions.create(**settings, echo=True, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == PROMPT + plain
+    unbounded = client.completions.create(**{**settings, "max_tokens": None})  # as far as the context goes
+    assert unbounded.choices[0].text.startswith(plain)
+
+
 def test_stop_strings_cut_the_text_before_them(base):
     client = base.client()
     text = (

@@ -224,14 +224,15 @@ class Served:
         stops = request.stop_strings()
         sequences = []
         for index, prompt in enumerate(prompts):
-            self._check_length(
-                prompt, request.max_tokens, f"prompt {index}" if len(prompts) > 1 else "prompt"
-            )
+            what = f"prompt {index}" if len(prompts) > 1 else "prompt"
+            self._check_length(prompt, request.max_tokens or 0, what)
+            # max_tokens null: as far as the context goes (left out, it is OpenAI's default of 16)
+            max_tokens = self.context - len(prompt) if request.max_tokens is None else request.max_tokens
             for choice in range(request.n):
                 sequences.append(
                     SequenceRequest(
                         prompt=tuple(prompt),
-                        max_tokens=request.max_tokens,
+                        max_tokens=max_tokens,
                         sampling=self._sampling(request, self.eos_ids, index * request.n + choice),
                         top_logprobs=request.logprobs,
                         prompt_logprobs=request.echo and request.logprobs is not None,

@@ -357,10 +357,13 @@ async def _stream_chunks(
             out["usage"] = None
         return out
 
-    if plan.chat:
-        for index in range(len(choices)):
-            yield chunk(index, "", None, first=True)
     offsets = [0] * len(choices)
+    for index in range(len(choices)):
+        if plan.chat:
+            yield chunk(index, "", None, first=True)
+        elif body.echo and body.logprobs is None:  # with logprobs, the prompt comes with its scores below
+            offsets[index] = len(plan.prompt_texts[index // plan.n])
+            yield chunk(index, plan.prompt_texts[index // plan.n], None)
     while job.open:
         index, event = await job.queue.get()
         choice = choices[index]
