@@ -14,10 +14,11 @@ greedy text does not end at once), saved as a checkpoint folder and exported to 
     llama.cpp    python -m llama_cpp.server --model FILE.gguf (llama-cpp-python[server]); skipped, with a
                  note, when it is not installed
 
-Each server runs alone, as a process of its own, on every core. For each client count C, C threads each
-send --requests-per-client streamed /v1/completions requests one after another (temperature 0, a prompt
-of made-up words, --new-tokens tokens at most, stream_options.include_usage) and read every event. A
-warm-up request precedes the timed ones. Reported per (server, C):
+Each server runs alone, as a process of its own, with --threads threads (default: every core). For each
+client count C, C threads each send --requests-per-client streamed /v1/completions requests one after
+another (temperature 0, a prompt of --prompt-tokens random tokens' text, --new-tokens tokens at most,
+stream_options.include_usage) and read every event. A warm-up request precedes the timed ones. Reported
+per (server, C):
 
     tokens/s        all completion tokens the server reported (usage) / wall time from the first request
                     sent to the last stream ended: the aggregate throughput
@@ -48,7 +49,6 @@ from bench.timing import print_table, run_info, write_json  # noqa: E402
 from llama_mini import Transformer, get_preset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_TOKENS = 16
 START_SECONDS = 300  # a server's start (torch import, loading) may take this long on a busy machine
 
 
@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads (torch uses all)"
-    )
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="each server's CPU threads")
     parser.add_argument(
         "--servers", nargs="+", choices=["llama_mini", "llama.cpp"], default=["llama_mini", "llama.cpp"]
     )
@@ -210,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=subprocess.DEVNULL,
         )
-        # Prompts of PROMPT_TOKENS tokens: random ids decoded, which the tokenizer reads back about as long.
+        # Prompts of --prompt-tokens tokens: random ids decoded, which the tokenizer reads back about as long.
         generator = torch.Generator().manual_seed(1)
         prompts = [
             tokenizer.decode(
-                torch.randint(3, tokenizer.vocab_size, (PROMPT_TOKENS,), generator=generator).tolist()
+                torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
             )
             for _ in range(16)
         ]
@@ -224,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "llama_mini":
                 batch = max(args.clients)
                 command = [sys.executable, "-m", "llama_mini.cli", "serve", str(folder), "--port", str(port),
-                           "--max-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+                           "--max-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu",
+                "--threads", str(args.threads)]  # fmt: skip
             else:
                 try:
                     import llama_cpp.server  # noqa: F401

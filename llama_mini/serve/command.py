@@ -66,6 +66,7 @@ class ServeConfig:
     max_body_bytes: int = setting(1 << 20, "largest request body accepted (413 beyond)")
     api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE})")
     compile: bool = setting(False, "compile the batched decode step with torch.compile (slow to start)")
+    threads: int | None = setting(None, "CPU threads for the model's arithmetic (none: torch's default)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -73,6 +74,8 @@ class ServeConfig:
         for name in ("max_batch_size", "prefill_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.max_queue < 0:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
 
@@ -155,6 +158,8 @@ def build_app(
 
     config = config or ServeConfig()
     runtime = runtime or RuntimeSettings()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
     path = Path(checkpoint)
