@@ -205,3 +205,21 @@ def test_a_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
     run_until_done(scheduler, recorders)
     torch._dynamo.reset()
     assert [r.tokens for r in recorders] == generate(model, PROMPTS[:3], 12, temperature=0)
+
+
+def test_each_step_feeds_at_most_prefill_chunk_prompt_tokens_across_prompts(model):
+    """A 9-token prompt with chunks of 4 takes three steps (4 + 4 + 1), and the step that feeds its last
+    token starts a 2-token prompt with the budget left; short prompts start together."""
+    scheduler = Scheduler(model, max_batch_size=4, prefill_chunk=4)
+    long, short, tiny = Recorder(), Recorder(), Recorder()
+    scheduler.submit(SequenceRequest(tuple(PROMPTS[0]), 5), long)
+    scheduler.submit(SequenceRequest(tuple(PROMPTS[1]), 5), short)
+    fed = []
+    for _ in range(3):
+        scheduler.step()
+        fed.append((len(long.tokens), len(short.tokens)))
+    # Both start in the third step: a first token from the prompt, a second from that step's decode.
+    assert fed == [(0, 0), (0, 0), (2, 2)]
+    scheduler.submit_many([SequenceRequest((1, 5), 3)] * 2, [tiny, Recorder()])
+    scheduler.step()
+    assert len(tiny.tokens) == 2 and scheduler.active == 4  # both short prompts started in one step

@@ -6,9 +6,10 @@ with `PromptScored`, `NewToken` and finally `Finished` events as the sequence ad
 its loop (`step`), in the spirit of Orca (Yu et al. 2022), schedules per decode step, not per request:
 
     1. drop the sequences whose caller cancelled them (a client that went away): their slots free now;
-    2. admit the oldest waiting sequence into a free slot and feed it the next chunk of its prompt
-       (`prefill_chunk` tokens at most), so a long prompt never stalls the running streams for long;
-       when the whole prompt is in, its first token is chosen and it joins the running batch;
+    2. admit the oldest waiting sequences into free slots and feed them their prompts, `prefill_chunk`
+       tokens in all at most, so that several short prompts start in one step and a long one is fed in
+       chunks over several steps, never stalling the running streams for long; when a whole prompt is
+       in, its first token is chosen and it joins the running batch;
     3. one decode step for every running sequence together: one forward pass of B rows, each at its own
        position (a SlotKVCache), then each row chooses its next token with its own sampling settings.
 
@@ -253,14 +254,22 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: drop cancelled sequences, feed one prompt chunk, one decode step for the batch."""
+        """One iteration: drop cancelled sequences, feed waiting prompts (prefill_chunk tokens in all, at
+        most), one decode step for the batch."""
         self._drop_cancelled()
-        with self._condition:
-            if self._prefilling is None and self._waiting and len(self._running) < self.max_batch_size:
-                self._prefilling = self._waiting.popleft()
         try:
-            if self._prefilling is not None:
-                self._prefill_chunk(self._prefilling)
+            budget = self.prefill_chunk  # several short prompts may start in one step, a long one in many
+            while budget > 0:
+                with self._condition:
+                    if (
+                        self._prefilling is None
+                        and self._waiting
+                        and len(self._running) < self.max_batch_size
+                    ):
+                        self._prefilling = self._waiting.popleft()
+                if self._prefilling is None:
+                    break
+                budget -= self._prefill_chunk(self._prefilling, budget)
             if self._running:
                 self._decode()
         finally:
@@ -284,12 +293,12 @@ class Scheduler:
         for layer, cache in zip(self.model.layers, caches, strict=True):
             layer.attention.cache = cache
 
-    def _prefill_chunk(self, sequence: Sequence) -> None:
-        """Feed the next chunk of the prompt into the one-row prefill cache; after the last chunk, score its
-        next token and move the sequence into a slot of the batch."""
+    def _prefill_chunk(self, sequence: Sequence, size: int) -> int:
+        """Feed the next `size` tokens of the prompt (at most) into the one-row prefill cache; after the last
+        chunk, score its next token and move the sequence into a slot of the batch. Returns the tokens fed."""
         request = sequence.request
         start = sequence.prefilled
-        chunk = request.prompt[start : start + self.prefill_chunk]
+        chunk = request.prompt[start : start + size]
         tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
         self._attach(self._prefill_cache)
         last = start + len(chunk) == len(request.prompt)
@@ -303,13 +312,13 @@ class Scheduler:
             self.model.hidden_states(tokens, start)  # fills the cache; no scores needed yet
         sequence.prefilled += len(chunk)
         if not last:
-            return
+            return len(chunk)
         self._prefilling = None
         if request.prompt_logprobs:
             sequence.emit(PromptScored(tuple(sequence.prompt_scores)))
         if request.max_tokens == 0:
             sequence.emit(Finished("length"))
-            return
+            return len(chunk)
         row = len(self._running)
         for slot, prefill in zip(self._slots, self._prefill_cache, strict=True):
             slot.copy_row_from(row, prefill, len(request.prompt))
@@ -321,6 +330,7 @@ class Scheduler:
         self._running.append(sequence)
         if not self._choose([sequence], logits):
             self._free_rows([row])
+        return len(chunk)
 
     def _score_prompt(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt's tokens from the chunk's logits (T, V): position t scores t+1."""
