@@ -11,6 +11,8 @@ greedy text does not end at once), saved as a checkpoint folder and exported to 
 `llama-mini convert`, so both servers run the same numbers in float32:
 
     llama_mini   python -m llama_mini.cli serve FOLDER --max-batch-size 8 (continuous batching)
+    llama_mini compiled    the same with --compile: decode steps for 1, 2, 4 and 8 rows compiled ahead of
+                 time (built on the first run, kept in the compile cache)
     llama.cpp    python -m llama_cpp.server --model FILE.gguf (llama-cpp-python[server]); skipped, with a
                  note, when it is not installed
 
@@ -49,7 +51,9 @@ from bench.timing import print_table, run_info, write_json  # noqa: E402
 from llama_mini import Transformer, get_preset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-START_SECONDS = 300  # a server's start (torch import, loading) may take this long on a busy machine
+SERVERS = ("llama_mini", "llama_mini compiled", "llama.cpp")
+# A server's start may take this long on a busy machine (compiled: building its steps the first time).
+START_SECONDS = 900
 
 
 class Server:
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="each server's CPU threads")
     parser.add_argument(
-        "--servers", nargs="+", choices=["llama_mini", "llama.cpp"], default=["llama_mini", "llama.cpp"]
+        "--servers", nargs="+", choices=SERVERS, default=list(SERVERS), help="which servers to measure"
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -220,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in args.servers:
             port = free_port()
-            if name == "llama_mini":
+            if name.startswith("llama_mini"):
                 batch = max(args.clients)
                 command = [sys.executable, "-m", "llama_mini.cli", "serve", str(folder), "--port", str(port),
                            "--max-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu",
-                "--threads", str(args.threads)]  # fmt: skip
+                           "--threads", str(args.threads)]  # fmt: skip
+                if name == "llama_mini compiled":
+                    command.append("--compile")
             else:
                 try:
                     import llama_cpp.server  # noqa: F401
@@ -268,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     by_server = {(row["server"], row["clients"]): row["tokens/s"] for row in rows}
     for clients in args.clients:
-        if ("llama_mini", clients) in by_server and ("llama.cpp", clients) in by_server:
-            ratio = by_server["llama_mini", clients] / by_server["llama.cpp", clients]
-            print(f"{clients} clients: llama_mini / llama.cpp tokens/s = {ratio:.2f}")
+        for ours in SERVERS[:2]:
+            if (ours, clients) in by_server and ("llama.cpp", clients) in by_server:
+                ratio = by_server[ours, clients] / by_server["llama.cpp", clients]
+                print(f"{clients} clients: {ours} / llama.cpp tokens/s = {ratio:.2f}")
     for note in notes:
         print(f"note: {note}")
     info = run_info(torch.device("cpu"))

@@ -22,6 +22,8 @@ is_causal), or, for a single query, no mask at all. The two caches differ in wha
                    tensor): the continuous batching of llama_mini.serve, where requests join and leave
                    the batch between decode steps. Returns the rows' keys up to the furthest one's end,
                    with a mask per row.
+    StaticSlotKVCache  the same over the whole buffer: every step has the same shapes, for a compiled
+                   batched step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from llama_mini.errors import ConfigError
 
-__all__ = ["KVCache", "SlotKVCache", "StaticKVCache"]
+__all__ = ["KVCache", "SlotKVCache", "StaticKVCache", "StaticSlotKVCache"]
 
 
 class KVCache(nn.Module):
@@ -141,3 +143,21 @@ class SlotKVCache(KVCache):
         request left, so the running rows stay 0 .. B-1)."""
         self.k_cache[target, :, :length] = self.k_cache[source, :, :length]
         self.v_cache[target, :, :length] = self.v_cache[source, :, :length]
+
+
+class StaticSlotKVCache(SlotKVCache):
+    """A SlotKVCache that always returns the whole buffer under its per-row mask, (B, H_kv, max_seq_len, D)
+    and (B, 1, T, max_seq_len): no shape depends on the positions, so one compiled step (llama_mini.ops.
+    aot_step) serves every decode step of B rows."""
+
+    def update(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, _, seq_len, _ = xk.shape
+        positions = start_pos + torch.arange(seq_len, device=xk.device)  # (B, T)
+        rows = torch.arange(batch, device=xk.device)[:, None]
+        self.k_cache[rows, :, positions] = xk.transpose(1, 2)
+        self.v_cache[rows, :, positions] = xv.transpose(1, 2)
+        key_positions = torch.arange(self.max_seq_len, device=xk.device)
+        mask = key_positions <= positions[:, :, None]  # (B, T, max_seq_len)
+        return self.k_cache[:batch], self.v_cache[:batch], mask[:, None]

@@ -25,6 +25,7 @@ rounding of batched matrix products, which does not change a draw short of an ex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -35,10 +36,12 @@ import torch
 
 from llama_mini.errors import LlamaMiniError
 from llama_mini.generation import SamplingConfig, next_token_logits, sample_next
-from llama_mini.model.cache import KVCache, SlotKVCache
+from llama_mini.model.cache import KVCache, SlotKVCache, StaticSlotKVCache
 from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
 
 __all__ = [
+    "CompiledDecode",
     "Finished",
     "NewToken",
     "PromptScored",
@@ -141,7 +144,10 @@ class Scheduler:
     thread of its own; `step()` runs one iteration (what the thread does, and what tests call directly).
 
     max_batch_size: sequences decoded together (KV slots); max_queue: sequences waiting for a slot before
-    `submit` raises QueueFull; prefill_chunk: prompt tokens fed per iteration at most.
+    `submit` raises QueueFull; prefill_chunk: prompt tokens fed per iteration at most. decode_step:
+    step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V), by default
+    next_token_logits (torch.compile of it also works); compiled_in: a folder (or "" for none kept) to
+    decode with steps compiled ahead of time instead (`CompiledDecode`, built or loaded here).
     """
 
     def __init__(
@@ -151,11 +157,10 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = 128,
         decode_step: Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        compiled_in: str | None = None,
     ):
         self.model = model.eval()
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
-        # step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V); `serve --compile`
-        # passes this same function through torch.compile.
         self.decode_step = decode_step or next_token_logits
         args, weight = model.args, model.tok_embeddings.weight
         shape = dict(
@@ -163,8 +168,17 @@ class Scheduler:
         )
         self.device = weight.device
         context = args.max_seq_len
-        self._slots = [SlotKVCache(max_batch_size, context, **shape) for _ in model.layers]
+        slot_class = SlotKVCache if compiled_in is None else StaticSlotKVCache
+        self._slots = [slot_class(max_batch_size, context, **shape) for _ in model.layers]
         self._prefill_cache = [KVCache(1, context, **shape) for _ in model.layers]
+        self._compiled = None
+        if compiled_in is not None:
+            self._attach(self._slots)
+            try:
+                self._compiled = CompiledDecode(model, max_batch_size, compiled_in or None)
+            finally:
+                model.clear_cache()
+            self.decode_step = self._compiled
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
         self._running: list[Sequence] = []  # row i of the slot caches is self._running[i]
@@ -225,6 +239,8 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._cancel_all()
+        if self._compiled is not None:
+            self._compiled.close()
 
     # ------------------------------------------------------------------------------- the loop
 
@@ -400,6 +416,37 @@ class Scheduler:
                     slot.move_row(last, row, moved.length)
                 self._running[row] = moved
             self._running.pop()
+
+
+class CompiledDecode:
+    """The batched decode step, next_token_logits, compiled ahead of time (llama_mini.ops.aot_step) for
+    batches of 1, 2, 4, ... and max_batch_size rows, each built once (10-15 s on two cores) or loaded from
+    `folder`. A step of n running rows runs the smallest that holds them; the extra rows are free slots,
+    fed token 0 at position 0, which a slot's prefill overwrites before it is ever read.
+
+    Built while the model holds the scheduler's StaticSlotKVCaches, and bound to them (and the weights) by
+    reference once, for the scheduler's lifetime: `close()` lets them go.
+    """
+
+    def __init__(self, model: Transformer, max_batch_size: int, folder: str | None):
+        self.sizes = sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+        self._stack = contextlib.ExitStack()
+        self._runs = {}
+        for size in self.sizes:
+            example = (torch.zeros((size, 1), dtype=torch.long), torch.zeros((size, 1), dtype=torch.long))
+            step = aot_step.compiled_step(next_token_logits, model, example, folder)
+            self._runs[size] = self._stack.enter_context(step.bound_to(model))
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
+        size = next(size for size in self.sizes if size >= rows)
+        if size > rows:
+            padding = torch.zeros((size - rows, 1), dtype=torch.long, device=tokens.device)
+            tokens, positions = torch.cat([tokens, padding]), torch.cat([positions, padding])
+        return self._runs[size](tokens.contiguous(), positions.contiguous())[0][:rows]
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 def _token_logprobs(logprobs: torch.Tensor, token_id: int, top: int | None) -> TokenLogprobs:
