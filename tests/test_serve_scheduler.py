@@ -223,3 +223,21 @@ def test_each_step_feeds_at_most_prefill_chunk_prompt_tokens_across_prompts(mode
     scheduler.submit_many([SequenceRequest((1, 5), 3)] * 2, [tiny, Recorder()])
     scheduler.step()
     assert len(tiny.tokens) == 2 and scheduler.active == 4  # both short prompts started in one step
+
+
+@pytest.mark.slow
+def test_decode_steps_compiled_ahead_of_time_give_the_same_tokens(model, tmp_path):
+    """`serve --compile` on a CPU: steps for 1 and 2 rows built by AOTInductor over a StaticSlotKVCache.
+    Three sequences through two slots (so both steps run) decode what generate decodes."""
+    from llama_mini.ops import aot_step
+
+    if not aot_step.aot_compile_available():
+        pytest.skip("ahead-of-time compilation needs torch >= 2.8 and a C++ compiler")
+    scheduler = Scheduler(model, max_batch_size=2, compiled_in=str(tmp_path))
+    assert scheduler._compiled.sizes == [1, 2] and len(list(tmp_path.glob("*.pt2"))) == 2
+    recorders = [Recorder() for _ in PROMPTS[:3]]
+    for prompt, recorder in zip(PROMPTS[:3], recorders, strict=True):
+        scheduler.submit(SequenceRequest(tuple(prompt), 12), recorder)
+    run_until_done(scheduler, recorders)
+    scheduler.stop()
+    assert [r.tokens for r in recorders] == generate(model, PROMPTS[:3], 12, temperature=0)
