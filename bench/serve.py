@@ -13,8 +13,9 @@ greedy text does not end at once), saved as a checkpoint folder and exported to 
     llama_mini   python -m llama_mini.cli serve FOLDER --max-batch-size 8 (continuous batching)
     llama_mini compiled    the same with --compile: decode steps for 1, 2, 4 and 8 rows compiled ahead of
                  time (built on the first run, kept in the compile cache)
-    llama.cpp    python -m llama_cpp.server --model FILE.gguf (llama-cpp-python[server]); skipped, with a
-                 note, when it is not installed
+    llama.cpp    python -m llama_cpp.server --model FILE.gguf (llama-cpp-python[server]), with
+                 --interrupt_requests False (its default, True, cuts a running stream off when another
+                 request arrives); skipped, with a note, when it is not installed
 
 Each server runs alone, as a process of its own, with --threads threads (default: every core). For each
 client count C, C threads each send --requests-per-client streamed /v1/completions requests one after
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host",
                            "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
+                           "--n_threads_batch", str(args.threads), "--interrupt_requests", "False",
                            "--n_ctx", str(model_args.max_seq_len), "--model_alias", "model"]  # fmt: skip
             server = Server(command, port, scratch / f"{name}.log")
             try:
