@@ -16,6 +16,8 @@ its loop (`step`), in the spirit of Orca (Yu et al. 2022), schedules per decode 
 KV slots. The running sequences occupy rows 0 .. B-1 of one SlotKVCache per layer, in the order of
 `self._running`; a prompt is prefilled alone in a one-row KVCache and then copied into the next free row;
 when a sequence leaves, the last row moves into its place, so a decode step reads a slice of the cache.
+Compiled (`compiled_in`, `serve --compile` on a CPU), the caches are StaticSlotKVCaches and a step of n
+rows runs the compiled step of the smallest batch size that holds them (`CompiledDecode`).
 
 Sampling reuses llama_mini.generation's pure functions: temperature 0 is the argmax, otherwise
 `sample_next` with the request's temperature, top-k and top-p and a generator of its own seeded with the
