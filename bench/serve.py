@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     info = run_info(torch.device("cpu"))
     print(f"\n{info}")
-    write_json(args.json, {"rows": rows, "notes": notes, "info": info, "args": vars(args)})
+    write_json(args.json, {**info, "results": rows, "notes": notes, "args": vars(args)})
     return 0
 
 
