@@ -2,6 +2,8 @@
 Selenium types messages, and the streamed answers it shows equal the API's greedy answers."""
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,26 @@ def test_look_inside_shades_each_token_and_lists_its_alternatives(browser, base_
         info = tokens[0].get_attribute("data-info")
         assert "p = " in info and len(info.splitlines()) >= 1 + 5  # the token and its 5 alternatives
         assert tokens[0].value_of_css_property("background-color") not in ("", "rgba(0, 0, 0, 0)")
+
+
+def test_stop_ends_the_answer_and_the_server_frees_its_slot(browser, base_checkpoint):
+    with serving(base_checkpoint) as server:
+        open_page(browser, server, max_tokens=40)
+        scheduler = server.app.state.scheduler
+        gate, step = threading.Event(), scheduler.step
+        # Hold the answer back until Stop is clicked, then let it go slowly (50 ms a step): a stream nobody
+        # reads must be cancelled long before its 40 tokens are done.
+        scheduler.step = lambda: gate.wait(30) and (time.sleep(0.05) or step())
+        browser.find_element(By.ID, "message").send_keys("once upon a time", Keys.ENTER)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while server.health()["waiting"] < 1:
+            assert time.monotonic() < deadline, "the page's request did not arrive"
+            time.sleep(0.02)
+        browser.find_element(By.ID, "stop").click()
+        wait = WebDriverWait(browser, WAIT_SECONDS)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.assistant[data-done=true]"))
+        assert "(stopped)" in browser.find_element(By.CSS_SELECTOR, ".message.assistant").text
+        assert browser.find_element(By.ID, "send").is_enabled()
+        gate.set()
+        server.wait_idle()  # no slot stays held
+        assert scheduler.steps < 20  # the abandoned stream was cancelled, not decoded to its end
