@@ -222,15 +222,18 @@ async def _respond(request: Request, served: Served, scheduler: Scheduler, plan:
         chunks = _stream_chunks(served, plan, body, job, choices, state)
         return EventStream(_sse(chunks), job)
     try:
+        checked = time.monotonic()
         while job.open:
             try:
                 index, event = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_SECONDS)
+                _apply(job, choices, index, event, state)
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     state.status_note = "client went away"
                     return Response(status_code=499)
-                continue
-            _apply(job, choices, index, event, state)
     finally:
         job.cancel()
     _raise_failure(choices)
