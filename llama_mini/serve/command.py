@@ -62,10 +62,15 @@ class ServeConfig:
     max_batch_size: int = setting(8, "requests decoded together, each in its own KV-cache slot")
     max_queue: int = setting(64, "requests that may wait for a slot; beyond that, 429 with Retry-After")
     prefill_chunk: int = setting(
-        128, "prompt tokens fed per scheduler step, so long prompts don't stall streams"
+        128,
+        "prompt tokens fed per scheduler step, across waiting prompts, so long prompts don't stall streams",
     )
     max_body_bytes: int = setting(1 << 20, "largest request body accepted (413 beyond)")
-    api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE})")
+    api_key: str | None = setting(
+        None,
+        f"require 'Authorization: Bearer KEY' on /v1 requests (none: ${API_KEY_VARIABLE} if set, which "
+        "other users cannot read in the process list)",
+    )
     compile: bool = setting(
         False,
         "compile the batched decode step: on a CPU ahead of time for batches of 1, 2, 4, ... rows (built "
