@@ -2,6 +2,7 @@
 
     llama-mini train ...       train a model (train.py)
     llama-mini generate ...    generate text (generate.py)
+    llama-mini serve ...       an OpenAI-compatible server and a chat page
     llama-mini convert ...     convert checkpoints: Meta / Hugging Face folders, GGUF
     llama-mini inspect ...     parameters, costs and shapes of a preset or checkpoint
     llama-mini plots ...       the study's pictures
@@ -23,6 +24,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "train": ("llama_mini.train.command", "train a model on a corpus (the default: Shakespeare)"),
     "generate": ("llama_mini.generation.command", "generate text with a checkpoint"),
+    "serve": ("llama_mini.serve.command", "serve a checkpoint: OpenAI-compatible API and a chat page"),
     "convert": ("llama_mini.convert", "convert a checkpoint (Meta, Hugging Face, llama_mini) or export GGUF"),
     "inspect": (
         "llama_mini.study.inspector",

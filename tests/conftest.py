@@ -22,6 +22,7 @@ NUMERICAL_MODULES = {
     "test_kernels.py",
     "test_loss.py",
     "test_model.py",
+    "test_serve_scheduler.py",
     "test_training.py",
 }
 

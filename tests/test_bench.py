@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import data_prep, decode, decode_cpu, ffn, profile_cpu, train_throughput, vs_transformers
+from bench import data_prep, decode, decode_cpu, ffn, profile_cpu, serve, train_throughput, vs_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,3 +175,18 @@ def test_data_prep_times_the_tokenizing_step_alone_for_each_worker_count(tmp_pat
     rows = results(tmp_path / "d.json")
     assert [row["workers"] for row in rows] == [1, 2] and all(row["tokenize MB/s"] > 0 for row in rows)
     assert "tokenizing alone: 2 workers / 1 worker = " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_bench_measures_each_server_at_each_client_count(tmp_path):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("gguf")
+    out = tmp_path / "serve.json"
+    argv = ["--preset", "tiny", "--vocab-size", "512", "--clients", "1", "2", "--requests-per-client", "2"]
+    argv += ["--new-tokens", "4", "--prompt-tokens", "4", "--threads", "1", "--servers", "llama_mini"]
+    assert serve.main([*argv, "--json", str(out)]) == 0
+    rows = results(out)
+    assert [(row["server"], row["clients"]) for row in rows] == [("llama_mini", 1), ("llama_mini", 2)]
+    assert [row["tokens"] for row in rows] == [2 * 4, 2 * 2 * 4]  # greedy on spread weights: no early eos
+    assert rows[0]["x 1 client"] == 1.0 and rows[1]["tokens/s"] > 0
+    assert 0 < rows[1]["TTFT p50 (s)"] <= rows[1]["TTFT p95 (s)"]

@@ -18,6 +18,12 @@ is_causal), or, for a single query, no mask at all. The two caches differ in wha
                    every token (a torch.compile graph, a CUDA graph recorded once and replayed, or the
                    ahead-of-time step of llama_mini.ops.aot_step), at the cost of attending over the
                    whole buffer.
+    SlotKVCache    one row per independent sequence, each at its own position (start_pos a (B, 1)
+                   tensor): the continuous batching of llama_mini.serve, where requests join and leave
+                   the batch between decode steps. Returns the rows' keys up to the furthest one's end,
+                   with a mask per row.
+    StaticSlotKVCache  the same over the whole buffer: every step has the same shapes, for a compiled
+                   batched step.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import nn
 
 from llama_mini.errors import ConfigError
 
-__all__ = ["KVCache", "StaticKVCache"]
+__all__ = ["KVCache", "SlotKVCache", "StaticKVCache", "StaticSlotKVCache"]
 
 
 class KVCache(nn.Module):
@@ -93,3 +99,65 @@ class StaticKVCache(KVCache):
         self.v_cache[:batch].index_copy_(2, positions, xv)
         key_positions = torch.arange(self.max_seq_len, device=xk.device)  # (max_seq_len,)
         return self.k_cache[:batch], self.v_cache[:batch], key_positions[None, :] <= positions[:, None]
+
+
+class SlotKVCache(KVCache):
+    """Rows that each sit at their own position: start_pos is an int64 tensor (B, 1), and row b's T new
+    positions are start_pos[b] .. start_pos[b] + T - 1 (the model's RoPE rotates each row by its own).
+
+    A server's scheduler keeps one row (a "slot") per running request and decodes them all in one forward
+    pass, whatever their lengths; rows 0 .. B-1 are the ones fed. It fills a row from a prefilled cache
+    (`copy_row_from`) and keeps the running rows first (`move_row`), so a step reads a slice, not a gather.
+    """
+
+    def update(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write xk, xv (B, H_kv, T, D) at each row's positions; return the keys and values of positions
+        0 .. S-1 for rows 0 .. B-1, (B, H_kv, S, D) with S the furthest row's end, and the mask (B, 1, T, S),
+        True where query i of row b (at position p = start_pos[b] + i) may read key position j, that is
+        j <= p. It hides each row's future and whatever an earlier, longer request left beyond it."""
+        batch, _, seq_len, _ = xk.shape
+        positions = start_pos + torch.arange(seq_len, device=xk.device)  # (B, T)
+        end = int(positions.max()) + 1
+        if end > self.max_seq_len:
+            raise ConfigError(
+                f"sequence of {end} positions is longer than the KV cache ({self.max_seq_len}); use a "
+                "shorter input or a larger cache"
+            )
+        rows = torch.arange(batch, device=xk.device)[:, None]  # (B, 1), broadcast against positions
+        # Indexing dims 0 and 2 with (B, T) index tensors selects (B, T, H_kv, D): the positions go first.
+        self.k_cache[rows, :, positions] = xk.transpose(1, 2)
+        self.v_cache[rows, :, positions] = xv.transpose(1, 2)
+        key_positions = torch.arange(end, device=xk.device)  # (S,)
+        mask = key_positions <= positions[:, :, None]  # (B, T, S)
+        return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end], mask[:, None]
+
+    def copy_row_from(self, row: int, source: KVCache, length: int, source_row: int = 0) -> None:
+        """Make row `row` hold positions 0 .. length-1 of `source`'s row `source_row` (a prefilled cache)."""
+        self.k_cache[row, :, :length] = source.k_cache[source_row, :, :length]
+        self.v_cache[row, :, :length] = source.v_cache[source_row, :, :length]
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy positions 0 .. length-1 of row `source` into row `target` (filling the gap a finished
+        request left, so the running rows stay 0 .. B-1)."""
+        self.k_cache[target, :, :length] = self.k_cache[source, :, :length]
+        self.v_cache[target, :, :length] = self.v_cache[source, :, :length]
+
+
+class StaticSlotKVCache(SlotKVCache):
+    """A SlotKVCache that always returns the whole buffer under its per-row mask, (B, H_kv, max_seq_len, D)
+    and (B, 1, T, max_seq_len): no shape depends on the positions, so one compiled step (llama_mini.ops.
+    aot_step) serves every decode step of B rows."""
+
+    def update(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, _, seq_len, _ = xk.shape
+        positions = start_pos + torch.arange(seq_len, device=xk.device)  # (B, T)
+        rows = torch.arange(batch, device=xk.device)[:, None]
+        self.k_cache[rows, :, positions] = xk.transpose(1, 2)
+        self.v_cache[rows, :, positions] = xv.transpose(1, 2)
+        key_positions = torch.arange(self.max_seq_len, device=xk.device)
+        mask = key_positions <= positions[:, :, None]  # (B, T, max_seq_len)
+        return self.k_cache[:batch], self.v_cache[:batch], mask[:, None]

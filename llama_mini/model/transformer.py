@@ -155,8 +155,10 @@ def apply_rotary_emb(
 def _rotate_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, D/2, 2), in float32
     x0, x1 = pairs.unbind(-1)  # each (B, T, heads, D/2)
-    cos = rotations[..., 0].unsqueeze(1)  # (T, 1, D/2): broadcast over heads (and batch)
-    sin = rotations[..., 1].unsqueeze(1)
+    # (T, 1, D/2), broadcast over heads and batch; or (B, T, 1, D/2) when each row has its own positions
+    # (a SlotKVCache's continuous batching): broadcast over heads.
+    cos = rotations[..., 0].unsqueeze(-2)
+    sin = rotations[..., 1].unsqueeze(-2)
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)  # (B, T, heads, D), back in x's dtype
 
@@ -184,7 +186,7 @@ class RotaryEmbedding(nn.Module):
         return table.to(device) if device is not None else table
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.rotations[positions]  # (T, D/2, 2)
+        return self.rotations[positions]  # (T, D/2, 2), or (B, T, D/2, 2) for positions (B, T)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -356,7 +358,8 @@ class Transformer(nn.Module):
         """tokens (B, T) at positions start_pos .. start_pos + T - 1 -> logits (B, T, vocab_size).
 
         start_pos is an int, or, for decoding with static shapes (a StaticKVCache), a 0-d int64 tensor on
-        the model's device.
+        the model's device, or, for rows at different positions (a SlotKVCache), an int64 tensor (B, 1):
+        row b's tokens then sit at start_pos[b] ..
         """
         return self.output(self.hidden_states(tokens, start_pos))
 
@@ -373,8 +376,8 @@ class Transformer(nn.Module):
                 "use a shorter input or a model with a larger max_seq_len"
             )
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
-        positions = start_pos + torch.arange(seq_len, device=tokens.device)  # (T,)
-        rotations = self.rope(positions)  # (T, D/2, 2): these positions' angles
+        positions = start_pos + torch.arange(seq_len, device=tokens.device)  # (T,), or (B, T) per row
+        rotations = self.rope(positions)  # (T, D/2, 2) or (B, T, D/2, 2): these positions' angles
         for layer in self.layers:
             h = layer(h, rotations, start_pos)
         return self.norm(h)

@@ -76,7 +76,7 @@ def gated_unit(ffn: str) -> nn.Module:
     """
     if ffn not in GATED_FEED_FORWARDS:
         raise PlotError(f"{ffn!r} is not a gated variant; choose one of {', '.join(GATED_FEED_FORWARDS)}")
-    unit = FEED_FORWARDS[ffn](2, 1, multiple_of=None).double()
+    unit = FEED_FORWARDS[ffn](2, 1).double()
     with torch.no_grad():
         unit.w1.weight.copy_(torch.tensor([[1.0, 0.0]]))  # a = x[0]
         unit.w3.weight.copy_(torch.tensor([[0.0, 1.0]]))  # b = x[1]
