@@ -640,8 +640,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, prompt: str, max_new_tokens: int) -> str:
-        """A sample from the trained model, to show what it learned (temperature 0.8, top-k 50). Under FSDP
-        every process generates the same tokens in step (see `unsharded`)."""
+        """A sample from the trained model, to show what it learned (SamplingConfig's default temperature
+        and top-p). Under FSDP every process generates the same tokens in step (see `unsharded`)."""
         self.raw_model.eval()
         if self.train_data.chat is not None:  # a chat run: the reply to the prompt as a user's message
             message = [{"role": "user", "content": prompt.strip() or "Hello!"}]
@@ -655,8 +655,6 @@ class Trainer:
                 self.raw_model,
                 [ids],
                 max_new_tokens=min(max_new_tokens, room),
-                temperature=0.8,
-                top_k=50,
                 eos_id=stop_ids,
                 seed=self.config.seed,
             )[0]
