@@ -279,35 +279,44 @@ class Session:
         seeds = None
         if self.args.seed is not None:
             seeds = [row_seed(self.args.seed, first + r) for r in range(len(rows))]
-
         if self.streaming:
-            for r, (text, prompt) in enumerate(rows):
-                out = sys.stdout
-                if r > 0:
-                    out.write(SEPARATOR + "\n")
-                if echo:
-                    out.write(text)
-                    out.flush()
-                stats = GenerationStats()
-                seed = None if seeds is None else [seeds[r]]
-                sampling = self.sampling.replace(seed=seed)
-                pieces = stream(
-                    self.model,
-                    self.tokenizer,
-                    prompt,
-                    max_new_tokens,
-                    sampling,
-                    options=self.options,
-                    stats=stats,
-                )
-                for piece in pieces:
-                    out.write(piece)
-                    out.flush()
-                out.write("\n")
-                out.flush()
-                self.report(stats)
-            return
+            self.print_streamed(rows, seeds, max_new_tokens, echo)
+        else:
+            self.print_batched(rows, seeds, max_new_tokens, echo)
 
+    def print_streamed(
+        self, rows: list[tuple[str, list[int]]], seeds: list[int] | None, max_new_tokens: int, echo: bool
+    ) -> None:
+        """One output after the other, each printed as its tokens arrive."""
+        out = sys.stdout
+        for r, (text, prompt) in enumerate(rows):
+            if r > 0:
+                out.write(SEPARATOR + "\n")
+            if echo:
+                out.write(text)
+                out.flush()
+            stats = GenerationStats()
+            sampling = self.sampling.replace(seed=None if seeds is None else [seeds[r]])
+            pieces = stream(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_new_tokens,
+                sampling,
+                options=self.options,
+                stats=stats,
+            )
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            out.flush()
+            self.report(stats)
+
+    def print_batched(
+        self, rows: list[tuple[str, list[int]]], seeds: list[int] | None, max_new_tokens: int, echo: bool
+    ) -> None:
+        """All outputs as one ragged batch, printed when it is done."""
         stats = GenerationStats()
         prompts = [prompt for _, prompt in rows]
         sampling = self.sampling.replace(seed=seeds)
