@@ -5,9 +5,13 @@ is streaming.py's):
 
     generate(model, prompts, ...)                    the new tokens of each prompt, collected in lists
     iter_new_tokens(model, prompts, ...)             the decode loop; yields (row, token_id) as they come
+    RaggedBatch(prompts, max_new_tokens, ...)        a request's rows: token buffer, prompt ends, stopped rows
     decode_step(model, tokens, start_pos)            one forward pass over a batch: the prefill, or one step
     choose_next(logits, greedy_ids, rows, ...)       the next token of the rows that sample a position
     next_token_logits(model, tokens, start_pos)      the logits of the position after the last
+
+A server's scheduler can drive the last three itself: its own batch, decode_step (or steps.step_for's
+compiled step) once per position, choose_next for the rows that sample.
 
 Ragged batches. `Transformer.forward(tokens, start_pos)` takes one start position for the whole batch and
 masks causally, with no padding mask, so prompts of different lengths cannot simply be right-padded (the
