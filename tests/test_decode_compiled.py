@@ -223,6 +223,22 @@ def test_the_saved_steps_name_changes_with_what_the_code_depends_on(model):
     assert len(set(keys.values()) | {key}) == len(keys) + 1, keys
 
 
+def test_the_decode_step_and_the_functions_it_calls_share_the_file_its_name_hashes():
+    """A saved step is named after the source file of the function compiled (artifact_key), so a change to
+    next_token_logits or greedy_ids must change that file: they live beside decode_step."""
+    import inspect
+
+    step_file = inspect.getsourcefile(decode_module.decode_step)
+    for function in (decode_module.next_token_logits, decode_module.greedy_ids):
+        assert inspect.getsourcefile(function) == step_file, function.__name__
+    called = {
+        name
+        for name in decode_module.decode_step.__code__.co_names
+        if callable(getattr(decode_module, name, None))
+    }
+    assert called == {"next_token_logits", "greedy_ids"}  # a new callee: add it to the loop above
+
+
 # ------------------------------------------------------------------------------------- the compile switch
 
 

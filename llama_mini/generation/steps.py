@@ -44,7 +44,7 @@ from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
 from llama_mini.settings import setting
 
-__all__ = ["CACHE_LENGTH_MULTIPLE", "DecodeOptions", "StepFunction", "ensure_cache", "step_for"]
+__all__ = ["CACHE_LENGTH_MULTIPLE", "DecodeOptions", "RunStep", "StepFunction", "ensure_cache", "step_for"]
 
 # step(model, tokens (B, T), start_pos) -> (logits (B, V), greedy ids (B,))
 StepFunction = Callable[[Transformer, torch.Tensor, "int | torch.Tensor"], tuple[torch.Tensor, torch.Tensor]]
@@ -54,7 +54,8 @@ RunStep = Callable[[torch.Tensor, int], Sequence[torch.Tensor]]
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How the decode step runs (the table in the module docstring); the tokens do not depend on it.
+    """How the decode step runs (the table in the module docstring); not what it computes: the tokens are
+    the same whichever step runs, up to float rounding.
     `generate`, `iter_new_tokens` and `stream` take one (`options=`) or its fields as keywords;
     generate.py's runtime flags are made from these declarations."""
 
