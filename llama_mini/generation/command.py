@@ -27,7 +27,9 @@ conversation. When the conversation outgrows the context, its oldest exchanges a
 message stays), with a note on stderr.
 
 A thin command line over llama_mini.generation (generate.py is the same command): the sampling flags are
-made from SamplingConfig's declarations; mistakes are one line on stderr and exit code 2.
+made from SamplingConfig's declarations, with its defaults, and the runtime flags from DecodeOptions'; what
+to do with prompts too long for the context is prompts.py's fit_to_context; mistakes are one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
