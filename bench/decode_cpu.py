@@ -251,7 +251,7 @@ def profile_compiled(model: Transformer, prompt: list[int], new_tokens: int, com
     """Where compiled decoding spends its time: the whole call per new token, the compiled step alone (the
     same step called in a loop, its KV cache as full as at the request's midpoint), and the difference (the
     prefill, reading each token back, the loop's Python)."""
-    from llama_mini.generation import decode
+    from llama_mini.generation import decode, steps
 
     run = llama_mini_engine(model, prompt, new_tokens, compile=True, compile_cache=compile_cache)
     run()  # built in the warm-up already: this loads nothing new
@@ -262,9 +262,9 @@ def profile_compiled(model: Transformer, prompt: list[int], new_tokens: int, com
         calls.append(time.perf_counter() - start)
     per_token = statistics.median(calls) / new_tokens
     length = len(prompt) + new_tokens
-    made_cache = decode._ensure_cache(model, 1, length, static=True)
+    made_cache = steps.ensure_cache(model, 1, length, static=True)
     example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
-    step = aot_step.saved_step(decode._decode_step, model, example, compile_cache)
+    step = aot_step.saved_step(decode.decode_step, model, example, compile_cache)
     position = torch.tensor(len(prompt) + new_tokens // 2)
     steps = []
     try:

@@ -44,6 +44,7 @@ from llama_mini.checkpoint.peft import is_adapter_folder, merge_adapter
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError
 from llama_mini.files import check_output_path
+from llama_mini.generation.sampling import SamplingConfig
 from llama_mini.model.sizes import count_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,7 +134,7 @@ def convert(
             tokenizer = _source_tokenizer(src)
         # cast while loading: a bf16 conversion never holds fp32 copies
         model = load_model(src, dtype=dtype)
-    save_pretrained(model, dst, tokenizer_path=tokenizer, require_hf=True)
+    save_pretrained(model, dst, tokenizer_path=tokenizer, require_hf=True, sampling=SamplingConfig())
     stored = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     millions = count_parameters(model)["total"] / 1e6
     with_tokenizer = ", with tokenizer" if tokenizer is not None else ""

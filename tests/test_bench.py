@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import data_prep, decode, decode_cpu, ffn, profile_cpu, serve, train_throughput, vs_transformers
+from bench import (
+    data_prep,
+    decode,
+    decode_ab,
+    decode_cpu,
+    ffn,
+    profile_cpu,
+    serve,
+    train_throughput,
+    vs_transformers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +120,27 @@ def test_vs_transformers_prints_ratios_for_both_llama_mini_paths(tmp_path, quick
     for row in rows:
         assert row["transformers"].endswith("(1.00x)")
         assert {"llama_mini plain", "llama_mini fast"} <= set(row)
+
+
+def test_decode_ab_bench_times_two_checkouts_in_turn_on_the_same_tokens(capsys):
+    argv = [
+        "--before",
+        str(REPO),
+        "--after",
+        str(REPO),
+        "--preset",
+        "tiny",
+        "--modes",
+        "eager",
+        "--rounds",
+        "1",
+    ]
+    assert decode_ab.main([*argv, "--prompt-len", "2", "--new-tokens", "4"]) == 0
+    rows = [
+        line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")
+    ]
+    assert len(rows) == 1 and rows[0][1].strip() == "eager"
+    assert float(rows[0][-1]) > 0  # after / before, of one checkout against itself
 
 
 def test_loss_bench_runs_each_variant_in_its_own_process(tmp_path):

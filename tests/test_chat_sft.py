@@ -27,6 +27,7 @@ from llama_mini.data import pool as pool_module
 from llama_mini.data.checks import CHECKED
 from llama_mini.data.shards import DataWriter
 from llama_mini.errors import DataError
+from llama_mini.generation import decode_continuation, generate
 from llama_mini.generation.command import main as generate_main
 from llama_mini.generation.decode import decode_continuation, generate
 from llama_mini.ops.loss import IGNORE_INDEX

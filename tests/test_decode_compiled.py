@@ -13,7 +13,7 @@ from test_generation import tiny_model  # decisive logits: greedy tokens that do
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from llama_mini.generation import decode as decode_module
-from llama_mini.generation import generate, iter_new_tokens, row_seed
+from llama_mini.generation import generate, iter_new_tokens, row_seed, steps
 from llama_mini.ops import aot_step
 
 pytestmark = [
@@ -92,7 +92,7 @@ def test_compiled_step_logits_equal_full_recomputation(model, cache_folder):
     sequence = torch.tensor(PROMPTS[0])[None]  # (1, 9)
     model.setup_cache(1, max_seq_len=256, static=True)
     example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
-    step = aot_step.compiled_step(decode_module._decode_step, model, example, cache_folder)
+    step = aot_step.compiled_step(decode_module.decode_step, model, example, cache_folder)
     try:
         with torch.inference_mode(), step.bound_to(model) as run:
             decode_module.next_token_logits(model, sequence[:, :-1], 0)  # fills positions 0..7
@@ -106,7 +106,7 @@ def test_compiled_step_logits_equal_full_recomputation(model, cache_folder):
 
 @pytest.mark.slow
 @needs_compiler
-def test_compiled_sampling_and_penalty_equal_eager_with_the_same_seeds(model, cache_folder):
+def test_compiled_sampling_and_penalty_equal_eager_with_the_same_seeds(model, cache_folder, steps_run):
     for settings in (
         dict(temperature=1.0, top_k=50, top_p=0.95, seed=123),
         dict(temperature=0.7, seed=[row_seed(5, row) for row in range(4)], repetition_penalty=1.3),
@@ -114,11 +114,12 @@ def test_compiled_sampling_and_penalty_equal_eager_with_the_same_seeds(model, ca
     ):
         eager = generate(model, PROMPTS, 10, **settings)
         assert generate(model, PROMPTS, 10, compile=True, compile_cache=cache_folder, **settings) == eager
+    assert len(steps_run) == 3  # each ran the compiled step
 
 
 @pytest.mark.slow
 @needs_compiler
-def test_compiled_decoding_stops_rows_at_any_of_the_eos_ids(model, cache_folder):
+def test_compiled_decoding_stops_rows_at_any_of_the_eos_ids(model, cache_folder, steps_run):
     free = generate(model, PROMPTS, 10, temperature=0)
     eos_ids = [free[1][3], free[2][5]]
     stopped = generate(
@@ -126,6 +127,7 @@ def test_compiled_decoding_stops_rows_at_any_of_the_eos_ids(model, cache_folder)
     )
     assert stopped == generate(model, PROMPTS, 10, temperature=0, eos_id=eos_ids)
     assert stopped[1] == free[1][: free[1].index(eos_ids[0])] and len(stopped[1]) <= 3
+    assert len(steps_run) == 1
 
 
 # ------------------------------------------------------------------------------------- saved and reused
@@ -133,18 +135,19 @@ def test_compiled_decoding_stops_rows_at_any_of_the_eos_ids(model, cache_folder)
 
 @pytest.mark.slow
 @needs_compiler
-def test_a_saved_step_is_loaded_in_a_new_process_not_rebuilt(model, cache_folder, monkeypatch):
+def test_a_saved_step_is_loaded_in_a_new_process_not_rebuilt(model, cache_folder, monkeypatch, steps_run):
     eager = generate(model, [PROMPTS[0]], 8, temperature=0)
     assert generate(model, [PROMPTS[0]], 8, temperature=0, compile=True, compile_cache=cache_folder) == eager
     forget_loaded_steps(monkeypatch)
     monkeypatch.setattr(aot_step, "_build", lambda *args: pytest.fail("rebuilt a saved step"))
     assert generate(model, [PROMPTS[0]], 8, temperature=0, compile=True, compile_cache=cache_folder) == eager
+    assert len(steps_run) == 2 and len(aot_step._LOADED) == 1  # the second run loaded the step from disk
 
 
 @pytest.mark.slow
 @needs_compiler
 def test_a_step_this_process_has_is_saved_into_a_new_cache_folder_not_rebuilt(
-    model, cache_folder, monkeypatch, tmp_path
+    model, cache_folder, monkeypatch, tmp_path, steps_run
 ):
     """A step built or loaded earlier in the process (here from cache_folder; or built with no folder,
     as the benchmarks do) is copied into a cache folder asked for later, so a new process finds it."""
@@ -157,24 +160,28 @@ def test_a_step_this_process_has_is_saved_into_a_new_cache_folder_not_rebuilt(
     assert len(copied) == 1 and (cache_folder / copied[0]).is_file()  # the same step, by its key
     forget_loaded_steps(monkeypatch)  # as in a new process: only the folder has it
     assert generate(model, [PROMPTS[0]], 6, temperature=0, compile=True, compile_cache=other) == eager
+    assert len(steps_run) == 3
 
 
 @pytest.mark.slow
 @needs_compiler
 def test_one_saved_step_serves_another_checkpoint_of_the_same_shape(
-    model, cache_folder, no_builds, monkeypatch
+    model, cache_folder, no_builds, monkeypatch, steps_run
 ):
     """The weights are not in the library: a second model of the same shape runs with its own weights."""
     other = tiny_model(seed=7)
     forget_loaded_steps(monkeypatch)
     ours = generate(other, [PROMPTS[0]], 12, temperature=0, compile=True, compile_cache=cache_folder)
+    assert len(steps_run) == 1
     assert ours == generate(other, [PROMPTS[0]], 12, temperature=0)
     assert ours != generate(model, [PROMPTS[0]], 12, temperature=0)
 
 
 @pytest.mark.slow
 @needs_compiler
-def test_interleaved_generators_on_two_models_each_decode_with_their_own_weights(model, cache_folder):
+def test_interleaved_generators_on_two_models_each_decode_with_their_own_weights(
+    model, cache_folder, steps_run
+):
     """Two generators sharing one loaded step, advanced in turn: each rebinds its own model's tensors."""
     other = tiny_model(seed=7)
     expected = [generate(m, [PROMPTS[2]], 10, temperature=0)[0] for m in (model, other)]
@@ -188,14 +195,15 @@ def test_interleaved_generators_on_two_models_each_decode_with_their_own_weights
             got[index].append(next(tokens)[1])
     for tokens in streams:
         tokens.close()  # ends the loop: the KV caches it set up are removed
+    assert len(steps_run) == 2 and len(set(steps_run)) == 1  # one step, entered by both
     assert got == expected
 
 
 def test_the_saved_steps_name_changes_with_what_the_code_depends_on(model):
     example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
-    key = aot_step.artifact_key(decode_module._decode_step, model, example)
+    key = aot_step.artifact_key(decode_module.decode_step, model, example)
     same_shape = tiny_model(seed=3)
-    assert aot_step.artifact_key(decode_module._decode_step, same_shape, example) == key  # weights: no
+    assert aot_step.artifact_key(decode_module.decode_step, same_shape, example) == key  # weights: no
     changed = {
         "batch": (model, (torch.zeros((2, 1), dtype=torch.long), example[1])),
         "dtype": (tiny_model().to(torch.bfloat16), example),
@@ -203,16 +211,32 @@ def test_the_saved_steps_name_changes_with_what_the_code_depends_on(model):
         "norm eps": (tiny_model(norm_eps=1e-6), example),
     }
     keys = {
-        name: aot_step.artifact_key(decode_module._decode_step, m, inputs)
+        name: aot_step.artifact_key(decode_module.decode_step, m, inputs)
         for name, (m, inputs) in changed.items()
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        keys["threads"] = aot_step.artifact_key(decode_module._decode_step, model, example)
+        keys["threads"] = aot_step.artifact_key(decode_module.decode_step, model, example)
     finally:
         torch.set_num_threads(threads)
     assert len(set(keys.values()) | {key}) == len(keys) + 1, keys
+
+
+def test_the_decode_step_and_the_functions_it_calls_share_the_file_its_name_hashes():
+    """A saved step is named after the source file of the function compiled (artifact_key), so a change to
+    next_token_logits or greedy_ids must change that file: they live beside decode_step."""
+    import inspect
+
+    step_file = inspect.getsourcefile(decode_module.decode_step)
+    for function in (decode_module.next_token_logits, decode_module.greedy_ids):
+        assert inspect.getsourcefile(function) == step_file, function.__name__
+    called = {
+        name
+        for name in decode_module.decode_step.__code__.co_names
+        if callable(getattr(decode_module, name, None))
+    }
+    assert called == {"next_token_logits", "greedy_ids"}  # a new callee: add it to the loop above
 
 
 # ------------------------------------------------------------------------------------- the compile switch
@@ -237,19 +261,31 @@ def test_compile_none_uses_a_saved_step_and_false_never_does(
 
 
 def test_a_step_that_cannot_be_built_falls_back_to_torch_compile_with_a_warning(model, monkeypatch, tmp_path):
+    """The fallback's torch.compile runs with the eager backend here (no C++ build): what is checked is that
+    the step goes through torch.compile, with the CPU's options, and decodes the eager tokens."""
+
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found")
 
     real_compile = torch.compile
+    compiled_functions = []
+
+    def compile_eagerly(function, **options):
+        compiled_functions.append((function, options))
+        return real_compile(function, backend="eager")
+
     forget_loaded_steps(monkeypatch)
     monkeypatch.setattr(aot_step, "_build", no_compiler)
-    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend="eager"))
-    decode_module._compiled_decode_step.cache_clear()
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    steps._compiled_step.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C.. compiler found.*using torch.compile"):
             compiled = generate(model, PROMPTS, 6, temperature=0, compile=True, compile_cache=tmp_path)
     finally:
-        decode_module._compiled_decode_step.cache_clear()
+        steps._compiled_step.cache_clear()
+    assert compiled_functions == [
+        (decode_module.decode_step, {"options": {"post_grad_custom_pre_pass": aot_step.matvec_pass()}})
+    ]
     assert compiled == generate(model, PROMPTS, 6, temperature=0)
 
 

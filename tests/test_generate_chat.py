@@ -10,8 +10,7 @@ import torch
 from test_chat_sft import CHATML_TEMPLATE, byte_level_bpe, contents, conversations
 
 from llama_mini.checkpoint import load_model, save_pretrained
-from llama_mini.generation import command
-from llama_mini.generation.decode import decode_continuation, generate
+from llama_mini.generation import command, decode_continuation, generate
 from llama_mini.generation.sampling import row_seed
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer

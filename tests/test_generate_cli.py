@@ -67,8 +67,8 @@ def no_stdin(monkeypatch):
 def compile_cache(monkeypatch, tmp_path) -> Path:
     """The command's default compile cache, moved from the user's cache folder into the test's own."""
     folder = tmp_path / "compiled"
-    defaults = command.COMMAND_SAMPLING.replace(compile_cache=str(folder))
-    monkeypatch.setattr(command, "COMMAND_SAMPLING", defaults)
+    defaults = command.COMMAND_OPTIONS.replace(compile_cache=str(folder))
+    monkeypatch.setattr(command, "COMMAND_OPTIONS", defaults)
     return folder
 
 
@@ -395,6 +395,24 @@ def test_generation_refuses_non_finite_logits_in_one_line(library):
 def test_bad_flag_values_are_one_line_errors(checkpoint, capsys, flags, message):
     err = one_line_error(*run(capsys, "--checkpoint", checkpoint, *flags))
     assert err.startswith(message)
+
+
+def test_a_prefix_of_a_flag_is_refused(checkpoint, capsys):
+    err = one_line_error(*run(capsys, "--checkpoint", checkpoint, "--temp", "0.5"))
+    assert err == "error: unrecognized arguments: --temp 0.5 (see --help)\n"
+
+
+def test_the_sampling_flags_defaults_are_sampling_configs(tmp_path):
+    """One home for the sampling defaults: the command's flags take them from SamplingConfig."""
+    from llama_mini.generation import SamplingConfig
+
+    args = command.build_parser().parse_args(["--checkpoint", str(tmp_path)])
+    assert command.sampling_config(args) == SamplingConfig()
+    assert command.sampling_config(command.build_parser().parse_args(
+        ["--checkpoint", str(tmp_path), "--temperature", "0", "--top-k", "5"]
+    )) == SamplingConfig(temperature=0, top_k=5)  # fmt: skip
+    help_text = command.build_parser().format_help()
+    assert f"(default: {SamplingConfig().temperature})" in help_text
 
 
 def test_a_compile_cache_that_is_a_file_is_a_one_line_error(checkpoint, capsys, tmp_path):

@@ -56,11 +56,6 @@ HF_ACTIVATIONS: dict[str, str] = {
 
 _FFN_FROM_HF_ACTIVATION = {act: ffn for ffn, act in HF_ACTIVATIONS.items()}
 
-# Sampling defaults written to generation_config.json: Meta's published ones for Llama 2 and 3.
-GENERATION_TEMPERATURE = 0.6
-
-
-GENERATION_TOP_P = 0.9
 
 # ---------------------------------------------------------------------------------------------------------
 # RoPE layout: Meta's adjacent pairs <-> Hugging Face's halves

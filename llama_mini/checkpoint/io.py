@@ -5,7 +5,7 @@ with the same logits:
 
     config.json              Hugging Face's Llama schema, plus a "llama_mini" section with our full ModelArgs
     model.safetensors        Hugging Face tensor names and Hugging Face's RoPE layout (hf.py)
-    generation_config.json   bos/eos ids and sampling defaults for transformers' `generate`
+    generation_config.json   bos/eos ids, and the sampling defaults it is given for transformers' `generate`
     tokenizer files          tokenizer.model (SentencePiece) and/or tokenizer.json, tokenizer_config.json
                              and special_tokens_map.json (when a tokenizer is given or already there)
 
@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -48,8 +49,6 @@ from llama_mini.checkpoint.common import (
     write_json,
 )
 from llama_mini.checkpoint.hf import (
-    GENERATION_TEMPERATURE,
-    GENERATION_TOP_P,
     hf_config,
     hf_name,
     hf_tensors,
@@ -336,6 +335,7 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | os.PathLike | None = None,
     require_hf: bool = False,
+    sampling: Any = None,
 ) -> None:
     """Write `model` as a checkpoint folder (see the module docstring); other files in it are left alone.
 
@@ -348,6 +348,9 @@ def save_pretrained(
         ids come from the tokenizer (else 1 and 2).
     require_hf: refuse (CheckpointError) a model that transformers cannot load, instead of writing a
         llama_mini-only folder.
+    sampling: how transformers' `generate` should sample by default (anything with `temperature` and
+        `top_p`, such as llama_mini.generation.SamplingConfig(), which the trainer and convert pass: one
+        home for the project's sampling defaults); None writes greedy decoding.
     """
     model = unwrap_model(model)
     args = model.args
@@ -375,13 +378,10 @@ def save_pretrained(
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     # Several end ids (Llama 3: end of text, end of turn, ...) go to generation_config as a list.
     eos_ids = list(tokenizer.eos_ids) if tokenizer is not None and len(tokenizer.eos_ids) > 1 else eos
-    generation = {
-        "bos_token_id": bos,
-        "eos_token_id": eos_ids,
-        "do_sample": True,
-        "temperature": GENERATION_TEMPERATURE,
-        "top_p": GENERATION_TOP_P,
-        "max_length": args.max_seq_len,
-    }
+    generation = {"bos_token_id": bos, "eos_token_id": eos_ids, "max_length": args.max_seq_len}
+    if sampling is not None and sampling.temperature > 0:
+        generation.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p or 1.0)
+    else:
+        generation["do_sample"] = False
     write_json(folder / GENERATION_CONFIG_FILE, generation)
     write_json(folder / CONFIG_FILE, hf_config(args, intermediate_size, stored_dtype, bos, eos))

@@ -1,16 +1,15 @@
 """Generation: how the next token is chosen (sampling.py), the KV-cached decode loop over ragged batches
-and streaming text (decode.py), and the command line (command.py; `llama-mini generate`, generate.py)."""
+(decode.py), which decode step runs, eager or compiled, and its KV cache (steps.py), text as tokens arrive
+(streaming.py), and the command line (command.py with its prompt policy, prompts.py; `llama-mini
+generate`, generate.py)."""
 
 from llama_mini.generation.decode import (
-    CACHE_LENGTH_MULTIPLE,
     GenerationStats,
-    decode_continuation,
-    fit_to_context,
     generate,
     iter_new_tokens,
     next_token_logits,
-    stream,
 )
+from llama_mini.generation.prompts import fit_to_context
 from llama_mini.generation.sampling import (
     GenerationError,
     SamplingConfig,
@@ -21,9 +20,12 @@ from llama_mini.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from llama_mini.generation.steps import CACHE_LENGTH_MULTIPLE, DecodeOptions
+from llama_mini.generation.streaming import decode_continuation, stream
 
 __all__ = [
     "CACHE_LENGTH_MULTIPLE",
+    "DecodeOptions",
     "GenerationError",
     "GenerationStats",
     "SamplingConfig",

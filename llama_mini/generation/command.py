@@ -27,7 +27,9 @@ conversation. When the conversation outgrows the context, its oldest exchanges a
 message stays), with a note on stderr.
 
 A thin command line over llama_mini.generation (generate.py is the same command): the sampling flags are
-made from SamplingConfig's declarations; mistakes are one line on stderr and exit code 2.
+made from SamplingConfig's declarations, with its defaults, and the runtime flags from DecodeOptions'; what
+to do with prompts too long for the context is prompts.py's fit_to_context; mistakes are one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -41,15 +43,11 @@ from pathlib import Path
 from llama_mini.checkpoint import describe_resolution, find_tokenizer, load_model, resolve_checkpoint
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError, ConfigError, LlamaMiniError
-from llama_mini.generation.decode import (
-    CACHE_LENGTH_MULTIPLE,
-    GenerationStats,
-    decode_continuation,
-    fit_to_context,
-    generate,
-    stream,
-)
+from llama_mini.generation.decode import GenerationStats, generate
+from llama_mini.generation.prompts import fit_to_context
 from llama_mini.generation.sampling import GenerationError, SamplingConfig, row_seed
+from llama_mini.generation.steps import CACHE_LENGTH_MULTIPLE, DecodeOptions
+from llama_mini.generation.streaming import decode_continuation, stream
 from llama_mini.model.sizes import count_parameters
 from llama_mini.ops.aot_step import default_cache_folder
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
@@ -84,10 +82,10 @@ POSITIVE_INT = checked(int, "an integer >= 1", lambda value: value >= 1)
 SEED = checked(int, "an integer in [0, 2**63)", lambda value: 0 <= value < 2**63)
 
 
-# The command's own defaults: livelier text than plain sampling at temperature 1 (SamplingConfig's
-# defaults, which the library keeps), and a compile cache in the user's cache folder, so that a decode step
-# compiled once serves every later run; every other default and every help text is SamplingConfig's.
-COMMAND_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.9, compile_cache=str(default_cache_folder()))
+# The sampling flags' defaults and help texts are SamplingConfig's, the runtime flags' DecodeOptions',
+# except one default of the command's own: a compile cache in the user's cache folder (the library keeps
+# none), so that a decode step compiled once serves every later run.
+COMMAND_OPTIONS = DecodeOptions(compile_cache=str(default_cache_folder()))
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty")
 RUNTIME_FLAGS = ("compile", "compile_cache", "cuda_graphs")
 
@@ -95,6 +93,7 @@ RUNTIME_FLAGS = ("compile", "compile_cache", "cuda_graphs")
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
+        allow_abbrev=False,  # a flag's prefix is a mistake, not a shorthand: --temp is refused
         description="Generate text with a llama_mini (or any Llama) checkpoint.",
         epilog="Prompts come from --prompt, --prompt-file, or stdin; with none, from BOS alone.",
     )
@@ -144,7 +143,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="N",
         help=f"tokens to generate per output (default: {DEFAULT_MAX_NEW_TOKENS}, or what fits the context)",
     )
-    add_flags(sampling, SamplingConfig, only=SAMPLING_FLAGS, defaults=COMMAND_SAMPLING)
+    add_flags(sampling, SamplingConfig, only=SAMPLING_FLAGS)
     sampling.add_argument(
         "--seed",
         type=SEED,
@@ -156,7 +155,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     runtime = parser.add_argument_group("runtime")
     add_flags(runtime, RuntimeSettings)
-    add_flags(runtime, SamplingConfig, only=RUNTIME_FLAGS, defaults=COMMAND_SAMPLING)
+    add_flags(runtime, DecodeOptions, only=RUNTIME_FLAGS, defaults=COMMAND_OPTIONS)
     runtime.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
@@ -169,16 +168,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    """The command's SamplingConfig: its defaults with the sampling flags given (GenerationError if out of
-    range, ConfigError if --compile-cache is a file)."""
-    given = {name: getattr(args, name) for name in (*SAMPLING_FLAGS, *RUNTIME_FLAGS) if hasattr(args, name)}
-    sampling = COMMAND_SAMPLING.replace(**given)
-    cache = sampling.compile_cache
+    """The command's SamplingConfig: SamplingConfig's defaults with the sampling flags given
+    (GenerationError if out of range)."""
+    return SamplingConfig(**{name: getattr(args, name) for name in SAMPLING_FLAGS if hasattr(args, name)})
+
+
+def decode_options(args: argparse.Namespace) -> DecodeOptions:
+    """The command's DecodeOptions: COMMAND_OPTIONS with the runtime flags given (ConfigError if
+    --compile-cache is a file)."""
+    options = COMMAND_OPTIONS.replace(
+        **{name: getattr(args, name) for name in RUNTIME_FLAGS if hasattr(args, name)}
+    )
+    cache = options.compile_cache
     if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
         raise ConfigError(
             f"--compile-cache {cache} is a file: pass a folder, or none to keep no compiled steps"
         )
-    return sampling
+    return options
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -191,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
-    sampling = sampling_config(args)  # checks the sampling flags before anything is loaded
+    sampling = sampling_config(args)  # checks the sampling and runtime flags before anything is loaded
+    options = decode_options(args)
     check_chat_flags(args)
     if Path(args.checkpoint).is_dir():  # a training run folder: use its best/ and say so
         note = describe_resolution(args.checkpoint)
@@ -218,13 +225,13 @@ def run(args: argparse.Namespace) -> int:
     # One KV cache for every call, as large as the largest batch: streaming runs one output at a time,
     # otherwise a call runs all its prompts x samples together. (Reusing it also lets a compiled decode
     # step keep its buffers from call to call in the interactive loop.) It starts short and is replaced
-    # by a longer one when a request needs more positions (see generation._ensure_cache).
+    # by a longer one when a request needs more positions (see generation.steps.ensure_cache).
     rows = 1 if streaming else max(len(texts), 1) * args.num_samples
-    model.setup_cache(rows, max_seq_len=CACHE_LENGTH_MULTIPLE, static=bool(sampling.compile))
+    model.setup_cache(rows, max_seq_len=CACHE_LENGTH_MULTIPLE, static=bool(options.compile))
     if args.chat:
-        ChatSession(model, tokenizer, args, sampling, streaming).converse()
+        ChatSession(model, tokenizer, args, sampling, options, streaming).converse()
         return 0
-    session = Session(model, tokenizer, args, sampling, streaming)
+    session = Session(model, tokenizer, args, sampling, options, streaming)
     if args.interactive:
         session.interactive()
     else:
@@ -236,9 +243,16 @@ class Session:
     """Turns prompt texts into printed outputs, numbering outputs across calls so each has its own seed."""
 
     def __init__(
-        self, model, tokenizer: Tokenizer, args: argparse.Namespace, sampling: SamplingConfig, streaming: bool
+        self,
+        model,
+        tokenizer: Tokenizer,
+        args: argparse.Namespace,
+        sampling: SamplingConfig,
+        options: DecodeOptions,
+        streaming: bool,
     ):
         self.model, self.tokenizer, self.args, self.streaming = model, tokenizer, args, streaming
+        self.options = options
         self.outputs = 0  # outputs printed so far: output number r samples with row_seed(seed, r)
         self.sampling = sampling.replace(eos_id=tokenizer.eos_ids)  # every end id stops a row
 
@@ -266,33 +280,48 @@ class Session:
         seeds = None
         if self.args.seed is not None:
             seeds = [row_seed(self.args.seed, first + r) for r in range(len(rows))]
-
         if self.streaming:
-            for r, (text, prompt) in enumerate(rows):
-                out = sys.stdout
-                if r > 0:
-                    out.write(SEPARATOR + "\n")
-                if echo:
-                    out.write(text)
-                    out.flush()
-                stats = GenerationStats()
-                seed = None if seeds is None else [seeds[r]]
-                sampling = self.sampling.replace(seed=seed)
-                for piece in stream(
-                    self.model, self.tokenizer, prompt, max_new_tokens, sampling, stats=stats
-                ):
-                    out.write(piece)
-                    out.flush()
-                out.write("\n")
-                out.flush()
-                self.report(stats)
-            return
+            self.print_streamed(rows, seeds, max_new_tokens, echo)
+        else:
+            self.print_batched(rows, seeds, max_new_tokens, echo)
 
+    def print_streamed(
+        self, rows: list[tuple[str, list[int]]], seeds: list[int] | None, max_new_tokens: int, echo: bool
+    ) -> None:
+        """One output after the other, each printed as its tokens arrive."""
+        out = sys.stdout
+        for r, (text, prompt) in enumerate(rows):
+            if r > 0:
+                out.write(SEPARATOR + "\n")
+            if echo:
+                out.write(text)
+                out.flush()
+            stats = GenerationStats()
+            sampling = self.sampling.replace(seed=None if seeds is None else [seeds[r]])
+            pieces = stream(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_new_tokens,
+                sampling,
+                options=self.options,
+                stats=stats,
+            )
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            out.flush()
+            self.report(stats)
+
+    def print_batched(
+        self, rows: list[tuple[str, list[int]]], seeds: list[int] | None, max_new_tokens: int, echo: bool
+    ) -> None:
+        """All outputs as one ragged batch, printed when it is done."""
         stats = GenerationStats()
         prompts = [prompt for _, prompt in rows]
-        new_ids = generate(
-            self.model, prompts, max_new_tokens, self.sampling.replace(seed=seeds), stats=stats
-        )
+        sampling = self.sampling.replace(seed=seeds)
+        new_ids = generate(self.model, prompts, max_new_tokens, sampling, options=self.options, stats=stats)
         for r, ((text, prompt), ids) in enumerate(zip(rows, new_ids, strict=True)):
             if r > 0:
                 sys.stdout.write(SEPARATOR + "\n")
@@ -345,9 +374,16 @@ class ChatSession:
     """
 
     def __init__(
-        self, model, tokenizer: Tokenizer, args: argparse.Namespace, sampling: SamplingConfig, streaming: bool
+        self,
+        model,
+        tokenizer: Tokenizer,
+        args: argparse.Namespace,
+        sampling: SamplingConfig,
+        options: DecodeOptions,
+        streaming: bool,
     ):
         self.model, self.tokenizer, self.args, self.streaming = model, tokenizer, args, streaming
+        self.options = options
         self.sampling = sampling.replace(eos_id=chat_stop_ids(tokenizer))
         self.system = [{"role": "system", "content": args.system}] if args.system is not None else []
         self.turns: list[dict[str, str]] = []  # the conversation after the system message
@@ -385,14 +421,25 @@ class ChatSession:
         stats = GenerationStats()
         if self.streaming:
             shown = ""
-            for piece in stream(self.model, self.tokenizer, prompt, max_new_tokens, sampling, stats=stats):
+            pieces = stream(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_new_tokens,
+                sampling,
+                options=self.options,
+                stats=stats,
+            )
+            for piece in pieces:
                 piece = piece if shown else piece.lstrip()  # the template's space before the reply
                 shown += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             text = shown
         else:
-            new_ids = generate(self.model, [prompt], max_new_tokens, sampling, stats=stats)[0]
+            new_ids = generate(
+                self.model, [prompt], max_new_tokens, sampling, options=self.options, stats=stats
+            )[0]
             text = decode_continuation(self.tokenizer, prompt, new_ids).lstrip()
             sys.stdout.write(text)
         sys.stdout.write("\n")

@@ -41,12 +41,21 @@ class GenerationError(LlamaMiniError, ValueError):
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen, and when a row stops. `generate`, `iter_new_tokens` and `stream` take
-    one (`sampling=`) or its fields as keywords; generate.py's flags are made from these declarations."""
+    one (`sampling=`) or its fields as keywords; generate.py's flags are made from these declarations, with
+    these defaults. How the decode step runs (compiled or not) is a separate setting: generation/steps.py's
+    `DecodeOptions`.
 
-    temperature: float = setting(1.0, "0 = greedy; below 1 sharpens the distribution, above 1 flattens it")
+    The defaults are the project's one choice for open-ended sampling, used by the library, generate.py, the
+    trainer's samples and the generation_config.json of saved checkpoints: temperature 0.8 with nucleus
+    sampling at p = 0.9 (Holtzman et al. 2019) keeps the text lively without the incoherent tail that plain
+    sampling at temperature 1 draws from a small model's flat distribution; top-k and the repetition penalty
+    are off. Pass temperature=0 for greedy decoding.
+    """
+
+    temperature: float = setting(0.8, "0 = greedy; below 1 sharpens the distribution, above 1 flattens it")
     top_k: int | None = setting(None, "sample from the K most likely tokens (none = off)")
     top_p: float | None = setting(
-        None, "sample from the most likely tokens whose probabilities sum to P (none or 1 = off)"
+        0.9, "sample from the most likely tokens whose probabilities sum to P (none or 1 = off)"
     )
     repetition_penalty: float | None = setting(
         None, "CTRL's penalty on tokens already in the text, 1.1-1.3 typical (none or 1 = off)"
@@ -59,16 +68,6 @@ class SamplingConfig:
         "an int seeds row i with row_seed(seed, i); a list gives each row's seed; none = random",
         flag=False,
     )
-    compile: bool | None = setting(
-        None,
-        "compile the decode step with static shapes: on a CPU ahead of time, saved in --compile-cache for "
-        "later runs (the first run for a model shape waits for the compiler), elsewhere with torch.compile; "
-        "none = a step already in --compile-cache if there is one, else eager",
-    )
-    compile_cache: str | None = setting(
-        None, "folder where compiled CPU decode steps are kept between runs (none = not kept)"
-    )
-    cuda_graphs: bool = setting(True, "with compile on CUDA, replay each decode step as one CUDA graph")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

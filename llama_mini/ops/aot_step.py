@@ -1,5 +1,5 @@
 """Ahead-of-time compiled steps: a function of a model, compiled once to machine code, kept on disk, and run
-with the model's own tensors. Generation's CPU decode step is built with it (llama_mini.generation.decode).
+with the model's own tensors. Generation's CPU decode step is built with it (llama_mini.generation.steps).
 
     step = compiled_step(function, model, example_inputs, folder)   # built, or loaded from `folder`
     with step.bound_to(model) as run:                                 # the model's tensors, by reference

@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llama_mini.checkpoint import assign_weights, load_model, save_pretrained
 from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, merged_model, save_adapter
 from llama_mini.errors import LlamaMiniError
-from llama_mini.generation.decode import generate
+from llama_mini.generation import SamplingConfig, generate
 from llama_mini.model.sizes import training_flops_per_token
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops.fast_paths import attention_backend
@@ -391,9 +391,9 @@ class Trainer:
         peft says why a subfolder)."""
         tokenizer = self.tokenizer.model_path
         if self.lora is None:
-            save_pretrained(model, folder, tokenizer_path=tokenizer)
+            save_pretrained(model, folder, tokenizer_path=tokenizer, sampling=SamplingConfig())
             return
-        save_pretrained(merged_model(model), folder, tokenizer_path=tokenizer)
+        save_pretrained(merged_model(model), folder, tokenizer_path=tokenizer, sampling=SamplingConfig())
         # PEFT's base_model_name_or_path: OUT/base, the frozen base as a Hugging Face folder.
         base = str(self.base_folder.resolve())
         save_adapter(model, folder / ADAPTER_FOLDER, base_model_name_or_path=base)
@@ -461,8 +461,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, prompt: str, max_new_tokens: int) -> str:
-        """A sample from the trained model, to show what it learned (temperature 0.8, top-k 50). Under FSDP
-        every process generates the same tokens in step (see `unsharded`)."""
+        """A sample from the trained model, to show what it learned (SamplingConfig's default temperature
+        and top-p). Under FSDP every process generates the same tokens in step (see `unsharded`)."""
         self.raw_model.eval()
         if self.train_data.chat is not None:  # a chat run: the reply to the prompt as a user's message
             message = [{"role": "user", "content": prompt.strip() or "Hello!"}]
@@ -476,8 +476,6 @@ class Trainer:
                 self.raw_model,
                 [ids],
                 max_new_tokens=min(max_new_tokens, room),
-                temperature=0.8,
-                top_k=50,
                 eos_id=stop_ids,
                 seed=self.config.seed,
             )[0]
