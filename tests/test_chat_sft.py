@@ -29,7 +29,6 @@ from llama_mini.data.shards import DataWriter
 from llama_mini.errors import DataError
 from llama_mini.generation import decode_continuation, generate
 from llama_mini.generation.command import main as generate_main
-from llama_mini.generation.decode import decode_continuation, generate
 from llama_mini.ops.loss import IGNORE_INDEX
 from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, encode_chat, render_chat
 from llama_mini.train import TrainConfig, Trainer

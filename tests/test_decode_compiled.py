@@ -317,3 +317,23 @@ def test_matvec_rewrite_turns_small_products_into_the_same_sums():
     result = graph_module(*half)
     assert result.dtype == torch.bfloat16
     torch.testing.assert_close(result, half[0] @ half[1].T, rtol=1.6e-2, atol=1e-2)
+
+
+def test_a_build_is_announced_before_the_wait(model, tmp_path, monkeypatch, capsys):
+    """The first --compile for a model shape waits for the C++ compiler: one line says so first, and
+    where the step will be kept (the build itself is stopped here, which falls back to torch.compile)."""
+    started = []
+
+    def build(function, model, example_inputs, path):
+        started.append(path)
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(aot_step, "_build", build)
+    monkeypatch.setattr(torch, "compile", lambda step, **options: step)  # the fallback, kept cheap
+    model.clear_cache()
+    with pytest.warns(RuntimeWarning, match="no compiler in this test"):
+        generate(model, [[1, 2, 3]], 2, temperature=0, compile=True, compile_cache=str(tmp_path))
+    err = capsys.readouterr().err
+    assert started and started[0].parent == tmp_path
+    assert f"compiling the decode step for this model shape ahead of time, once: saved as {started[0]}" in err
+    model.clear_cache()

@@ -144,24 +144,25 @@ def test_no_prompt_generates_from_bos_alone(checkpoint, library, capsys):
     assert out == expected_text(library, "", 8, temperature=0)
 
 
-def test_interactive_answers_each_line_without_echoing_it(checkpoint, library, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("the king\nmy lord\n"))
-    code, out, err = run(
-        capsys,
-        "--checkpoint",
-        checkpoint,
-        "--interactive",
-        "--temperature",
-        0,
-        "--max-new-tokens",
-        5,
-        "--stream",
-    )
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin", [Terminal, io.StringIO], ids=["terminal", "pipe"])
+def test_interactive_answers_each_line(checkpoint, library, capsys, monkeypatch, stdin):
+    """At a terminal the typed prompt is on the screen already: only the reply is printed. From a pipe each
+    reply follows its prompt, and replies are separated, so the output reads on its own."""
+    monkeypatch.setattr("sys.stdin", stdin("the king\nmy lord\n"))
+    flags = ("--interactive", "--temperature", 0, "--max-new-tokens", 5, "--stream")
+    code, out, err = run(capsys, "--checkpoint", checkpoint, *flags)
     assert code == 0
-    answers = [
-        expected_text(library, prompt, 5, temperature=0)[len(prompt) :] for prompt in ("the king", "my lord")
-    ]
-    assert out == "".join(answers)
+    prompts = ("the king", "my lord")
+    texts = [expected_text(library, prompt, 5, temperature=0) for prompt in prompts]
+    if stdin is Terminal:
+        assert out == "".join(text[len(prompt) :] for text, prompt in zip(texts, prompts))
+    else:
+        assert out == texts[0] + command.SEPARATOR + "\n" + texts[1]
     assert err.count("> ") == 3  # asked three times; the third read met the end of input
 
 
@@ -276,6 +277,14 @@ def test_a_run_folder_without_best_uses_its_latest_step_checkpoint(checkpoint, t
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     err = one_line_error(*run(capsys, "--checkpoint", tmp_path / "nowhere", "--prompt", "x"))
     assert f"checkpoint {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_a_file_as_checkpoint_says_so_first(tmp_path, sentencepiece_model, capsys):
+    """Not "pass --tokenizer", whose advice would only lead to "my.txt is a file" next."""
+    (tmp_path / "my.txt").write_text("not a model")
+    for extra in ((), ("--tokenizer", sentencepiece_model)):
+        err = one_line_error(*run(capsys, "--checkpoint", tmp_path / "my.txt", *extra))
+        assert f"checkpoint {tmp_path / 'my.txt'} is a file, not a checkpoint" in err
 
 
 def test_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys):

@@ -331,15 +331,21 @@ class Session:
         self.report(stats)
 
     def interactive(self) -> None:
-        """One prompt per line of stdin, answered as it comes (the prompt is not echoed back); EOF ends."""
+        """One prompt per line of stdin, answered as it comes; EOF ends. At a terminal the prompt is on the
+        screen already, as typed; from a pipe or file it is not, so each reply follows its prompt and the
+        replies are separated as in a batch (SEPARATOR), and the output reads on its own."""
+        piped, answered = not sys.stdin.isatty(), 0
         while True:
             print("> ", end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
             if not line:
                 print(file=sys.stderr)
                 return
+            if piped and answered:
+                sys.stdout.write(SEPARATOR + "\n")
             try:
-                self.run([line.removesuffix("\n")], echo=False)
+                self.run([line.removesuffix("\n")], echo=piped)
+                answered += 1
             except LlamaMiniError as error:  # a bad prompt ends that prompt, not the session
                 print(f"error: {error}", file=sys.stderr)
 
@@ -508,6 +514,11 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str | None) -> Tokenizer:
         raise CheckpointError(
             f"checkpoint {folder} does not exist: pass --checkpoint a folder written by save_pretrained "
             f"(or a Hugging Face or Meta Llama folder)"
+        )
+    if not folder.is_dir():  # said first: no --tokenizer would make a file a checkpoint
+        raise CheckpointError(
+            f"checkpoint {folder} is a file, not a checkpoint: pass --checkpoint the folder that holds "
+            f"config.json and model.safetensors (or a training run folder)"
         )
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise CheckpointError(

@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -167,9 +169,11 @@ def _ahead_of_time_step(
     warning, if it cannot be built or loaded: the caller falls back to torch.compile (compile=True) or
     eager (compile=None)."""
     example_inputs = (torch.zeros((batch, 1), dtype=torch.long), torch.tensor(0))
-    find = aot_step.compiled_step if options.compile else aot_step.saved_step
     try:
-        return find(step, model, example_inputs, options.compile_cache)
+        if not options.compile:
+            return aot_step.saved_step(step, model, example_inputs, options.compile_cache)
+        announce = functools.partial(_say_building, options.compile_cache is not None)
+        return aot_step.compiled_step(step, model, example_inputs, options.compile_cache, announce)
     except Exception as error:  # noqa: BLE001 - any failure of export, the C++ build or loading: a slower path works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fallback = "torch.compile" if options.compile else "eager decoding"
@@ -179,6 +183,13 @@ def _ahead_of_time_step(
             stacklevel=3,
         )
         return None
+
+
+def _say_building(kept: bool, path: Path) -> None:
+    """A compiled step is being built: one line on stderr, so the wait is not silent (how long it takes:
+    docs/BENCHMARKS.md, "One-shot generate.py")."""
+    where = f"saved as {path}; later runs load it" if kept else "kept in this process only (no compile cache)"
+    print(f"compiling the decode step for this model shape ahead of time, once: {where}", file=sys.stderr)
 
 
 CACHE_LENGTH_MULTIPLE = 256  # KV caches are made a multiple of this long, so similar requests share one

@@ -298,14 +298,19 @@ def _saved_step(key: str, folder: str | Path | None) -> CompiledStep | None:
 
 
 def compiled_step(
-    function: Callable, model: nn.Module, example_inputs: Sequence[torch.Tensor], folder: str | Path | None
+    function: Callable,
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    folder: str | Path | None,
+    before_building: Callable[[Path], object] | None = None,
 ) -> CompiledStep:
     """The compiled step of function(model, *inputs) for inputs shaped as `example_inputs`: the one this
     process already has, else the one saved in `folder`, else one built now (export, then AOTInductor: 10-15 s
     on two cores) and saved there (folder None: kept in this process only).
 
     `function` must be a module-level function of (model, *tensors) returning tensors, and the model in eval
-    mode; the example inputs' values do not matter, only their shapes and dtypes.
+    mode; the example inputs' values do not matter, only their shapes and dtypes. `before_building(path)`
+    is called before a build starts, so a command can say why it is waiting.
     """
     key = artifact_key(function, model, example_inputs)
     target = Path(folder) / f"{key}{ARTIFACT_SUFFIX}" if folder is not None else None
@@ -322,6 +327,8 @@ def compiled_step(
     if step is not None:
         return step
     path = target if target is not None else _scratch_folder() / f"{key}{ARTIFACT_SUFFIX}"
+    if before_building is not None:
+        before_building(path)
     _build(function, model, example_inputs, path)
     _LOADED[key] = CompiledStep(path, key)
     return _LOADED[key]
