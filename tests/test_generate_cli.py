@@ -160,7 +160,7 @@ def test_interactive_answers_each_line(checkpoint, library, capsys, monkeypatch,
     prompts = ("the king", "my lord")
     texts = [expected_text(library, prompt, 5, temperature=0) for prompt in prompts]
     if stdin is Terminal:
-        assert out == "".join(text[len(prompt) :] for text, prompt in zip(texts, prompts))
+        assert out == "".join(text[len(prompt) :] for text, prompt in zip(texts, prompts, strict=True))
     else:
         assert out == texts[0] + command.SEPARATOR + "\n" + texts[1]
     assert err.count("> ") == 3  # asked three times; the third read met the end of input
