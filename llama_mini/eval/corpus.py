@@ -39,6 +39,7 @@ vocabulary. Sums are kept in float64.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,11 +47,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from llama_mini.data.split import check_val_fraction, is_small, split_documents, validation_score
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.model.transformer import Transformer
 from llama_mini.tokenizer import Tokenizer
 
-__all__ = ["CorpusScore", "Window", "bits_per_byte", "document_windows"]
+__all__ = ["CorpusScore", "Window", "bits_per_byte", "document_windows", "split_of"]
 
 # Windows gathered before sorting them by length into batches: enough to group similar lengths, few enough
 # that a corpus streams through in bounded memory.
@@ -229,3 +231,33 @@ def negative_log_likelihood(model: Transformer, hidden: torch.Tensor, targets: t
         logits = model.output(hidden[first : first + rows]).float()
         total += F.cross_entropy(logits, targets[first : first + rows], reduction="sum").double().item()
     return total
+
+
+def split_of(documents: Iterable[str], split: str, val_fraction: float, seed: int) -> Iterator[str]:
+    """The documents of one split ("train" or "val") of a corpus, as training splits it with these
+    val_fraction and seed (train.py --val-fraction, --split-seed; llama_mini.data.split), streamed.
+
+    A small corpus is held (at most SMALL_CORPUS_BYTES) and split by `split_documents`, the exact rule,
+    which also cuts a single document in two; past that size a document validates when its score is below
+    val_fraction, decided as it streams past. (The larger corpus's corner cases, in which no document or
+    every document scores below val_fraction, are not followed: they need the whole corpus first.)
+    """
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be train or val, got {split!r}")
+    check_val_fraction(val_fraction)
+    texts = (text for text in documents if text and not text.isspace())
+    held: list[str] = []
+    size = 0
+    for text in texts:
+        held.append(text)
+        size += len(text.encode("utf-8"))
+        if not is_small(size, len(held)):
+            break
+    else:
+        if held:
+            train, val = split_documents(held, val_fraction, seed)
+            yield from val if split == "val" else train
+        return
+    for text in itertools.chain(held, texts):
+        if (validation_score(text.encode("utf-8"), seed) < val_fraction) == (split == "val"):
+            yield text

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,52 +43,17 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from llama_mini.checkpoint import find_tokenizer, resolve_checkpoint
-from llama_mini.errors import CheckpointError, ConfigError
+from llama_mini.errors import ConfigError
+from llama_mini.eval.loading import load_model_and_tokenizer
 from llama_mini.generation import iter_new_tokens
 from llama_mini.model.transformer import Transformer
 from llama_mini.runtime import resolve_device, resolve_dtype
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.tokenizer.chat import render_chat
 
-__all__ = ["DEFAULT_MAX_GEN_TOKS", "LlamaMiniLM", "load_model_and_tokenizer"]
+__all__ = ["DEFAULT_MAX_GEN_TOKS", "LlamaMiniLM"]
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the hf backend: tokens a generate_until request gets unless it says
-
-
-def load_model_and_tokenizer(
-    checkpoint: str | Path,
-    tokenizer: str | Path | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[Transformer, Tokenizer]:
-    """The model of a checkpoint folder (llama_mini, Hugging Face, Meta, or a run folder's best/) and its
-    tokenizer (or `tokenizer`, a tokenizer.model / tokenizer.json file or folder); CheckpointError when the
-    folder does not exist or has no tokenizer."""
-    folder = Path(checkpoint)
-    if not folder.exists():
-        raise CheckpointError(
-            f"checkpoint {folder} does not exist: pass a run folder, a checkpoint folder written by "
-            f"save_pretrained, or a Hugging Face or Meta Llama folder"
-        )
-    folder = Path(resolve_checkpoint(folder))
-    if tokenizer is not None and not Path(tokenizer).exists():
-        raise CheckpointError(f"--tokenizer {tokenizer} does not exist: pass the model's tokenizer.model or .json")
-    path = find_tokenizer(tokenizer if tokenizer is not None else folder)
-    if path is None:
-        where = f"--tokenizer {tokenizer}" if tokenizer is not None else f"checkpoint {folder}"
-        raise CheckpointError(
-            f"{where} has no tokenizer (tokenizer.model or tokenizer.json): pass --tokenizer with the one "
-            f"the model was trained with"
-        )
-    tokens = Tokenizer(path)
-    model = Transformer.from_pretrained(folder, device=device, dtype=dtype)
-    if tokens.vocab_size > model.args.vocab_size:
-        raise CheckpointError(
-            f"the tokenizer has {tokens.vocab_size} pieces but the model only {model.args.vocab_size}: "
-            f"pass the tokenizer the model was trained with (--tokenizer)"
-        )
-    return model, tokens
 
 
 @register_model("llama_mini", "llama-mini")
