@@ -15,7 +15,7 @@ from llama_mini.eval import bits_per_byte
 from llama_mini.eval.corpus import split_of
 from llama_mini.model.transformer import Transformer
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
-from llama_mini.train import Trainer, TrainConfig
+from llama_mini.train import TrainConfig, Trainer
 from tests.test_checkpoint import our_model
 from tests.test_eval_harness import write_tasks
 
@@ -86,7 +86,9 @@ def test_a_run_folders_own_validation_split_reproduces_the_logged_loss_and_bits_
     out, context, val = tiny_run
     manifest = json.loads((out / "data" / "prepared.json").read_text())
     assert manifest["splits"]["val"]["tokens"] == context + 1  # one window: the whole split
-    [logged] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    [logged] = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ]
 
     code, printed, err = run_cli([out, "--output", out / "bpb.json", "--device", "cpu"], capsys)
     assert code == 0, err
@@ -134,7 +136,17 @@ def test_tasks_run_the_harness_and_write_its_results_beside_a_runs_checkpoint(ti
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_tasks(tasks)
-    argv = [out, "--tasks", "tiny_choice", "--include-path", tasks, "--limit", 4, "--output", tmp_path / "r.json"]
+    argv = [
+        out,
+        "--tasks",
+        "tiny_choice",
+        "--include-path",
+        tasks,
+        "--limit",
+        4,
+        "--output",
+        tmp_path / "r.json",
+    ]
     code, printed, err = run_cli(argv, capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "r.json").read_text())
@@ -153,11 +165,20 @@ def test_tasks_run_the_harness_and_write_its_results_beside_a_runs_checkpoint(ti
         (["{checkpoint}", "--data", "{empty}"], "error: the corpus holds no text to score"),
         (["{checkpoint}"], "error: {checkpoint} is not a run folder, so it has no corpus of its own"),
         (["{checkpoint}", "--tasks", "a", "--limit", "0"], "error: --limit must be a number of examples > 0"),
-        (["{checkpoint}", "--tasks", "a", "--data", "x"], "error: pass --data (bits per byte of a corpus) or"),
-        (["{checkpoint}", "--tasks", "a", "--include-path", "/no/dir"], "error: --include-path /no/dir is not a"),
+        (
+            ["{checkpoint}", "--tasks", "a", "--data", "x"],
+            "error: pass --data (bits per byte of a corpus) or",
+        ),
+        (
+            ["{checkpoint}", "--tasks", "a", "--include-path", "/no/dir"],
+            "error: --include-path /no/dir is not a",
+        ),
         (["{bare}", "--data", "{empty}"], "error: checkpoint {bare} has no tokenizer"),
         (["{checkpoint}", "--data", "{empty}", "--stride", "0"], "error: --stride must be between 1 and"),
-        (["{checkpoint}", "--data", "x", "--num-fewshot", "2"], "error: --num-fewshot is a setting of --tasks"),
+        (
+            ["{checkpoint}", "--data", "x", "--num-fewshot", "2"],
+            "error: --num-fewshot is a setting of --tasks",
+        ),
         (["{checkpoint}", "--dat", "x"], "error: unrecognized arguments: --dat x"),
     ],
 )

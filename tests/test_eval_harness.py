@@ -53,7 +53,7 @@ def write_tasks(folder) -> None:
     with open(data / "generate.jsonl", "w") as out:
         for prompt in PROMPTS:
             out.write(json.dumps({"prompt": prompt, "answer": " jumps"}) + "\n")
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (folder / "tiny_choice.yaml").write_text(
         f"task: tiny_choice\n{common}dataset_kwargs:\n  data_files:\n    test: {data / 'choice.jsonl'}\n"
         + textwrap.dedent("""\
@@ -105,7 +105,9 @@ def evaluated(tmp_path_factory, sentencepiece_model):
     folder = tmp_path_factory.mktemp("model")
     tasks = tmp_path_factory.mktemp("tasks")
     # context 32: the first rolling text (about 60 tokens) spans windows; the generations fit
-    our_model(seed=5, max_seq_len=32, vocab_size=64).save_pretrained(folder, tokenizer_path=sentencepiece_model)
+    our_model(seed=5, max_seq_len=32, vocab_size=64).save_pretrained(
+        folder, tokenizer_path=sentencepiece_model
+    )
     write_tasks(tasks)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     common = dict(tasks=TASKS, task_manager=manager, log_samples=True, bootstrap_iters=0)

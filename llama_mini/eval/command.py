@@ -70,7 +70,9 @@ class EvalConfig:
         "for a run folder's own corpus, else all",
     )
     context: int | None = setting(None, "tokens a window reads (none = the model's context)")
-    stride: int | None = setting(None, "new tokens scored by each window after the first (none = context / 2)")
+    stride: int | None = setting(
+        None, "new tokens scored by each window after the first (none = context / 2)"
+    )
     tasks: str | None = setting(
         None, "lm-evaluation-harness tasks, comma-separated: hellaswag,arc_easy,mmlu,... (needs [eval])"
     )
@@ -89,7 +91,9 @@ class EvalConfig:
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.limit is not None and not self.limit > 0:
-            problems.append(f"--limit must be a number of examples > 0 (or a fraction below 1), got {self.limit:g}")
+            problems.append(
+                f"--limit must be a number of examples > 0 (or a fraction below 1), got {self.limit:g}"
+            )
         if self.num_fewshot is not None and self.num_fewshot < 0:
             problems.append(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
         if self.data is not None and self.tasks is not None:
@@ -124,7 +128,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     add_flags(corpus, TrainConfig, only=CORPUS_FLAGS)
     harness = parser.add_argument_group("benchmarks (lm-evaluation-harness)")
-    add_flags(harness, EvalConfig, only=("tasks", "num_fewshot", "limit", "include_path", "apply_chat_template"))
+    add_flags(
+        harness, EvalConfig, only=("tasks", "num_fewshot", "limit", "include_path", "apply_chat_template")
+    )
     both = parser.add_argument_group("both")
     add_flags(both, EvalConfig, only=("batch_size", "tokenizer", "output"))
     add_flags(both, RuntimeSettings)
@@ -201,7 +207,9 @@ def score_corpus(config: EvalConfig, given: dict[str, Any], checkpoint: Path, de
         total_bytes=source.size if settings["split"] == "all" else None,
     )
     which = "" if settings["split"] == "all" else f", {settings['split']} split"
-    print(f"{resolve_checkpoint(checkpoint)} on {settings['data']}{which} (context {context}, stride {stride})")
+    print(
+        f"{resolve_checkpoint(checkpoint)} on {settings['data']}{which} (context {context}, stride {stride})"
+    )
     rows = [
         ("documents", f"{score.documents:,}"),
         ("tokens", f"{score.tokens:,}"),

@@ -134,7 +134,9 @@ class LlamaMiniLM(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer.chat_template if chat_template else None
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The conversation's text in the checkpoint's chat template (llama_mini.tokenizer.chat)."""
         return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
 
@@ -147,7 +149,10 @@ class LlamaMiniLM(TemplateLM):
         longest requests first, batch_size per forward pass."""
         order = sorted(
             range(len(requests)),
-            key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), tuple(requests[i][1] + requests[i][2])),
+            key=lambda i: (
+                -len(requests[i][1]) - len(requests[i][2]),
+                tuple(requests[i][1] + requests[i][2]),
+            ),
         )
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
@@ -168,7 +173,9 @@ class LlamaMiniLM(TemplateLM):
         inputs, counts = [], []
         for context, continuation in zip(contexts, continuations, strict=True):
             if not context or not continuation:
-                raise ConfigError("a loglikelihood request needs a context and a continuation of 1 token or more")
+                raise ConfigError(
+                    "a loglikelihood request needs a context and a continuation of 1 token or more"
+                )
             # The last max_length + 1 tokens; the final one is only a target.
             inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
             counts.append(min(len(continuation), self.max_length))
@@ -183,7 +190,11 @@ class LlamaMiniLM(TemplateLM):
         index = torch.tensor(rows, device=self._device), torch.tensor(positions, device=self._device)
         log_probs = F.log_softmax(self.model.output(hidden[index]).float(), dim=-1)  # (N, V)
         targets = torch.tensor(
-            [t for continuation, count in zip(continuations, counts, strict=True) for t in continuation[-count:]],
+            [
+                t
+                for continuation, count in zip(continuations, counts, strict=True)
+                for t in continuation[-count:]
+            ],
             device=self._device,
         )
         chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
@@ -236,8 +247,8 @@ class LlamaMiniLM(TemplateLM):
             room = self.max_length - max_gen_toks
             if room < 1:
                 raise ConfigError(
-                    f"a task asks for {max_gen_toks} new tokens but the model's context is {self.max_length}: "
-                    f"lower the task's max_gen_toks"
+                    f"a task asks for {max_gen_toks} new tokens but the model's context is "
+                    f"{self.max_length}: lower the task's max_gen_toks"
                 )
             numbers = sorted(numbers, key=lambda n: (-len(encoded[n]), requests[n].args[0]))
             for first in range(0, len(numbers), self.batch_size):

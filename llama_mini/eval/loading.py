@@ -1,4 +1,4 @@
-"""A checkpoint and its tokenizer, loaded for evaluation (by `llama-mini eval` and the harness's model class)."""
+"""A checkpoint and its tokenizer, loaded for evaluation (`llama-mini eval`, the harness's model class)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def load_model_and_tokenizer(
         )
     folder = Path(resolve_checkpoint(folder))
     if tokenizer is not None and not Path(tokenizer).exists():
-        raise CheckpointError(f"--tokenizer {tokenizer} does not exist: pass the model's tokenizer.model or .json")
+        raise CheckpointError(
+            f"--tokenizer {tokenizer} does not exist: pass the model's tokenizer.model or .json"
+        )
     path = find_tokenizer(tokenizer if tokenizer is not None else folder)
     if path is None:
         where = f"--tokenizer {tokenizer}" if tokenizer is not None else f"checkpoint {folder}"
