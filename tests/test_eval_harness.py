@@ -6,6 +6,7 @@ the tests run offline."""
 from __future__ import annotations
 
 import json
+import tempfile
 import textwrap
 
 import pytest
@@ -96,18 +97,31 @@ def write_tasks(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, sentencepiece_model):
-    """Both backends' simple_evaluate results on the same folder and tasks (module scope: run once)."""
+def offline():
+    """No downloads, and the harness's datasets cached in a temporary folder."""
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+    monkeypatch.setenv("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="datasets-"))
+    yield
+    monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, sentencepiece_model):
+    """A tiny perturbed model with context 32 (the first rolling text, about 60 tokens, spans windows; the
+    generations fit), saved with its tokenizer as a Hugging Face folder."""
     folder = tmp_path_factory.mktemp("model")
-    tasks = tmp_path_factory.mktemp("tasks")
-    # context 32: the first rolling text (about 60 tokens) spans windows; the generations fit
     our_model(seed=5, max_seq_len=32, vocab_size=64).save_pretrained(
         folder, tokenizer_path=sentencepiece_model
     )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(offline, folder, tmp_path_factory):
+    """Both backends' simple_evaluate results on the same folder and tasks (module scope: run once)."""
+    tasks = tmp_path_factory.mktemp("tasks")
     write_tasks(tasks)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     common = dict(tasks=TASKS, task_manager=manager, log_samples=True, bootstrap_iters=0)
@@ -115,8 +129,7 @@ def evaluated(tmp_path_factory, sentencepiece_model):
     reference = simple_evaluate(
         model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", batch_size=3, **common
     )
-    yield ours, reference
-    monkeypatch.undo()
+    return ours, reference
 
 
 def responses(result, task):
@@ -155,3 +168,27 @@ def test_generations_equal_the_hf_backends(evaluated):
     ours, reference = (responses(result, "tiny_generate") for result in evaluated)
     assert ours == reference
     assert any(text for [[text]] in ours)  # something was generated
+
+
+def test_bench_eval_times_both_backends_and_finds_their_scores_equal(offline, folder, tmp_path):
+    from bench import eval as bench_eval
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(TEXTS * 3) + " " + " ".join(PROMPTS * 5))
+    argv = ["--checkpoint", folder, "--data", corpus, "--questions", 3, "--context-words", 6]
+    argv += [
+        "--choice-words",
+        3,
+        "--documents",
+        1,
+        "--repeats",
+        1,
+        "--batch-size",
+        2,
+        "--json",
+        tmp_path / "b.json",
+    ]
+    payload = bench_eval.main([str(item) for item in argv])
+    assert [row["backend"] for row in payload["rows"]] == ["llama_mini", "hf"]
+    assert payload["agree"] and all(row["seconds"] > 0 for row in payload["rows"])
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["speed vs hf"] == pytest.approx(1.0)
