@@ -192,3 +192,15 @@ def test_bench_eval_times_both_backends_and_finds_their_scores_equal(offline, fo
     assert [row["backend"] for row in payload["rows"]] == ["llama_mini", "hf"]
     assert payload["agree"] and all(row["seconds"] > 0 for row in payload["rows"])
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["speed vs hf"] == pytest.approx(1.0)
+
+
+def test_the_model_class_is_registered_and_built_from_an_argument_string(folder):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("llama_mini") is LlamaMiniLM
+    lm = get_model("llama_mini").create_from_arg_string(
+        f"pretrained={folder},dtype=fp32,device=cpu", {"batch_size": 4, "device": None}
+    )
+    assert (lm.batch_size, lm.max_length, lm.prefix_token_id, lm.eot_token_id) == (4, 32, 1, 2)
+    assert lm.tok_encode("the lazy dog")[0] == 1  # bos first, as the tokenizer adds it
+    assert lm.tok_encode("<s>the lazy dog") == lm.tok_encode("the lazy dog")  # its text read as bos
