@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_mini.eval.command import EvalConfig
 from llama_mini.generation.sampling import SamplingConfig
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Attention, Transformer
@@ -106,7 +107,7 @@ def test_import_llama_mini_loads_no_triton_and_no_training_stack():
     assert result.stdout.strip() == "[]"
 
 
-SETTINGS_CLASSES = [ModelArgs, TrainConfig, SamplingConfig, RuntimeSettings, AblationConfig]
+SETTINGS_CLASSES = [ModelArgs, TrainConfig, SamplingConfig, RuntimeSettings, AblationConfig, EvalConfig]
 
 
 @pytest.mark.parametrize("cls", SETTINGS_CLASSES, ids=lambda cls: cls.__name__)
