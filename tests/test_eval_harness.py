@@ -20,6 +20,7 @@ pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.mode
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from llama_mini.errors import ConfigError  # noqa: E402
 from llama_mini.eval.harness import LlamaMiniLM  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
@@ -204,3 +205,5 @@ def test_the_model_class_is_registered_and_built_from_an_argument_string(folder)
     assert (lm.batch_size, lm.max_length, lm.prefix_token_id, lm.eot_token_id) == (4, 32, 1, 2)
     assert lm.tok_encode("the lazy dog")[0] == 1  # bos first, as the tokenizer adds it
     assert lm.tok_encode("<s>the lazy dog") == lm.tok_encode("the lazy dog")  # its text read as bos
+    with pytest.raises(ConfigError, match="LlamaMiniLM has no setting 'batchsize'"):
+        get_model("llama_mini").create_from_arg_string(f"pretrained={folder},batchsize=4")

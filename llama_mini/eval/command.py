@@ -158,25 +158,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def corpus_settings(config: EvalConfig, given: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
-    """data, split and the corpus flags: the flags given, then (for a run folder's own corpus) the run's
-    config.toml, then train.py's defaults."""
+    """data, split and the corpus flags: the flags given, then a run folder's config.toml (its corpus, its
+    split's fraction and seed), then train.py's defaults."""
     from llama_mini.train.config import TrainConfig, read_run_config
 
-    defaults = {name: getattr(TrainConfig(), name) for name in CORPUS_FLAGS}
-    is_run = describe_resolution(checkpoint) is not None and (checkpoint / RUN_CONFIG).is_file()
-    data, split = config.data, config.split
-    if data is None:
-        if not is_run:
-            raise ConfigError(
-                f"{checkpoint} is not a run folder, so it has no corpus of its own: pass --data SOURCE "
-                f"(bits per byte) or --tasks NAMES (benchmarks)"
-            )
+    defaults = {"data": None, **{name: getattr(TrainConfig(), name) for name in CORPUS_FLAGS}}
+    if describe_resolution(checkpoint) is not None and (checkpoint / RUN_CONFIG).is_file():
         train, _ = read_run_config(checkpoint / RUN_CONFIG)
-        data = str(train.get("data", TrainConfig().data))
-        defaults.update({name: train[name] for name in CORPUS_FLAGS if name in train})
-        split = "val" if split == "auto" else split
+        defaults.update({name: train[name] for name in ("data", *CORPUS_FLAGS) if name in train})
+    elif config.data is None:
+        raise ConfigError(
+            f"{checkpoint} is not a run folder, so it has no corpus of its own: pass --data SOURCE "
+            f"(bits per byte) or --tasks NAMES (benchmarks)"
+        )
+    split = config.split
+    if split == "auto":
+        split = "val" if config.data is None else "all"  # a run's own corpus: the text it did not train on
     settings = {name: given.get(name, defaults[name]) for name in CORPUS_FLAGS}
-    return {"data": data, "split": "all" if split == "auto" else split, **settings}
+    return {"data": config.data or str(defaults["data"]), "split": split, **settings}
 
 
 def score_corpus(config: EvalConfig, given: dict[str, Any], checkpoint: Path, device, dtype) -> int:

@@ -31,8 +31,10 @@ as every row has reached a stop string, its eos or max_gen_toks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +56,8 @@ from llama_mini.tokenizer.chat import render_chat
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "LlamaMiniLM"]
 
 DEFAULT_MAX_GEN_TOKS = 256  # as the hf backend: tokens a generate_until request gets unless it says
+# What simple_evaluate passes every model class besides its model_args; the class has no use for them.
+HARNESS_SETTINGS = {"max_batch_size"}
 
 
 @register_model("llama_mini", "llama-mini")
@@ -76,9 +80,15 @@ class LlamaMiniLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         model: Transformer | None = None,
-        **unused: Any,
+        **harness_settings: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(harness_settings) - HARNESS_SETTINGS)
+        if unknown:  # a misspelt model_args key must not be ignored quietly
+            raise ConfigError(
+                f"LlamaMiniLM has no setting {unknown[0]!r}: use pretrained, tokenizer, device, dtype, "
+                f"batch_size, max_length or max_gen_toks"
+            )
         if model is not None:
             if not isinstance(tokenizer, Tokenizer):
                 raise ConfigError("LlamaMiniLM(model=...) needs tokenizer=, a llama_mini Tokenizer")
@@ -253,7 +263,9 @@ class LlamaMiniLM(TemplateLM):
             numbers = sorted(numbers, key=lambda n: (-len(encoded[n]), requests[n].args[0]))
             for first in range(0, len(numbers), self.batch_size):
                 batch = numbers[first : first + self.batch_size]
-                texts = self._generate([encoded[n][-room:] for n in batch], until, max_gen_toks, kwargs)
+                # an empty prompt (no text, no bos) starts from the prefix token, as loglikelihood does
+                prompts = [encoded[n][-room:] or [self.prefix_token_id] for n in batch]
+                texts = self._generate(prompts, until, max_gen_toks, kwargs)
                 for n, text in zip(batch, texts, strict=True):
                     results[n] = text
                     self.cache_hook.add_partial("generate_until", requests[n].args, text)
@@ -276,21 +288,28 @@ class LlamaMiniLM(TemplateLM):
         stop_ids = set(self.tokenizer.eos_ids)
         new_ids: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        tokens = iter_new_tokens(self.model, prompts, max_gen_toks, **sampling)
-        for row, token_id in tokens:
-            if done[row]:
-                continue
-            if token_id in stop_ids:
-                done[row] = True
-            else:
-                new_ids[row].append(token_id)
-                done[row] = len(new_ids[row]) == max_gen_toks or any(
-                    stop and stop in self.tokenizer.decode(new_ids[row]) for stop in until
-                )
-            if all(done):
-                tokens.close()
-                break
+        # The loop stops (and frees its KV cache) as soon as every row is done, not at max_gen_toks.
+        with contextlib.closing(
+            _generator(iter_new_tokens(self.model, prompts, max_gen_toks, **sampling))
+        ) as tokens:
+            for row, token_id in tokens:
+                if done[row]:
+                    continue
+                if token_id in stop_ids:
+                    done[row] = True
+                else:
+                    new_ids[row].append(token_id)
+                    done[row] = len(new_ids[row]) == max_gen_toks or any(
+                        stop and stop in self.tokenizer.decode(new_ids[row]) for stop in until
+                    )
+                if all(done):
+                    break
         return [
             postprocess_generated_text(self.tokenizer.decode(ids), until, think_end_token=None)
             for ids in new_ids
         ]
+
+
+def _generator(tokens: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """`tokens` as a generator, which contextlib.closing can close (an empty request is a plain iterator)."""
+    yield from tokens
