@@ -23,7 +23,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from llama_mini.errors import ConfigError  # noqa: E402
 from llama_mini.eval.harness import LlamaMiniLM  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.numerics]
+pytestmark = pytest.mark.slow
 
 TASKS = ["tiny_choice", "tiny_rolling", "tiny_generate"]
 
