@@ -22,14 +22,14 @@ it; stride = context scores disjoint windows (cheapest), stride = 1 gives every 
     nats_per_token = nats / tokens           perplexity = exp(nats_per_token)
     bits_per_byte  = nats / ln 2 / bytes     bytes: the UTF-8 bytes of the documents' text
 
-Bits per byte compares models with different tokenizers (docs: /work/shared/REFERENCES.md's formula); the
+Bits per byte compares models with different tokenizers (lm-evaluation-harness reports it the same way); the
 eos of each document is scored, as in training, since knowing where a text ends is part of its cost.
 
 Training's logged val_bpb is another estimate of the same quantity: the mean loss over random windows of
 the validation split's token stream, times the split's tokens per byte. On the same window the two have the
 same loss per token; the stream also counts each document's bos (a target after the previous document's
 eos), so its tokens per byte has one more token per document than the targets scored here
-(tests/test_eval_corpus.py shows both).
+(tests/test_eval_command.py shows both).
 
 Windows are batched: sorted by length, right-padded (causal attention keeps the padding from being read by
 real positions) and run through the model's hidden states; the output layer and a float32 log-softmax run
