@@ -24,6 +24,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "train": ("llama_mini.train.command", "train a model on a corpus (the default: Shakespeare)"),
     "generate": ("llama_mini.generation.command", "generate text with a checkpoint"),
+    "eval": ("llama_mini.eval.command", "bits per byte on any corpus, or lm-evaluation-harness benchmarks"),
     "serve": ("llama_mini.serve.command", "serve a checkpoint: OpenAI-compatible API and a chat page"),
     "convert": ("llama_mini.convert", "convert a checkpoint (Meta, Hugging Face, llama_mini) or export GGUF"),
     "inspect": (

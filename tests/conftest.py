@@ -16,6 +16,9 @@ import pytest
 NUMERICAL_MODULES = {
     "test_checkpoint.py",
     "test_convert.py",
+    "test_eval_command.py",
+    "test_eval_corpus.py",
+    "test_eval_harness.py",
     "test_fast_paths.py",
     "test_ffn.py",
     "test_generation.py",

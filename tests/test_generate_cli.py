@@ -183,8 +183,14 @@ def test_compile_saves_a_step_that_later_runs_load_and_prints_the_same_text(
 ):
     flags = ["--checkpoint", checkpoint, "--prompt", "the king", "--temperature", "0", "--max-new-tokens", 12]
     expected = expected_text(library, "the king", 12, temperature=0)
-    assert run(capsys, *flags, "--compile") == (0, expected, "")
+    code, out, err = run(capsys, *flags, "--compile")
+    assert (code, out) == (0, expected)
     assert len(list(compile_cache.glob("*.pt2"))) == 1  # built once, into the default compile cache
+    built = next(compile_cache.glob("*.pt2"))
+    assert (
+        err
+        == f"compiling the decode step for this model shape ahead of time, once: saved as {built}; later runs load it\n"
+    )
     monkeypatch.setattr(aot_step, "_LOADED", {})  # as in a new process: the step is on disk only
     monkeypatch.setattr(aot_step, "_build", lambda *args: pytest.fail("rebuilt a saved step"))
     runs = []

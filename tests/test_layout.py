@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_mini.eval.command import EvalConfig
 from llama_mini.generation.sampling import SamplingConfig
 from llama_mini.generation.steps import DecodeOptions
 from llama_mini.model.args import ModelArgs
@@ -156,7 +157,15 @@ def test_import_llama_mini_loads_no_triton_and_no_training_stack():
     assert result.stdout.strip() == "[]"
 
 
-SETTINGS_CLASSES = [ModelArgs, TrainConfig, SamplingConfig, DecodeOptions, RuntimeSettings, AblationConfig]
+SETTINGS_CLASSES = [
+    ModelArgs,
+    TrainConfig,
+    SamplingConfig,
+    DecodeOptions,
+    RuntimeSettings,
+    AblationConfig,
+    EvalConfig,
+]
 
 
 @pytest.mark.parametrize("cls", SETTINGS_CLASSES, ids=lambda cls: cls.__name__)

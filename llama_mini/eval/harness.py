@@ -1,0 +1,315 @@
+"""llama_mini models in lm-evaluation-harness: the `LM` class the harness calls, registered as "llama_mini".
+
+    from lm_eval import simple_evaluate
+    lm = LlamaMiniLM("out/demo", batch_size=16)               # or model="llama_mini",
+    results = simple_evaluate(lm, tasks=["hellaswag"])        #    model_args="pretrained=out/demo"
+
+The harness owns tasks, prompts and metrics; a model answers three kinds of request (lm_eval.api.model.LM):
+
+    loglikelihood(context, continuation)   ln p(continuation | context) summed over its tokens, and whether
+                                           greedy decoding would have produced it
+    loglikelihood_rolling(text)            ln p(text) from the prefix token alone, in disjoint windows of
+                                           the context (lm_eval.utils.get_rolling_token_windows)
+    generate_until(context, gen_kwargs)    a continuation, greedy unless do_sample, cut at the first stop
+                                           string of `until` (or the eos token), at most max_gen_toks tokens
+
+Tokens follow the harness's own Hugging Face backend (`lm_eval --model hf`, lm_eval.models.huggingface)
+on the same folder, so that the two give the same numbers (tests/test_eval_harness.py): a text is encoded
+with bos when the tokenizer adds one (unless it starts with the bos token's text), special tokens' text
+is read as those tokens, a (context, continuation) pair is encoded whole and split at the context's length
+(TemplateLM._encode_pair), an empty context is the prefix token (bos, else eos), and a pair longer than
+the context keeps its last max_length + 1 tokens. (One consequence, the hf backend's too: a rolling
+request's tokens start with bos, after the bos prefix, so ln p(bos | bos) is part of its sum.)
+
+What differs is the work: requests are sorted by length (longest first) and batched, right-padded (causal
+attention keeps real positions from reading the padding); one forward pass per batch computes the hidden
+states, and the output layer and a float32 log-softmax run only at the continuation's positions, not at
+every position of every row. Rolling windows of all requests are batched together. Generation uses
+llama_mini's KV-cached decode loop over the batch (llama_mini.generation.iter_new_tokens), stopped as soon
+as every row has reached a stop string, its eos or max_gen_toks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from llama_mini.errors import ConfigError
+from llama_mini.eval.loading import load_model_and_tokenizer
+from llama_mini.generation import iter_new_tokens
+from llama_mini.model.transformer import Transformer
+from llama_mini.runtime import resolve_device, resolve_dtype
+from llama_mini.tokenizer import Tokenizer
+from llama_mini.tokenizer.chat import render_chat
+
+__all__ = ["DEFAULT_MAX_GEN_TOKS", "LlamaMiniLM"]
+
+DEFAULT_MAX_GEN_TOKS = 256  # as the hf backend: tokens a generate_until request gets unless it says
+# What simple_evaluate passes every model class besides its model_args; the class has no use for them.
+HARNESS_SETTINGS = {"max_batch_size"}
+
+
+@register_model("llama_mini", "llama-mini")
+class LlamaMiniLM(TemplateLM):
+    """A llama_mini Transformer and Tokenizer answering the harness's requests (module docstring).
+
+    pretrained: a checkpoint folder (anything `load_model` reads, or a run folder), or
+        pass `model` and `tokenizer` objects instead. device, dtype: as llama_mini's --device / --dtype
+        ("auto": CUDA if present, float32 on a CPU). batch_size: requests per forward pass. max_length:
+        the context the harness truncates to (default: the model's max_seq_len).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tokenizer: str | Tokenizer | None = None,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
+        batch_size: int | str = 1,
+        max_length: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        model: Transformer | None = None,
+        **harness_settings: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(harness_settings) - HARNESS_SETTINGS)
+        if unknown:  # a misspelt model_args key must not be ignored quietly
+            raise ConfigError(
+                f"LlamaMiniLM has no setting {unknown[0]!r}: use pretrained, tokenizer, device, dtype, "
+                f"batch_size, max_length or max_gen_toks"
+            )
+        if model is not None:
+            if not isinstance(tokenizer, Tokenizer):
+                raise ConfigError("LlamaMiniLM(model=...) needs tokenizer=, a llama_mini Tokenizer")
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            if pretrained is None:
+                raise ConfigError("LlamaMiniLM needs pretrained=CHECKPOINT (or model= and tokenizer=)")
+            resolved = resolve_device(device or "auto")
+            self.model, self.tokenizer = load_model_and_tokenizer(
+                pretrained, tokenizer, resolved, resolve_dtype(dtype or "auto", resolved)
+            )
+        self.model.eval()
+        self._device = self.model.tok_embeddings.weight.device
+        if str(batch_size).startswith("auto"):
+            batch_size = 1  # no search for the largest batch: pass a number
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.max_length = int(max_length or self.model.args.max_seq_len)
+        self.max_gen_toks = int(max_gen_toks)
+
+    # ------------------------------------------------------------------------------- tokens
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is: bos, else eos (as the hf backend)."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else self.tokenizer.eos_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.model_path).replace("/", "__")
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **_
+    ) -> list[int]:
+        """Token ids of `string`: with bos when the tokenizer adds one and add_special_tokens is not False
+        (None: unless the string already starts with the bos token's text)."""
+        if add_special_tokens is None:
+            bos_text = self.tokenizer.bos_token
+            add_special_tokens = not (bos_text and string.startswith(bos_text))
+        ids = self.tokenizer.encode(
+            string, bos=add_special_tokens and self.tokenizer.add_bos, parse_special=True
+        )
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation's text in the checkpoint's chat template (llama_mini.tokenizer.chat)."""
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------------------- log-likelihoods
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **_
+    ) -> list[tuple[float, bool]]:
+        """(key, context ids, continuation ids) -> (ln p(continuation | context), is it the greedy one),
+        longest requests first, batch_size per forward pass."""
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: (
+                -len(requests[i][1]) - len(requests[i][2]),
+                tuple(requests[i][1] + requests[i][2]),
+            ),
+        )
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
+        for first in range(0, len(order), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            scores = self._score([requests[i][1] for i in batch], [requests[i][2] for i in batch])
+            for i, score in zip(batch, scores, strict=True):
+                results[i] = score
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+            bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """One forward pass for a batch of (context, continuation) ids."""
+        inputs, counts = [], []
+        for context, continuation in zip(contexts, continuations, strict=True):
+            if not context or not continuation:
+                raise ConfigError(
+                    "a loglikelihood request needs a context and a continuation of 1 token or more"
+                )
+            # The last max_length + 1 tokens; the final one is only a target.
+            inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
+            counts.append(min(len(continuation), self.max_length))
+        longest = max(map(len, inputs))
+        tokens = torch.zeros((len(inputs), longest), dtype=torch.long)
+        rows, positions = [], []
+        for row, (ids, count) in enumerate(zip(inputs, counts, strict=True)):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+            rows += [row] * count
+            positions += range(len(ids) - count, len(ids))
+        hidden = self.model.hidden_states(tokens.to(self._device))
+        index = torch.tensor(rows, device=self._device), torch.tensor(positions, device=self._device)
+        log_probs = F.log_softmax(self.model.output(hidden[index]).float(), dim=-1)  # (N, V)
+        targets = torch.tensor(
+            [
+                t
+                for continuation, count in zip(continuations, counts, strict=True)
+                for t in continuation[-count:]
+            ],
+            device=self._device,
+        )
+        chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
+        greedy = log_probs.argmax(dim=-1) == targets
+        scores, first = [], 0
+        for count in counts:
+            span = slice(first, first + count)
+            scores.append((float(chosen[span].sum()), bool(greedy[span].all())))
+            first += count
+        return scores
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """ln p(text) of each request, its windows scored with those of every other request in batches."""
+        windows, owners = [], []
+        for number, (text,) in enumerate(request.args for request in requests):
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, context, continuation))
+                owners.append(number)
+        totals = [0.0] * len(requests)
+        for owner, (log_probability, _) in zip(
+            owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm), strict=True
+        ):
+            totals[owner] += log_probability
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ------------------------------------------------------------------------------- generation
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Each request's continuation, in batches of requests with the same gen_kwargs, longest first."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for number, request in enumerate(requests):
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(number)
+        results: list[str | None] = [None] * len(requests)
+        encoded = [self.tok_encode(request.args[0]) for request in requests]
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until requests")
+        for numbers in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer.eos_token)
+            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            room = self.max_length - max_gen_toks
+            if room < 1:
+                raise ConfigError(
+                    f"a task asks for {max_gen_toks} new tokens but the model's context is "
+                    f"{self.max_length}: lower the task's max_gen_toks"
+                )
+            numbers = sorted(numbers, key=lambda n: (-len(encoded[n]), requests[n].args[0]))
+            for first in range(0, len(numbers), self.batch_size):
+                batch = numbers[first : first + self.batch_size]
+                # an empty prompt (no text, no bos) starts from the prefix token, as loglikelihood does
+                prompts = [encoded[n][-room:] or [self.prefix_token_id] for n in batch]
+                texts = self._generate(prompts, until, max_gen_toks, kwargs)
+                for n, text in zip(batch, texts, strict=True):
+                    results[n] = text
+                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate(
+        self, prompts: list[list[int]], until: list[str], max_gen_toks: int, kwargs: dict[str, Any]
+    ) -> list[str]:
+        """Greedy (or, with do_sample, sampled) continuations of a batch, cut at the first stop string."""
+        sampling: dict[str, Any] = {"temperature": 0.0, "eos_id": None}  # eos is one of our stop checks
+        if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) > 0:
+            sampling = {
+                "temperature": float(kwargs.get("temperature", 1.0)),
+                "top_p": kwargs.get("top_p"),
+                "top_k": kwargs.get("top_k"),
+                "eos_id": None,
+            }
+        stop_ids = set(self.tokenizer.eos_ids)
+        new_ids: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        # The loop stops (and frees its KV cache) as soon as every row is done, not at max_gen_toks.
+        with contextlib.closing(
+            _generator(iter_new_tokens(self.model, prompts, max_gen_toks, **sampling))
+        ) as tokens:
+            for row, token_id in tokens:
+                if done[row]:
+                    continue
+                if token_id in stop_ids:
+                    done[row] = True
+                else:
+                    new_ids[row].append(token_id)
+                    done[row] = len(new_ids[row]) == max_gen_toks or any(
+                        stop and stop in self.tokenizer.decode(new_ids[row]) for stop in until
+                    )
+                if all(done):
+                    break
+        return [
+            postprocess_generated_text(self.tokenizer.decode(ids), until, think_end_token=None)
+            for ids in new_ids
+        ]
+
+
+def _generator(tokens: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """`tokens` as a generator, which contextlib.closing can close (an empty request is a plain iterator)."""
+    yield from tokens
