@@ -210,7 +210,8 @@ def add_flags(
     Flags not given stay out of the parsed namespace (argparse.SUPPRESS), so callers can tell an explicit
     choice from a default. `defaults` (an instance of `cls`) supplies the defaults shown in the help;
     `only` / `exclude` pick the fields. bool settings get --x / --no-x; `X | None` settings accept "none";
-    list settings take one or more values; settings with no command-line form (dicts) are skipped.
+    list settings take one or more values, and their flag may be repeated; settings with no command-line
+    form (dicts) are skipped.
     """
     defaults = defaults if defaults is not None else cls()
     wanted = set(only) if only is not None else None
@@ -232,7 +233,8 @@ def add_flags(
             continue
         allowed = choices(cls, field.name)
         if typing.get_origin(kind) is list:
-            options.update(nargs="+", type=_parser_for(typing.get_args(kind)[0]))
+            # one or more values, and the flag may be repeated: `--x a b` and `--x a --x b` give [a, b]
+            options.update(nargs="+", action="extend", type=_parser_for(typing.get_args(kind)[0]))
         else:
             parse = _parser_for(kind)
             if parse is None:

@@ -9,4 +9,7 @@ harness.py imports lm_eval, an optional extra, so it is not imported here.
 
 from llama_mini.eval.corpus import CorpusScore, bits_per_byte, document_windows
 
-__all__ = ["CorpusScore", "bits_per_byte", "document_windows"]
+__all__ = ["INSTALL_EVAL", "CorpusScore", "bits_per_byte", "document_windows"]
+
+# What fixes a missing lm-eval, for every message that needs it (llama-mini eval --tasks, train --eval-tasks).
+INSTALL_EVAL = "pip install 'llama_mini[eval]' (or pip install lm-eval)"

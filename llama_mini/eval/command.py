@@ -41,6 +41,7 @@ from typing import Any, Literal
 from llama_mini.checkpoint import describe_resolution, resolve_checkpoint
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import ConfigError
+from llama_mini.eval import INSTALL_EVAL
 from llama_mini.eval.corpus import bits_per_byte, split_of
 from llama_mini.eval.loading import load_model_and_tokenizer
 from llama_mini.files import atomic_write
@@ -52,7 +53,6 @@ __all__ = ["EvalConfig", "build_parser", "main", "run"]
 RUN_CONFIG = "config.toml"  # a run folder's resolved settings (llama_mini.train.run_folder)
 # The settings of a corpus that train.py declares (TrainConfig): the same flags here.
 CORPUS_FLAGS = ("text_field", "data_split", "val_fraction", "split_seed")
-INSTALL_EVAL = "pip install 'llama_mini[eval]' (or pip install lm-eval)"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
                the flags it may change on top; a new fine-tuning run's shape and tokenizer from --init-from
     place      the torchrun process group, the device, the dtype, single process / DDP / FSDP
     checks     everything that can be refused before the slow work (the tokenizer, the data)
-    data       the tokenizer and the token shards (data_feed.py), then the model's shape
+    data       the tokenizer and the token shards (data_feed.py), the model's shape, --eval-data's corpora
     model      random, --init-from's, or LoRA's frozen base with adapters; the fast paths and parallelism
                applied to it (ops/fast_paths.py, parallel.py); the optimizer of its trainable parameters
 
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_mini.errors import ConfigError
+from llama_mini.data.sources import open_source
+from llama_mini.errors import ConfigError, DataError
 from llama_mini.files import check_output_path
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
@@ -34,6 +35,7 @@ from llama_mini.runtime import Distributed, resolve_device, resolve_dtype, setup
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.train.config import TrainConfig, model_args_for, resumed_settings
 from llama_mini.train.data_feed import prepare_shards, prepare_tokenizer
+from llama_mini.train.held_out import HeldOutCorpus, read_held_out
 from llama_mini.train.initial_model import (
     LORA_BASE,
     build_model,
@@ -72,6 +74,7 @@ class Run:
     tokenizer: Tokenizer
     train_data: Any  # TokenSplit
     val_data: Any
+    held_out: list[HeldOutCorpus]  # --eval-data's corpora
     model_args: ModelArgs
     fast_paths: FastPaths
     raw_model: Transformer  # what is saved and loaded
@@ -108,6 +111,10 @@ def build_run(
     vocab_size = settings.model_overrides["vocab_size"] if config.init_from else tokenizer.vocab_size
     model_args = model_args_for(config, settings.model_overrides, vocab_size)
     check_data_fits_the_context(model_args, train_data, val_data)
+    # held-out corpora (--eval-data): as many tokens of each as one evaluation of the run's own split reads
+    held_out = read_held_out(
+        config, tokenizer, config.eval_steps * config.batch_size * model_args.max_seq_len
+    )
 
     fast_paths = choose_fast_paths(
         device,
@@ -129,8 +136,8 @@ def build_run(
         loss_module = training_module(raw_model, fast_paths, config.activation_checkpointing)
     optimizer = make_optimizer(raw_model, config, fast_paths.fused_adamw)
     return Run(
-        settings, run_folder, dist, device, dtype, parallel, tokenizer, train_data, val_data, model_args,
-        fast_paths, raw_model, loss_module, optimizer,
+        settings, run_folder, dist, device, dtype, parallel, tokenizer, train_data, val_data, held_out,
+        model_args, fast_paths, raw_model, loss_module, optimizer,
     )  # fmt: skip
 
 
@@ -206,6 +213,11 @@ def check_before_slow_work(
             f"{run_folder.out} already holds checkpoints of a run: pass --resume to continue it, "
             "or choose a new --out"
         )
+    for spec in config.eval_data:  # a held-out corpus that cannot be read is refused now, not after the data
+        try:
+            open_source(spec, text_field=config.text_field, data_split=config.data_split, chat=False)
+        except DataError as error:
+            raise DataError(f"--eval-data: {str(error).replace('--data', '--eval-data')}") from None
     # The shape's own checks, with a stand-in vocabulary (the real one is the tokenizer's, known later).
     model_args_for(config, settings.model_overrides, vocab_size=config.vocab_size or 1)
 

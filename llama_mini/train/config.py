@@ -132,6 +132,18 @@ class TrainConfig:
         "saved, so a run shorter than this still leaves best/",
     )
     eval_steps: int = setting(20, "validation batches per evaluation")
+    eval_data: list[str] = setting(
+        factory=list,
+        help="held-out corpora (any --data source; repeatable) scored at every evaluation, logged as "
+        "val_bpb/NAME beside val_bpb: the first documents of each, up to an evaluation's tokens "
+        "(eval steps x batch size x max seq len), every token once (llama-mini eval's bits per byte)",
+    )
+    eval_tasks: str | None = setting(
+        None,
+        "lm-evaluation-harness tasks (comma-separated) run at every evaluation, logged as "
+        "eval/TASK/METRIC; skipped with one line when lm-eval is not installed",
+    )
+    eval_tasks_limit: int | None = setting(None, "examples per harness task at each evaluation (none = all)")
     log_interval: int = setting(10, "steps between lines of metrics.jsonl and progress updates")
     keep_last: int = setting(2, "step checkpoints to keep (besides best/)")
     seed: int = setting(1337, "seeds the weights and the data order")
@@ -197,6 +209,10 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit < 1:
+            problems.append(
+                f"--eval-tasks-limit must be at least 1 (or none for all), got {self.eval_tasks_limit}"
+            )
         if self.data_workers is not None and self.data_workers < 1:
             problems.append(
                 f"--data-workers must be at least 1 (or none for every core), got {self.data_workers}"

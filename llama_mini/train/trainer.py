@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -51,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llama_mini.checkpoint import assign_weights, load_model, save_pretrained
 from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, merged_model, save_adapter
 from llama_mini.errors import LlamaMiniError
+from llama_mini.eval import INSTALL_EVAL
 from llama_mini.generation import SamplingConfig, generate
 from llama_mini.model.sizes import training_flops_per_token
 from llama_mini.model.transformer import Transformer
@@ -61,6 +63,7 @@ from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
 from llama_mini.train.build import build_run
 from llama_mini.train.config import TrainConfig, write_run_config
 from llama_mini.train.data_feed import batches
+from llama_mini.train.held_out import run_harness_tasks, score_held_out
 from llama_mini.train.initial_model import LORA_BASE, skeleton
 from llama_mini.train.optim import learning_rate
 from llama_mini.train.parallel import gather_full_state_dict, replicate, unsharded
@@ -144,7 +147,7 @@ class Trainer:
         self.device, self.dtype = parts.device, parts.dtype
         self.resume_from, self.init_folder = parts.settings.resume_from, parts.settings.init_folder
         self.lora, self.tokenizer = parts.settings.lora, parts.tokenizer
-        self.train_data, self.val_data = parts.train_data, parts.val_data
+        self.train_data, self.val_data, self.held_out = parts.train_data, parts.val_data, parts.held_out
         self.fast_paths, self.optimizer = parts.fast_paths, parts.optimizer
         self.raw_model, self.loss_module = parts.raw_model, parts.loss_module
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step.
@@ -167,6 +170,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.config.peak_tflops)
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
+        self.warned_no_harness = False
 
     @property
     def out(self) -> Path:
@@ -209,9 +213,14 @@ class Trainer:
                     metrics.write(
                         {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
                     )
+                    held_out = "".join(
+                        f", {name.removeprefix('val_bpb/')} {value:.4f}"
+                        for name, value in evaluation.items()
+                        if name.startswith("val_bpb/")
+                    )
                     progress.write(
                         f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                        f"{evaluation['val_bpb']:.4f} bits/byte"
+                        f"{evaluation['val_bpb']:.4f} bits/byte{held_out}"
                     )
                     self.save_checkpoint(evaluation["val_loss"], train_loss)
                     window_start += time.perf_counter() - eval_started  # tokens/s measures training only
@@ -265,7 +274,33 @@ class Trainer:
         val_loss = self.dist.mean(total / self.config.eval_steps, self.device)
         meta = self.val_data.meta
         # tokens per byte of the text the loss averages over (chat data: the assistant replies only)
-        return {"val_loss": val_loss, "val_bpb": val_loss * meta.loss_tokens_per_byte / math.log(2)}
+        results = {"val_loss": val_loss, "val_bpb": val_loss * meta.loss_tokens_per_byte / math.log(2)}
+        return {**results, **self._evaluate_beyond_the_split()}
+
+    def _evaluate_beyond_the_split(self) -> dict[str, float]:
+        """--eval-data's held-out corpora (every process: under FSDP each holds a piece of every layer) and
+        --eval-tasks' harness tasks (the main process, not under FSDP), on the model as it is now."""
+        results: dict[str, float] = {}
+        config, model = self.config, self.raw_model
+        if self.held_out:
+            model.eval()
+            with unsharded(self.loss_module), autocast(self.device, self.dtype):
+                results |= score_held_out(
+                    model, self.tokenizer, self.held_out, config.batch_size, self.device
+                )
+        if config.eval_tasks and self.dist.is_main and self.parallel != "fsdp":
+            model.eval()
+            with autocast(self.device, self.dtype):
+                scores = run_harness_tasks(
+                    model, self.tokenizer, config.eval_tasks, config.eval_tasks_limit, config.batch_size
+                )
+            if scores is None and not self.warned_no_harness:
+                self.warned_no_harness = True
+                print(
+                    f"note: --eval-tasks skipped: lm-eval is not installed ({INSTALL_EVAL})", file=sys.stderr
+                )
+            results |= scores or {}
+        return results
 
     def _batches(self, shard, step: int, count: int, stream: int):
         seq_len = self.model_args.max_seq_len
