@@ -29,6 +29,7 @@ from llama_mini.checkpoint import (
     to_hf_state_dict,
 )
 from llama_mini.errors import CheckpointError
+from llama_mini.generation import SamplingConfig
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import GATED_FEED_FORWARDS
 from llama_mini.model.presets import get_preset
@@ -496,17 +497,24 @@ def test_save_leaves_other_files_alone_and_overwrites_its_own(tmp_path):
     assert torch.equal(load_model(tmp_path).output.weight, second.output.weight)
 
 
-def test_generation_config_has_token_ids_and_sampling_defaults(tmp_path):
-    save_pretrained(our_model(), tmp_path)
-    generation = json.loads((tmp_path / "generation_config.json").read_text())
+def test_generation_config_has_token_ids_and_the_sampling_defaults_it_is_given(tmp_path):
+    """The sampling defaults have one home, SamplingConfig: the trainer and convert pass it; without it the
+    folder asks transformers' generate for greedy decoding."""
+    save_pretrained(our_model(), tmp_path / "greedy")
+    generation = json.loads((tmp_path / "greedy" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "max_length": 64}
+    defaults = SamplingConfig()
+    save_pretrained(our_model(), tmp_path / "sampled", sampling=defaults)
+    generation = json.loads((tmp_path / "sampled" / "generation_config.json").read_text())
     assert generation == {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "do_sample": True,
-        "temperature": 0.6,
-        "top_p": 0.9,
+        "temperature": defaults.temperature,
+        "top_p": defaults.top_p,
         "max_length": 64,
     }
+    assert (defaults.temperature, defaults.top_p) == (0.8, 0.9)
 
 
 # ---------------------------------------------------------------------------------------------------------

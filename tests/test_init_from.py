@@ -231,7 +231,7 @@ def test_help_documents_the_fine_tuning_defaults(capsys, monkeypatch):
     assert (
         f"fine-tuning with --init-from defaults to {FINE_TUNING_LR:g} ({LORA_LR:g} with --lora-rank)" in text
     )
-    assert f"fine-tuning with --init-from defaults to {FINE_TUNING_WARMUP}" in text
+    assert f"({FINE_TUNING_WARMUP} when fine-tuning with --init-from), at most 1/10 of --max-steps" in text
 
 
 def test_resume_never_reads_the_init_checkpoint_again(hf_llama, fine_tuning_corpus, tmp_path):
