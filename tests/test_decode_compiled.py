@@ -329,6 +329,7 @@ def test_a_build_is_announced_before_the_wait(model, tmp_path, monkeypatch, caps
         raise RuntimeError("no compiler in this test")
 
     monkeypatch.setattr(aot_step, "_build", build)
+    monkeypatch.setattr(aot_step, "_LOADED", {})  # as in a new process: no step built by an earlier test
     monkeypatch.setattr(torch, "compile", lambda step, **options: step)  # the fallback, kept cheap
     model.clear_cache()
     with pytest.warns(RuntimeWarning, match="no compiler in this test"):
