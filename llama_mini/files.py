@@ -23,6 +23,30 @@ from typing import IO
 from llama_mini.errors import ConfigError
 
 
+@contextmanager
+def waiting_lock(path: str | os.PathLike, on_wait: Callable[[], object]) -> Iterator[None]:
+    """Hold an OS lock on the file `path` for the block, waiting for another process that holds it (after
+    calling `on_wait`, so the wait is said). The kernel releases it if the holder dies; on a system without
+    fcntl the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            on_wait()
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
 def check_output_path(path: str | os.PathLike, what: str, folder: bool = True) -> None:
     """ConfigError (one line naming `what`, e.g. "--data-dir") unless `path` can be created as a folder
     (`folder`) or a file: no existing part of it may be a file, and a folder path may not be one itself.

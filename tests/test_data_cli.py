@@ -15,6 +15,7 @@ from llama_mini.data import pool as pool_module
 from llama_mini.data.checks import check_prepared
 from llama_mini.data.sources import Source
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
+from llama_mini.train.data_feed import shared_data_folder
 
 TINY = dict(
     device="cpu", batch_size=2, eval_steps=1, sample_tokens=0, dim=32, n_layers=1, n_heads=2, max_seq_len=16
@@ -211,21 +212,25 @@ def test_cli_help_lists_the_data_flags(capsys):
 
 @pytest.fixture
 def prepared(tmp_path, tokenizer_path):
-    """A corpus and its data prepared in a folder of their own, which runs share with --data-dir."""
+    """A corpus and its data prepared in a folder of their own, which runs share with --data-dir (the
+    shards in the tokenizer's subfolder of it): (corpus, --data-dir, the shards' folder)."""
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": story(i)} for i in range(60)])
-    prepare_data(str(corpus), tmp_path / "data", Tokenizer(tokenizer_path), 0.1, 1337, workers=1)
-    return corpus, tmp_path / "data"
+    tokenizer = Tokenizer(tokenizer_path)
+    prepare_data(
+        str(corpus), shared_data_folder(tmp_path / "data", tokenizer), tokenizer, 0.1, 1337, workers=1
+    )
+    return corpus, tmp_path / "data", shared_data_folder(tmp_path / "data", tokenizer)
 
 
 def test_cli_refuses_a_shard_with_ids_beyond_the_vocabulary_in_one_line(
     tmp_path, tokenizer_path, prepared, capsys
 ):
-    corpus, data = prepared
+    corpus, data_dir, data = prepared
     with open(data / "train-000000.bin", "r+b") as shard:  # the size stays, id 65535 of a 300-id vocabulary
         shard.seek(40)
         shard.write(b"\xff\xff")
     code, _, err = run(
-        flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data), capsys
+        flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data_dir), capsys
     )
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -238,13 +243,13 @@ def test_cli_refuses_a_shard_with_ids_beyond_the_vocabulary_in_one_line(
 def test_cli_verify_data_finds_a_changed_byte_that_keeps_ids_in_range(
     tmp_path, tokenizer_path, prepared, capsys
 ):
-    corpus, data = prepared
+    corpus, data_dir, data = prepared
     shard = data / "val-000000.bin"
     tokens = np.fromfile(shard, dtype=np.uint16)
     tokens[3] ^= 1  # another id of the vocabulary: 299 ^ 1 = 298 at most
     tokens.tofile(shard)
     check_prepared((TokenSplit(data, "train"), TokenSplit(data, "val")))  # in range: the cheap check passes
-    args = flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data)
+    args = flags(data=corpus, tokenizer=tokenizer_path, out=tmp_path / "run", data_dir=data_dir)
     code, _, err = run([*args, "--verify-data"], capsys)
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (

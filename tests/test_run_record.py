@@ -3,15 +3,19 @@ describes, derived values are derived again, config files are type-checked, a re
 and the cases that used to end in tracebacks or misleading lines end in one line."""
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_training import cli_flags, corpus_dir, tokenizer_path  # noqa: F401 (fixtures)
 
 import train as train_cli
 from llama_mini.convert import main as convert_main
+from llama_mini.files import waiting_lock
 from llama_mini.model.args import ModelArgs
 from llama_mini.settings import read_config_file
+from llama_mini.tokenizer import Tokenizer, train_tokenizer
 from llama_mini.train import build as build_module
 from llama_mini.train.config import TrainConfig, read_run_config, write_run_config
 
@@ -19,6 +23,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(argv, capsys):
@@ -152,3 +159,81 @@ def test_ctrl_c_while_preparing_says_so_and_leaves_no_empty_folder(
     assert code == 130
     assert err.startswith("interrupted before the first step") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_runs_with_other_tokenizers_keep_apart_in_a_shared_data_dir(
+    corpus_dir, tokenizer_path, tmp_path, capsys
+):
+    """A shared --data-dir holds one folder per tokenizer: the second run does not re-tokenize over the
+    shards the first one reads."""
+    other = tmp_path / "other.model"
+    train_tokenizer([path.read_text() for path in sorted(corpus_dir.glob("*.txt"))], other, vocab_size=320)
+    shared = tmp_path / "shared"
+    first = cli_flags(corpus_dir, tokenizer_path, out=tmp_path / "a", max_steps=1, data_dir=shared)
+    assert run_cli(first, capsys)[0] == 0
+    (folder,) = [path for path in shared.iterdir() if path.is_dir()]  # beside it: its preparation lock
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    second = cli_flags(corpus_dir, other, out=tmp_path / "b", max_steps=1, data_dir=shared)
+    assert run_cli(second, capsys)[0] == 0
+    folders = sorted(path for path in shared.iterdir() if path.is_dir())
+    assert len(folders) == 2 and all(path.name.startswith("tokenizer-") for path in folders)
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+    shas = {Tokenizer(tokenizer_path).sha256[:12], Tokenizer(other).sha256[:12]}
+    assert {path.name.removeprefix("tokenizer-") for path in folders} == shas
+
+
+HOLD_LOCK = """
+import sys, time
+from llama_mini.train.run_folder import RunFolder
+assert RunFolder(sys.argv[1]).lock() is None
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_folder_belongs_to_one_run_and_a_killed_run_leaves_no_lock(
+    corpus_dir, tokenizer_path, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        flags = cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=1)
+        code, _, err = run_cli(flags, capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert err == (
+            f"error: --out {out} is in use by another run (process {holder.pid}): wait for it to end, or "
+            "choose another --out\n"
+        )
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # as kill -9: the kernel drops its lock
+        holder.wait()
+    assert run_cli(flags, capsys)[0] == 0
+
+
+def test_a_shared_data_dir_being_prepared_is_waited_for(tmp_path):
+    lock = tmp_path / ".data.lock"
+    said = []
+    with waiting_lock(lock, lambda: said.append("waiting")):
+        holder = subprocess.run(
+            [sys.executable, "-c", WAIT_FOR_LOCK, str(lock)], capture_output=True, text=True, timeout=60
+        )
+    assert holder.stdout.split() == ["busy"]  # another process could not take it while this one held it
+    with waiting_lock(lock, lambda: said.append("waiting")):
+        pass
+    assert said == []  # free again: no wait
+
+
+WAIT_FOR_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a+") as handle:
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("free")
+    except OSError:
+        print("busy")
+"""

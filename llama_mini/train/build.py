@@ -190,6 +190,10 @@ def check_before_slow_work(
             f"({dist.world_size}): each takes an equal share of every micro-batch"
         )
     run_folder.check_writable(dist.rank)
+    # One run per folder: the main process takes the lock, and every process learns whether it got it.
+    refused = run_folder.lock() if dist.is_main else None
+    if dist.any(refused is not None, device):
+        raise ConfigError(refused or f"--out {run_folder.out} is in use by another run")
     if config.data_dir is not None:
         check_output_path(config.data_dir, "--data-dir")
     if parallel == "fsdp" and dtype == torch.float16:

@@ -25,7 +25,7 @@ from llama_mini.model.args import ModelArgs
 from llama_mini.settings import add_flags
 from llama_mini.train.build import resolve_settings
 from llama_mini.train.config import TrainConfig, read_run_config
-from llama_mini.train.run_folder import RunFolder
+from llama_mini.train.run_folder import LOCK_FILE, RunFolder
 from llama_mini.train.trainer import Trainer
 
 __all__ = ["build_parser", "main", "train"]
@@ -121,9 +121,11 @@ def finished(config: TrainConfig, model_overrides: dict, train_settings: dict) -
 
 
 def remove_empty_folders(folder: Path) -> None:
-    """Remove `folder` and the folders inside it if they hold no file (what an early interruption left)."""
+    """Remove `folder` and the folders inside it if they hold no file but this run's lock (what an early
+    interruption left)."""
     if not folder.is_dir():
         return
+    (folder / LOCK_FILE).unlink(missing_ok=True)
     for inner in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
         if inner.is_dir() and not any(inner.iterdir()):
             inner.rmdir()

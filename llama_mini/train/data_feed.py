@@ -16,6 +16,8 @@ changes. How many conversations the context truncates is reported once per split
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llama_mini.data import TokenSplit, get_batch, open_source, prepare_data, tokenizer_sample
+from llama_mini.files import waiting_lock
 from llama_mini.runtime import Distributed
 from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, find_tokenizer_file, train_tokenizer
 from llama_mini.train.config import TrainConfig
@@ -94,25 +97,40 @@ def prepare_shards(
     A run folder holding checkpoints is being resumed (the Trainer refuses to start a new run over them),
     and a resumed run keeps its data even if the corpus has changed since: its batches stay exactly those
     of an unbroken run."""
-    data_dir = Path(config.data_dir) if config.data_dir else out / "data"
-    if dist.is_main:
-        prepare_data(
-            config.data,
-            data_dir,
-            tokenizer,
-            config.val_fraction,
-            config.split_seed,
-            text_field=config.text_field,
-            data_split=config.data_split,
-            workers=config.data_workers,
-            resuming=bool(list_step_checkpoints(out)),
-            progress=True,
-            log=_log,
-            chat=config.chat,
-            verify=config.verify_data,
-        )
+    data_dir = shared_data_folder(Path(config.data_dir), tokenizer) if config.data_dir else out / "data"
+    # A shared --data-dir is prepared by one run at a time: another one preparing it is waited for.
+    lock = data_dir.parent / f".{data_dir.name}.lock"
+    waiting = functools.partial(_log, f"data: waiting for another run that is preparing {data_dir}")
+    with waiting_lock(lock, waiting) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            _prepare(config, data_dir, tokenizer, out)
     dist.barrier()
     return TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+
+
+def _prepare(config: TrainConfig, data_dir: Path, tokenizer: Tokenizer, out: Path) -> None:
+    prepare_data(
+        config.data,
+        data_dir,
+        tokenizer,
+        config.val_fraction,
+        config.split_seed,
+        text_field=config.text_field,
+        data_split=config.data_split,
+        workers=config.data_workers,
+        resuming=bool(list_step_checkpoints(out)),
+        progress=True,
+        log=_log,
+        chat=config.chat,
+        verify=config.verify_data,
+    )
+
+
+def shared_data_folder(data_dir: Path, tokenizer: Tokenizer) -> Path:
+    """Where a run's shards go in a --data-dir that runs share: one subfolder per tokenizer
+    (`tokenizer-` and the start of its sha256), so that a run with another tokenizer never re-tokenizes
+    over the shards another run is reading. (OUT/data belongs to one run, which has one tokenizer.)"""
+    return data_dir / f"tokenizer-{tokenizer.sha256[:12]}"
 
 
 def batches(

@@ -35,6 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import torch
 
 from llama_mini.checkpoint import RUN_BEST, RUN_STEP_PREFIX
@@ -61,6 +66,10 @@ TRAINER_STATE = "trainer_state.json"  # step, losses, the settings: plain JSON
 CHECKPOINT_FORMAT = 2  # trainer_state.json's "checkpoint_format" (see the module docstring)
 METRICS = "metrics.jsonl"  # one JSON object per logged step and per evaluation
 RUN_CONFIG = "config.toml"  # the resolved settings
+LOCK_FILE = ".lock"  # held by the run using the folder (RunFolder.lock), with its process id inside
+
+# The locks this process holds, by file: kept open, since closing any descriptor of a file drops its lock.
+_HELD_LOCKS: dict[Path, Any] = {}
 
 
 def step_dir_name(step: int) -> str:
@@ -97,6 +106,38 @@ class RunFolder:
             raise ConfigError(
                 f"cannot write to --out {self.out}: {error.strerror}; choose a writable folder"
             ) from error
+
+    def lock(self) -> str | None:
+        """Hold OUT/.lock for the rest of this process: a run folder belongs to one run. Returns None, or
+        why it cannot be had (another process holds it, named by the pid it wrote).
+
+        An OS record lock (fcntl.lockf), which the kernel releases when the process ends however it ends,
+        so a killed run never leaves a stale lock. It belongs to the process, not to one open file, so
+        the same process may take it again (tests run several Trainers in one process); the file is kept
+        open until the process exits. Under torchrun the main process holds it for the job.
+        """
+        if fcntl is None:  # not a POSIX system: no lock
+            return None
+        path = self.out / LOCK_FILE
+        handle = _HELD_LOCKS.get(path.resolve())
+        if handle is None:
+            handle = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                return (
+                    f"--out {self.out} is in use by another run (process {holder}): wait for it to end, or "
+                    "choose another --out"
+                )
+            _HELD_LOCKS[path.resolve()] = handle
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return None
 
     def checkpoints(self) -> list[Path]:
         return list_step_checkpoints(self.out)

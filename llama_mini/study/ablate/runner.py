@@ -17,6 +17,7 @@ from llama_mini.study.ablate.figures import plot_curves, plot_results, plot_titl
 from llama_mini.study.ablate.report import markdown_table, summarize
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
 from llama_mini.train import Trainer, list_step_checkpoints
+from llama_mini.train.data_feed import shared_data_folder
 
 __all__ = ["CURVES", "PLOT", "RESULTS", "TABLE", "prepare_shared", "read_results", "run_ablation"]
 
@@ -92,8 +93,10 @@ def prepare_shared(config: AblationConfig, out: Path, log) -> tuple[Path, Path]:
             sample = tokenizer_sample(train.data, budget, train.val_fraction, train.split_seed)
             train_tokenizer(sample, tokenizer_path, train.vocab_size)
     tokenizer = Tokenizer(tokenizer_path)
-    data_dir = out / "data"
-    prepare_data(train.data, data_dir, tokenizer, train.val_fraction, train.split_seed)
+    data_dir = out / "data"  # every run's --data-dir: its shards are in the tokenizer's subfolder
+    prepare_data(
+        train.data, shared_data_folder(data_dir, tokenizer), tokenizer, train.val_fraction, train.split_seed
+    )
     return tokenizer_path, data_dir
 
 
