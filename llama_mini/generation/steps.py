@@ -187,7 +187,7 @@ def _ahead_of_time_step(
 
 def _say_building(kept: bool, path: Path) -> None:
     """A compiled step is being built: one line on stderr, so the wait is not silent (how long it takes:
-    docs/BENCHMARKS.md, "One-shot generate.py")."""
+    docs/BENCHMARKS.md, "The one-shot command")."""
     where = f"saved as {path}; later runs load it" if kept else "kept in this process only (no compile cache)"
     print(f"compiling the decode step for this model shape ahead of time, once: {where}", file=sys.stderr)
 

@@ -7,11 +7,12 @@ with the model's own tensors. Generation's CPU decode step is built with it (lla
 
 Why. At batch 1 a decode step of a small model is a few hundred small operations, and on a CPU eager PyTorch
 spends a large share of each step dispatching them from Python rather than computing them (docs/
-BENCHMARKS.md, "Where a CPU decode step goes", measured by bench/profile_decode.py). torch.compile fuses the
-small operators but still runs a Python wrapper and checks its guards at every call.
+BENCHMARKS.md, "Decoding on a CPU beside transformers and llama.cpp": `bench/decode_cpu.py --profile`).
+torch.compile fuses the small operators but still runs a Python wrapper and checks its guards at every
+call.
 AOTInductor (torch.export, then inductor's C++ code generation) compiles the whole step, wrapper included,
 into one shared library: a call is one C++ function. It is also a file, so a later process loads it
-instead of compiling again (load and compile times: docs/BENCHMARKS.md, "One-shot generate.py").
+instead of compiling again (load and build times: docs/BENCHMARKS.md, "The one-shot command").
 
 Matrix-vector products as reductions. Inductor leaves a matrix product to the BLAS library (MKL), which
 runs the (1, K) x (K, N) products of a decode step well below the speed the cache allows, each as its own
