@@ -30,7 +30,9 @@ from llama_mini.study.ablate import (
     summarize,
 )
 from llama_mini.study.ablate.config import MODEL_DEFAULTS, MODEL_SETTINGS, TRAIN_DEFAULTS, TRAIN_SETTINGS
+from llama_mini.tokenizer import Tokenizer
 from llama_mini.train.config import TrainConfig, read_run_config
+from llama_mini.train.data_feed import shared_data_folder
 
 # dim 48 keeps the FFNs matched: 8 * 48 / 3 = 128 and 4 * 48 = 192 are multiples of 16.
 TINY = dict(
@@ -203,7 +205,8 @@ def test_each_finished_run_is_one_line_of_results(finished):
 def test_runs_share_one_tokenizer_and_data_and_drop_checkpoints(finished):
     config, _, _ = finished
     out = Path(config.out)
-    assert (out / "tokenizer.model").exists() and (out / "data" / MANIFEST).exists()
+    data = shared_data_folder(out / "data", Tokenizer(out / "tokenizer.model"))  # every run's --data-dir
+    assert (out / "tokenizer.model").exists() and (data / MANIFEST).exists()
     run = out / "runs" / "relu-seed0"
     assert (run / "metrics.jsonl").exists()
     assert not (run / "data").exists() and not (run / "best").exists() and not list(run.glob("step-*"))

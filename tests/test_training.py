@@ -480,11 +480,13 @@ def test_runs_with_other_seeds_share_the_split_and_can_share_prepared_data(
     first = Trainer(
         make_config(corpus_dir, tokenizer_path, tmp_path / "s1", seed=1, data_dir=str(shared)), TINY_MODEL
     )
-    written = (shared / MANIFEST).stat().st_mtime_ns
+    manifest = first.train_data.folder / MANIFEST  # in the tokenizer's folder of the shared one
+    assert manifest.parent.parent == shared
+    written = manifest.stat().st_mtime_ns
     second = Trainer(
         make_config(corpus_dir, tokenizer_path, tmp_path / "s2", seed=2, data_dir=str(shared)), TINY_MODEL
     )
-    assert (shared / MANIFEST).stat().st_mtime_ns == written  # reused, not written again
+    assert manifest.stat().st_mtime_ns == written  # reused, not written again
     assert not (tmp_path / "s1" / "data").exists()
     assert first.val_data.meta == second.val_data.meta
     # and without a shared folder, a different --seed still gives the same validation documents

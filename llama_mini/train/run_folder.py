@@ -113,8 +113,8 @@ class RunFolder:
 
         An OS record lock (fcntl.lockf), which the kernel releases when the process ends however it ends,
         so a killed run never leaves a stale lock. It belongs to the process, not to one open file, so
-        the same process may take it again (tests run several Trainers in one process); the file is kept
-        open until the process exits. Under torchrun the main process holds it for the job.
+        the same process may take it again; the file is kept open until `unlock` (the end of
+        `Trainer.run`) or the process's exit. Under torchrun the main process holds it for the job.
         """
         if fcntl is None:  # not a POSIX system: no lock
             return None
@@ -138,6 +138,13 @@ class RunFolder:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         return None
+
+    def unlock(self) -> None:
+        """Let go of OUT/.lock (the run is over; process exit does the same)."""
+        handle = _HELD_LOCKS.pop((self.out / LOCK_FILE).resolve(), None)
+        if handle is not None:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def checkpoints(self) -> list[Path]:
         return list_step_checkpoints(self.out)

@@ -184,6 +184,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------- the loop
 
     def run(self) -> TrainSummary:
+        """Train to max_steps (or until a stop is asked for); the run folder's lock goes with the run."""
+        try:
+            return self._run()
+        finally:
+            if self.dist.is_main:
+                self.run_folder.unlock()
+
+    def _run(self) -> TrainSummary:
         config = self.config
         start_step, started = self.step, time.perf_counter()
         metrics = MetricsLog(self.out / METRICS, enabled=self.dist.is_main, after_step=start_step)
