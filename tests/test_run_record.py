@@ -2,7 +2,9 @@
 describes, derived values are derived again, config files are type-checked, a resumed run keeps its data,
 and the cases that used to end in tracebacks or misleading lines end in one line."""
 
+import errno
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,10 @@ from llama_mini.model.args import ModelArgs
 from llama_mini.settings import read_config_file
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
 from llama_mini.train import build as build_module
+from llama_mini.train import run_folder as run_folder_module
+from llama_mini.train import trainer as trainer_module
 from llama_mini.train.config import TrainConfig, read_run_config, write_run_config
+from llama_mini.train.run_folder import write_failure
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -237,3 +242,66 @@ with open(sys.argv[1], "a+") as handle:
     except OSError:
         print("busy")
 """
+
+
+def test_a_checkpoint_that_meets_a_full_disk_is_one_line_and_leaves_nothing_half_written(
+    corpus_dir, tokenizer_path, tmp_path, capsys, monkeypatch
+):
+    """A writer that runs out of space half way through step 4's weights: the run stops in one line naming
+    the cause and the last complete checkpoint, no `.partial-` folder stays, and --resume continues."""
+    real_save = trainer_module.save_pretrained
+
+    def fills_the_disk(model, folder, **options):
+        if folder.name == ".partial-step-0000004":
+            (folder / "model.safetensors").write_bytes(b"half of the weights")
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+        real_save(model, folder, **options)
+
+    monkeypatch.setattr(trainer_module, "save_pretrained", fills_the_disk)
+    out = tmp_path / "run"
+    flags = cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=6, eval_interval=2)
+    code, _, err = run_cli(flags, capsys)
+    # the one error line (the progress bar, drawn on stderr too, may share its start)
+    (line,) = [line[line.index("error: ") :] for line in err.splitlines() if "error: " in line]
+    assert code == 2 and "Traceback" not in err
+    assert line.startswith(
+        f"error: cannot write checkpoint step-0000004 in {out}: no space left on the device"
+    )
+    assert f"the last complete checkpoint, {out / 'step-0000002'}, is untouched" in line
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(("step-", ".partial"))) == [
+        "step-0000002"
+    ]
+    monkeypatch.setattr(trainer_module, "save_pretrained", real_save)
+    code, out_text, err = run_cli(["--out", out, "--resume"], capsys)
+    assert code == 0, err
+    assert "done: 6 steps" in out_text
+
+
+def test_a_disk_too_full_for_the_next_checkpoint_is_said_before_writing(
+    corpus_dir, tokenizer_path, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    real_usage = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real_usage(path)
+        full = any(out.glob("step-*"))  # after the first checkpoint, as if it had filled the disk
+        return usage._replace(free=1000) if full else usage
+
+    monkeypatch.setattr(run_folder_module.shutil, "disk_usage", nearly_full)
+    flags = cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=4, eval_interval=2)
+    code, _, err = run_cli(flags, capsys)
+    (line,) = [line[line.index("error: ") :] for line in err.splitlines() if "error: " in line]
+    assert code == 2 and "Traceback" not in err
+    assert "cannot write checkpoint step-0000004" in line and "MiB free, and the last checkpoint took" in line
+    assert not list(out.glob(".partial-*")) and [path.name for path in out.glob("step-*")] == ["step-0000002"]
+
+
+def test_a_write_failure_is_named_by_its_cause():
+    folder = Path("/tmp")
+    assert write_failure(OSError(errno.EROFS, "Read-only file system", "/x"), folder) == (
+        "the file system is read-only (/x)"
+    )
+    assert write_failure(OSError(errno.EACCES, "Permission denied", "/x"), folder) == "permission denied (/x)"
+    assert write_failure(OSError(errno.ENOENT, "No such file", "/x"), folder) is None  # not a write failure
+    assert write_failure(RuntimeError("a bug"), folder) is None  # plenty of space: a bug keeps its traceback

@@ -27,6 +27,7 @@ training_state.pt holds the optimizer's state dict too; such a run resumes alone
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from llama_mini.runtime import Distributed
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointWriteError",
     "METRICS",
     "RUN_CONFIG",
     "SHARDED_STATE",
@@ -174,15 +176,30 @@ class RunFolder:
         partial = self.out / f".partial-{target.name}"
         if self.dist.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that crashed while saving
+            if not self.dist.enabled:  # (under torchrun one process refusing would leave the others waiting)
+                self._check_free_space(target)
             partial.mkdir(parents=True)
         self.dist.barrier()
-        write_shards(partial / SHARDED_STATE)  # collective: returns once every process's pieces are written
+        try:
+            write_shards(
+                partial / SHARDED_STATE
+            )  # collective: returns once every process's pieces are written
+            if self.dist.is_main:
+                write_model(partial)
+                torch.save(training_state, partial / TRAINING_STATE)
+                # written last: list_step_checkpoints treats a folder with this file as complete
+                state = {**trainer_state, "checkpoint_format": CHECKPOINT_FORMAT}
+                (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        except (OSError, RuntimeError) as error:
+            cause = write_failure(error, self.out)
+            if cause is None:
+                raise  # not the file system: a bug, with its traceback
+            if self.dist.is_main:
+                shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {target.name} in {self.out}: {cause}; {self._last_complete()}"
+            ) from None
         if self.dist.is_main:
-            write_model(partial)
-            torch.save(training_state, partial / TRAINING_STATE)
-            # written last: list_step_checkpoints treats a folder with this file as complete
-            state = {**trainer_state, "checkpoint_format": CHECKPOINT_FORMAT}
-            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
             _rename_into_place(partial, target)
             if is_best:
                 write_folder_atomically(self.best, lambda folder: _link_files(target, folder))
@@ -190,6 +207,25 @@ class RunFolder:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return target
+
+    def _last_complete(self) -> str:
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return "no checkpoint of this run was complete yet; free some space and start again"
+        return f"the last complete checkpoint, {latest}, is untouched: free some space, then --resume"
+
+    def _check_free_space(self, target: Path) -> None:
+        """Refuse, before writing, a checkpoint the disk cannot hold: one as large as the last one."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return
+        needed = sum(path.stat().st_size for path in latest.rglob("*") if path.is_file())
+        free = shutil.disk_usage(self.out).free
+        if needed > free:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {target.name} in {self.out}: {free / 2**20:.1f} MiB free, and the "
+                f"last checkpoint took {needed / 2**20:.1f} MiB; {self._last_complete()}"
+            )
 
     @staticmethod
     def checkpoint_format(folder: Path) -> int:
@@ -210,6 +246,37 @@ class RunFolder:
     def read_training_state(folder: Path) -> dict[str, Any]:
         # weights_only=True: the file holds tensors, numbers and strings only; no pickled code can run.
         return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (no space, no permission, a read-only file system)."""
+
+
+# errno -> how a failed write is said
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """Why writing into `folder` failed, in words, or None when `error` is not a file-system failure.
+
+    An OSError says so by its errno. torch's serializer reports a full disk as a RuntimeError from its C++
+    writer ("unexpected pos ..."), so a RuntimeError counts as a full disk when the disk is nearly full."""
+    if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+        return f"{WRITE_FAILURES[error.errno]} ({error.filename or folder})"
+    if isinstance(error, RuntimeError):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if free < 2**20:
+            return f"no space left on the device ({free:,} bytes free in {folder})"
+    return None
 
 
 def _rename_into_place(folder: Path, target: Path) -> None:
