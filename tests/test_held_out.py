@@ -78,7 +78,7 @@ def test_a_held_out_source_that_does_not_exist_is_one_line(corpus_dir, tokenizer
     assert err.startswith(
         f"error: --eval-data: corpus {tmp_path / 'nowhere.txt'} not found: pass --eval-data "
     )
-    assert not (tmp_path / "run" / "data").exists()  # refused before the data were prepared
+    assert not (tmp_path / "run").exists()  # refused before any work: the folder it made (and its lock) gone
 
 
 def test_eval_tasks_without_lm_eval_are_skipped_in_one_line(

@@ -102,6 +102,24 @@ def build_run(
     device = resolve_device(config.device, dist.local_rank)
     dtype = resolve_dtype(config.dtype, device)
     parallel = parallel_mode(config.parallel, dist.world_size)
+    try:
+        return _build(settings, run_folder, dist, device, dtype, parallel)
+    except BaseException:  # refused, failed or interrupted before training: the folder is free again
+        if dist.is_main:
+            run_folder.unlock()
+        raise
+
+
+def _build(
+    settings: RunSettings,
+    run_folder: RunFolder,
+    dist: Distributed,
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: str,
+) -> Run:
+    """build_run's steps from the checks on, once the settings and the place are known."""
+    config = settings.config
     check_before_slow_work(settings, run_folder, dist, device, dtype, parallel)
 
     resuming = settings.resume_from is not None

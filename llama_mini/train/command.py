@@ -75,9 +75,11 @@ def train(given: dict) -> int:
     out, existed = Path(config.out), Path(config.out).exists()
     try:
         trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
-    except KeyboardInterrupt:  # while the tokenizer or the data were being prepared: nothing to resume yet
+    except BaseException as error:  # refused or stopped before the first step: leave no empty run folder
         if not existed:
             remove_empty_folders(out)
+        if not isinstance(error, KeyboardInterrupt):
+            raise
         print(
             "interrupted before the first step (while preparing the tokenizer and data): nothing to resume; "
             "run the same command again to start",
@@ -121,8 +123,8 @@ def finished(config: TrainConfig, model_overrides: dict, train_settings: dict) -
 
 
 def remove_empty_folders(folder: Path) -> None:
-    """Remove `folder` and the folders inside it if they hold no file but this run's lock (what an early
-    interruption left)."""
+    """Remove `folder` and the folders inside it if they hold no file but this run's lock (what a run
+    refused or interrupted before its first step left in a folder it created)."""
     if not folder.is_dir():
         return
     (folder / LOCK_FILE).unlink(missing_ok=True)
