@@ -1,6 +1,5 @@
 """llama_mini: a compact LLaMA-style language model in PyTorch, for training, generation and study."""
 
-from llama_mini.checkpoint import load_model, save_pretrained
 from llama_mini.errors import CheckpointError, ConfigError, DataError, LlamaMiniError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import FEED_FORWARDS, FeedForward
@@ -28,3 +27,13 @@ __all__ = [
     "save_pretrained",
     "training_flops_per_token",
 ]
+
+
+def __getattr__(name: str):
+    """`llama_mini.load_model` and `llama_mini.save_pretrained`, imported on first use: the checkpoint code
+    (and the tokenizer libraries it needs) is not loaded by `import llama_mini` alone."""
+    if name in ("load_model", "save_pretrained"):
+        from llama_mini import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'llama_mini' has no attribute {name!r}")

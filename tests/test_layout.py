@@ -153,11 +153,11 @@ def test_the_floor_check_finds_an_arrow_up():
     assert arrows_up(graph) == ["llama_mini.model.transformer -> llama_mini.checkpoint.io"]
 
 
-def test_import_llama_mini_loads_no_triton_and_no_training_stack():
+def test_import_llama_mini_loads_no_triton_no_training_stack_and_no_checkpoint_code():
     code = (
         "import sys, llama_mini; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or m.startswith('llama_mini.ops.k') "
-        "or m.startswith('llama_mini.train')))"
+        "or m.startswith(('llama_mini.train', 'llama_mini.checkpoint'))))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
