@@ -47,10 +47,10 @@ from llama_mini.eval.loading import load_model_and_tokenizer
 from llama_mini.files import atomic_write
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags, setting
+from llama_mini.train.run_folder import RUN_CONFIG
 
 __all__ = ["EvalConfig", "build_parser", "main", "run"]
 
-RUN_CONFIG = "config.toml"  # a run folder's resolved settings (llama_mini.train.run_folder)
 # The settings of a corpus that train.py declares (TrainConfig): the same flags here.
 CORPUS_FLAGS = ("text_field", "data_split", "val_fraction", "split_seed")
 
