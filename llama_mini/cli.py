@@ -7,6 +7,7 @@
     llama-mini inspect ...     parameters, costs and shapes of a preset or checkpoint
     llama-mini plots ...       the study's pictures
     llama-mini ablate ...      the feed-forward ablation
+    llama-mini torchrun ...    torchrun (many processes), exiting as one process does
 
 `llama-mini COMMAND --help` lists each one's flags. Every subcommand follows one error convention
 (llama_mini/console.py): a mistake is one line on stderr and exit code 2. A subcommand's module is imported
@@ -36,6 +37,7 @@ COMMANDS = {
         "llama_mini.study.ablate.command",
         "train every feed-forward variant and compare with Shazeer (2020)",
     ),
+    "torchrun": ("llama_mini.launch", "torchrun's flags and launcher, with a single process's exits"),
 }
 
 

@@ -9,13 +9,18 @@ traceback. Every command's `main(argv)` is `run_command(its parser, its action, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 import typing
 from collections.abc import Callable
 
 from llama_mini.errors import LlamaMiniError
 
 __all__ = ["ArgumentParser", "report_errors", "run_command"]
+
+# seconds a later process of a torchrun launch waits before it exits on a mistake (see report_errors)
+LAUNCHED_WORKER_GRACE_S = 3.0
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -42,11 +47,21 @@ def report_errors(command: Callable[[], int | None]) -> int:
     try:
         return command() or 0
     except LlamaMiniError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not a_launched_worker_other_than_the_first():
+            print(f"error: {error}", file=sys.stderr)
+        else:  # the launcher stops every process when one exits: let the first say it before that
+            time.sleep(LAUNCHED_WORKER_GRACE_S)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def a_launched_worker_other_than_the_first() -> bool:
+    """True in the processes of a torchrun launch other than the first (global rank 0). They all run the same
+    command on the same files, so a mistake is the same mistake in each: only the first says it, once, and
+    the others exit with the same code (2) in silence."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0"
 
 
 def run_command(

@@ -457,3 +457,45 @@ def test_fsdp_compiles_each_block(corpus, tmp_path, one_process_run):
     theirs = dict(read_metrics(one_process_run))  # the first 3 steps of a 12-step run: the same lr
     for step, loss in ours:
         assert loss == pytest.approx(theirs[step], rel=1e-4), step
+
+
+# ------------------------------------------------------------------------- llama-mini torchrun's exits
+
+
+def test_ctrl_c_under_llama_mini_torchrun_saves_and_exits_130_in_one_line(corpus, tmp_path):
+    """Ctrl-C at a terminal signals the whole foreground group: the launcher and both processes; torchrun
+    then passes the signal on again (the processes take that echo for the same Ctrl-C). The processes
+    save, the first says where in one line, and the launcher exits 130 without torchrun's traceback."""
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "llama_mini.launch", "--nproc_per_node=2", "--standalone",
+               "train.py", *flags(corpus, out, max_steps=400, eval_interval=3)]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list_step_checkpoints(out):
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)  # as the terminal does
+    err = launcher.communicate(timeout=120)[1]
+    assert launcher.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err and "closing signal" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(lines) == 1, err[-3000:]
+    step = int(lines[0].split()[3].rstrip(":"))
+    assert list_step_checkpoints(out)[-1].name == f"step-{step:07d}"
+
+
+def test_a_mistake_under_llama_mini_torchrun_is_one_line_and_exit_2(corpus, tmp_path):
+    """Both processes meet the mistake; only the first says it, and the launcher adds nothing."""
+    command = [sys.executable, "-m", "llama_mini.launch", "--nproc_per_node=2", "--standalone",
+               "train.py", *flags(corpus, tmp_path / "fp16", parallel="fsdp", dtype="fp16")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "error: --parallel fsdp trains in bf16 or fp32: fp16's loss scaling is not supported on sharded "
+        "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
+    ], result.stderr
+    assert "Traceback" not in result.stderr

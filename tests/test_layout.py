@@ -110,7 +110,7 @@ FLOORS = [
     {"serve"},
     {"study"},
 ]
-TOP = {"convert", "cli", "plots", "ablate", "__main__"}  # the commands that join the rooms
+TOP = {"convert", "cli", "plots", "ablate", "launch", "__main__"}  # the commands that join the rooms
 
 
 def floor_of(module: str) -> int:

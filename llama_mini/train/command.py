@@ -124,12 +124,14 @@ def finished(config: TrainConfig, model_overrides: dict, train_settings: dict) -
 
 def remove_empty_folders(folder: Path) -> None:
     """Remove `folder` and the folders inside it if they hold no file but this run's lock (what a run
-    refused or interrupted before its first step left in a folder it created)."""
-    if not folder.is_dir():
+    refused or interrupted before its first step left in a folder it created). Under torchrun every
+    process tidies up at once, so what another one removed first is not an error."""
+    try:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        for inner in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
+            if inner.is_dir() and not any(inner.iterdir()):
+                inner.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:  # removed by another process first, or no longer empty: tidying up is best effort
         return
-    (folder / LOCK_FILE).unlink(missing_ok=True)
-    for inner in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
-        if inner.is_dir() and not any(inner.iterdir()):
-            inner.rmdir()
-    if not any(folder.iterdir()):
-        folder.rmdir()

@@ -37,6 +37,7 @@ saved by N processes resumes with M (the checkpoint's sharded state is resharded
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -70,6 +71,9 @@ from llama_mini.train.parallel import gather_full_state_dict, replicate, unshard
 from llama_mini.train.progress import Progress
 from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
 from llama_mini.train.sharded_state import load_sharded_state, save_sharded_state
+
+# seconds after a first stop signal in which a repeat is torchrun passing it on (see _stop_on_signals)
+LAUNCHER_ECHO_S = 5.0
 
 __all__ = ["TrainSummary", "Trainer", "TrainingError", "accumulate_gradients"]
 
@@ -486,12 +490,22 @@ class Trainer:
     @contextmanager
     def _stop_on_signals(self):
         """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a second
-        Ctrl-C stops at once."""
+        Ctrl-C stops at once.
+
+        Under torchrun a Ctrl-C at the terminal reaches each process twice: from the terminal, and a moment
+        later from torchrun, which passes on what it receives. A repeat within LAUNCHER_ECHO_S of the first
+        is that echo, not a second Ctrl-C, so it does not cut the checkpoint short."""
+        first_signal_at = None
 
         def request_stop(signum, frame):
+            nonlocal first_signal_at
+            if first_signal_at is None:
+                first_signal_at = time.monotonic()
             self.stop_requested = True
             self.stop_signal = signum
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            under_launcher = "TORCHELASTIC_RUN_ID" in os.environ
+            if not (under_launcher and time.monotonic() - first_signal_at < LAUNCHER_ECHO_S):
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
