@@ -66,8 +66,9 @@ def launch(args) -> int:
         if failure.exitcode in REPORTED and (rank == 0 or failure.exitcode != 2):
             return failure.exitcode  # the first process said why (the others keep a mistake to themselves)
         if failure.exitcode == 2:  # a mistake only a later process met: it kept the message to itself
+            script = args.training_script
             print(f"error: process {rank} refused to start (exit code 2) where process 0 did not; run "
-                  f"{args.training_script} alone with the same flags to see why", file=sys.stderr)  # fmt: skip
+                  f"{script} alone with the same flags to see why", file=sys.stderr)  # fmt: skip
             return 2
         cause = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         print(f"error: process {rank} of {args.training_script} failed ({cause}): see its output above",
