@@ -2,8 +2,9 @@
 
 A usage error (a wrong flag or value) prints `error: ... (see --help)` and exits with code 2, as argparse
 does but without the whole usage text; a `LlamaMiniError` raised while working (a missing file, a bad
-setting) prints `error: <message>` and returns 2; Ctrl-C returns 130. Bugs still raise, with their
-traceback. Every command's `main(argv)` is `run_command(its parser, its action, argv)`.
+setting) prints `error: <message>` and returns 2, and so does a write the file system refuses (no space,
+no permission: `error: cannot write: <cause>: <path>; <fix>`); Ctrl-C returns 130. Bugs still raise,
+with their traceback. Every command's `main(argv)` is `run_command(its parser, its action, argv)`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import typing
 from collections.abc import Callable
 
 from llama_mini.errors import LlamaMiniError
+from llama_mini.files import file_system_failure
 
 __all__ = ["ArgumentParser", "report_errors", "run_command"]
 
@@ -55,6 +57,13 @@ def report_errors(command: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except OSError as error:
+        refused = file_system_failure(error)
+        if refused is None:
+            raise  # not the file system's refusal: a bug, with its traceback
+        if not a_launched_worker_other_than_the_first():
+            print(f"error: cannot write: {refused}", file=sys.stderr)
+        return 2
 
 
 def a_launched_worker_other_than_the_first() -> bool:

@@ -194,6 +194,14 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def from_main(self, value: Any) -> Any:
+        """The main process's `value` (a small picklable object), on every process."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)  # NCCL: through the current GPU, which setup chose
+        return box[0]
+
     def share_main_rng_state(self, device: torch.device) -> None:
         """Give every process the main process's CPU random state.
 

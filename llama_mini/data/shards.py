@@ -60,7 +60,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from llama_mini.errors import DataError
-from llama_mini.files import atomic_file
+from llama_mini.files import atomic_file, file_system_failure, naming
 
 if TYPE_CHECKING:  # only for type hints: any object with the same attributes works
     from llama_mini.tokenizer import Tokenizer
@@ -390,7 +390,8 @@ class _SplitWriter:
                 self._next_shard()
             room = self.shard_tokens - self.shards[-1][1]
             data = tokens[:room].tobytes()
-            self._file.write(data)
+            with naming(self._file.name):
+                self._file.write(data)
             self._hash.update(data)
             self.shards[-1][1] += min(room, len(tokens))
             tokens = tokens[room:]
@@ -406,7 +407,8 @@ class _SplitWriter:
         """Close the open shard and rename it to its final name."""
         if self._file is not None:
             file, self._file = self._file, None
-            file.close()
+            with naming(file.name):
+                file.close()
             name = self.shards[-1][0]
             os.replace(_partial(self.folder / name), self.folder / name)
             self.checksums[name] = self._hash.hexdigest()
@@ -432,7 +434,8 @@ class _SplitWriter:
     def state(self) -> dict[str, Any]:
         """What `restore` needs to go on from here, after writing out what was written so far."""
         if self._file is not None:
-            self._file.flush()
+            with naming(self._file.name):
+                self._file.flush()
         return {
             "shards": [list(shard) for shard in self.shards],
             "open": self._file is not None,
@@ -536,10 +539,11 @@ class DataWriter:
     def __enter__(self) -> DataWriter:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, *_: Any) -> None:
         if kind is None:
             return
-        if issubclass(kind, Exception) or self.identity is None:
+        refused = file_system_failure(error) is not None  # a full disk: the rerun after it goes the same way
+        if (issubclass(kind, Exception) and not refused) or self.identity is None:
             self.discard()
         else:  # interrupted: the partial files and the last checkpoint stay, for the next run to go on
             for writer in self._writers():

@@ -16,6 +16,7 @@ line happened to set.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,9 @@ def check_before_slow_work(
     refused = run_folder.lock() if dist.is_main else None
     if dist.any(refused is not None, device):
         raise ConfigError(refused or f"--out {run_folder.out} is in use by another run")
+    if dist.is_main and (leftovers := run_folder.remove_leftovers()):
+        print(f"removed what a stopped run left half-written in {run_folder.out}: {', '.join(leftovers)}",
+              file=sys.stderr)  # fmt: skip
     if config.data_dir is not None:
         check_output_path(config.data_dir, "--data-dir")
     if parallel == "fsdp" and dtype == torch.float16:

@@ -27,7 +27,6 @@ training_state.pt holds the optimizer's state dict too; such a run resumes alone
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -45,7 +44,13 @@ import torch
 
 from llama_mini.checkpoint import RUN_BEST, RUN_STEP_PREFIX
 from llama_mini.errors import CheckpointError, ConfigError
-from llama_mini.files import check_output_path, write_folder_atomically
+from llama_mini.files import (
+    atomic_file,
+    check_output_path,
+    refused_write,
+    write_folder_atomically,
+    written_path,
+)
 from llama_mini.runtime import Distributed
 
 __all__ = [
@@ -174,10 +179,13 @@ class RunFolder:
         """
         target = self.out / step_dir_name(step)
         partial = self.out / f".partial-{target.name}"
+        # The main process measures; every process learns its verdict, so all refuse together or none does.
+        too_full = self._too_full_for(target) if self.dist.is_main else None
+        too_full = self.dist.from_main(too_full)
+        if too_full is not None:
+            raise CheckpointWriteError(too_full)
         if self.dist.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that crashed while saving
-            if not self.dist.enabled:  # (under torchrun one process refusing would leave the others waiting)
-                self._check_free_space(target)
             partial.mkdir(parents=True)
         self.dist.barrier()
         try:
@@ -214,18 +222,31 @@ class RunFolder:
             return "no checkpoint of this run was complete yet; free some space and start again"
         return f"the last complete checkpoint, {latest}, is untouched: free some space, then --resume"
 
-    def _check_free_space(self, target: Path) -> None:
-        """Refuse, before writing, a checkpoint the disk cannot hold: one as large as the last one."""
+    def _too_full_for(self, target: Path) -> str | None:
+        """Why the disk cannot hold the checkpoint about to be written (one as large as the last one), or
+        None; said before anything is written."""
         latest = self.latest_checkpoint()
         if latest is None:
-            return
+            return None
         needed = sum(path.stat().st_size for path in latest.rglob("*") if path.is_file())
         free = shutil.disk_usage(self.out).free
-        if needed > free:
-            raise CheckpointWriteError(
-                f"cannot write checkpoint {target.name} in {self.out}: {free / 2**20:.1f} MiB free, and the "
-                f"last checkpoint took {needed / 2**20:.1f} MiB; {self._last_complete()}"
-            )
+        if needed <= free:
+            return None
+        return (
+            f"cannot write checkpoint {target.name} in {self.out}: {free / 2**20:.1f} MiB free, and the "
+            f"last checkpoint took {needed / 2**20:.1f} MiB; {self._last_complete()}"
+        )
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete what a killed run left half-written in the folder (a checkpoint being saved, a best/ being
+        linked); called once this run holds the folder's lock, so no other run is writing them. Returns
+        their names."""
+        leftovers = [path for path in self.out.glob(".partial-*") if path.is_dir()]
+        leftovers += [path for path in self.out.glob(f".*-{RUN_BEST}") if path.is_dir()]  # .tmp-, .old-
+        leftovers += [path for path in self.out.glob(".old-step-*") if path.is_dir()]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return sorted(path.name for path in leftovers)
 
     @staticmethod
     def checkpoint_format(folder: Path) -> int:
@@ -252,31 +273,13 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (no space, no permission, a read-only file system)."""
 
 
-# errno -> how a failed write is said
-WRITE_FAILURES = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
-}
-
-
 def write_failure(error: BaseException, folder: Path) -> str | None:
-    """Why writing into `folder` failed, in words, or None when `error` is not a file-system failure.
-
-    An OSError says so by its errno. torch's serializer reports a full disk as a RuntimeError from its C++
-    writer ("unexpected pos ..."), so a RuntimeError counts as a full disk when the disk is nearly full."""
-    if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
-        return f"{WRITE_FAILURES[error.errno]} ({error.filename or folder})"
-    if isinstance(error, RuntimeError):
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            return None
-        if free < 2**20:
-            return f"no space left on the device ({free:,} bytes free in {folder})"
-    return None
+    """Why writing into `folder` failed, in words, or None when `error` is not a write the file system
+    refused (llama_mini.files.refused_write)."""
+    refused = refused_write(error)
+    if refused is None:
+        return None
+    return f"{refused[0]} ({written_path(error) or folder})"
 
 
 def _rename_into_place(folder: Path, target: Path) -> None:
@@ -308,18 +311,34 @@ def _link_files(source: Path, target: Path) -> None:
                 shutil.copyfile(path, target / path.name)
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """One line of metrics.jsonl, or None for a line cut short (the process was killed or the disk filled
+    while it was written: the resumed run logs that step again)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLog:
     """Appends one JSON object per line to OUT/metrics.jsonl (main process only).
 
-    On resume, lines logged after the checkpoint's step are dropped first: the resumed run logs those
-    steps again, and the file then reads as one uninterrupted run.
+    On resume, lines logged after the checkpoint's step (and a last line cut short) are dropped first: the
+    resumed run logs those steps again, and the file then reads as one uninterrupted run.
     """
 
     def __init__(self, path: Path, enabled: bool, after_step: int):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            lines = path.read_text().splitlines()
+            kept = [
+                line
+                for line, record in zip(lines, map(_record, lines), strict=True)
+                if record and record["step"] <= after_step
+            ]
+            with atomic_file(path) as file:
+                file.write("".join(line + "\n" for line in kept).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

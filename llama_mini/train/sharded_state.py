@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from llama_mini.errors import CheckpointError
@@ -164,8 +165,19 @@ def save_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     torchrun job must call it: each writes its own pieces (FSDP) or its share of the whole tensors
     (DDP), and the main process writes `.metadata` last, once every piece is on disk."""
     writer = FileSystemWriter(folder)  # fsyncs every file before `.metadata` is written
-    with _alone_without_warning():
-        dcp.save(training_tensors(model, optimizer), storage_writer=writer, no_dist=_single_process())
+    try:
+        with _alone_without_warning():
+            dcp.save(training_tensors(model, optimizer), storage_writer=writer, no_dist=_single_process())
+    except CheckpointException as failed:
+        # DCP gathers every process's failure into one BaseException; the first one's own error (a full
+        # disk, say) is what the caller can name, and it is the same on every process
+        raise first_failure(failed) from None
+
+
+def first_failure(failed: CheckpointException) -> BaseException:
+    """The error of the lowest-ranked process that failed in a DCP collective."""
+    error, _ = failed.failures[min(failed.failures)]
+    return error
 
 
 def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
