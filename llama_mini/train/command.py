@@ -76,7 +76,7 @@ def train(given: dict) -> int:
     try:
         trainer = Trainer(config, model_overrides, resume=resume, resume_overrides=train_settings)
     except BaseException as error:  # refused or stopped before the first step: leave no empty run folder
-        if not existed:
+        if not existed and os.environ.get("RANK", "0") == "0":  # under torchrun the main process tidies up
             remove_empty_folders(out)
         if not isinstance(error, KeyboardInterrupt):
             raise
@@ -124,8 +124,8 @@ def finished(config: TrainConfig, model_overrides: dict, train_settings: dict) -
 
 def remove_empty_folders(folder: Path) -> None:
     """Remove `folder` and the folders inside it if they hold no file but this run's lock (what a run
-    refused or interrupted before its first step left in a folder it created). Under torchrun every
-    process tidies up at once, so what another one removed first is not an error."""
+    refused or interrupted before its first step left in a folder it created). What is gone already, or no
+    longer empty, is left as it is."""
     try:
         (folder / LOCK_FILE).unlink(missing_ok=True)
         for inner in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
