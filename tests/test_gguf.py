@@ -818,6 +818,7 @@ def llama_cpp_greedy(llama, prompt: list[int], steps: int) -> list[int]:
 # Measured on this model (logits' std ~1): llama.cpp against the weights the file holds 0.06 at most for
 # every block type (it rounds the activations to 8 bits for the dot products), 3x that is allowed; against
 # the unrounded model q4_0 is off by 0.9, q5_0 by 0.5.
+@pytest.mark.slow  # 1-3 s each alone, up to 20 s on a busy 2-core machine
 @pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["q5_1", "q5_0", "q4_1", "q4_0"])
 def test_llama_cpp_runs_the_block_exports_as_the_weights_they_hold(tmp_path, sentencepiece_model, dtype):
