@@ -1,7 +1,7 @@
 """`llama-mini convert` (python -m llama_mini.convert): a checkpoint into a Hugging Face folder, or GGUF.
 
     llama-mini convert SRC DST [--dtype bf16|fp16|fp32] [--tokenizer PATH] [--force]
-    llama-mini convert SRC OUT.gguf [--dtype f32|f16|bf16|q8_0] [--tokenizer PATH] [--force]
+    llama-mini convert SRC OUT.gguf [--dtype f32|f16|bf16|q8_0|..|q4_0] [--tokenizer PATH] [--force]
 
 SRC is any folder `load_model` reads: llama_mini's own, Hugging Face Llama (single or
 sharded safetensors), Meta's original (params.json + consolidated.*.pth), or a training run folder (its
@@ -37,7 +37,7 @@ from llama_mini.checkpoint.gguf import (
     GGUFExportError,
     check_gguf_compatible,
     gguf_module,
-    sentencepiece_vocab,
+    gguf_vocab,
     write_gguf,
 )
 from llama_mini.checkpoint.peft import is_adapter_folder, merge_adapter
@@ -48,7 +48,8 @@ from llama_mini.generation.sampling import SamplingConfig
 from llama_mini.model.sizes import count_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# GGUF spells fp32 and fp16 f32 and f16; either spelling works for either destination. q8_0 is GGUF only.
+# GGUF spells fp32 and fp16 f32 and f16; either spelling works for either destination. The block types
+# (q8_0 .. q4_0) are GGUF only.
 _GGUF_SPELLING = {"fp32": "f32", "fp16": "f16"}
 _FOLDER_SPELLING = {gguf: folder for folder, gguf in _GGUF_SPELLING.items()}
 
@@ -65,10 +66,12 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         choices=sorted({*DTYPES, *GGUF_DTYPES, *_FOLDER_SPELLING}),
-        help="store the weights in this dtype (default: as in SRC; f32 for .gguf; q8_0 is .gguf only)",
+        help="store the weights in this dtype (default: as in SRC; f32 for .gguf; q8_0 .. q4_0: .gguf only)",
     )
     parser.add_argument(
-        "--tokenizer", type=Path, help="SentencePiece tokenizer.model to include (default: SRC's)"
+        "--tokenizer",
+        type=Path,
+        help="tokenizer.model or tokenizer.json (or its folder) to include (default: SRC's)",
     )
     parser.add_argument(
         "--force", action="store_true", help="write into DST even if it is not empty (or replace the .gguf)"
@@ -157,8 +160,9 @@ def export_gguf(
 ) -> str:
     """Convert the checkpoint folder `src` (llama_mini, Hugging Face or Meta) into the GGUF file `dst`.
 
-    tokenizer: a SentencePiece tokenizer.model (default: src's own). A GGUF file carries its tokenizer,
-    so one is required. Every input is checked before anything is written, and an existing `dst` is
+    tokenizer: a SentencePiece tokenizer.model or a byte-level BPE tokenizer.json, or the folder holding
+    one (default: src's own), read with its chat template and special tokens. A GGUF file carries its
+    tokenizer, so one is required. Every input is checked before anything is written, and an existing `dst` is
     replaced only with force=True. Returns a one-line summary.
     """
     src, dst = resolve_checkpoint(src), Path(dst)
@@ -175,15 +179,16 @@ def export_gguf(
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(src)
     if tokenizer is None:
         raise GGUFExportError(
-            f"{src} has no tokenizer.model, and a GGUF file must carry its tokenizer: "
-            "pass --tokenizer with the model's SentencePiece tokenizer.model"
+            f"{src} has no tokenizer.model or tokenizer.json, and a GGUF file must carry its tokenizer: "
+            "pass --tokenizer with the model's tokenizer file or folder"
         )
-    vocab = sentencepiece_vocab(tokenizer)
+    vocab = gguf_vocab(tokenizer)
     vocab.padded_to(args.vocab_size)  # fails here, before the weights are read, if it cannot fit
     gguf_module()  # a missing gguf package is reported before the weights are read
     model = load_model(src)
     storage = write_gguf(model, dst, vocab, dtype, name=src.resolve().name)
-    fallback = sorted(name for name, kind in storage.items() if kind == "f16" and dtype == "q8_0")
+    blocks = dtype.startswith("q")
+    fallback = sorted(name for name, kind in storage.items() if kind == "f16" and blocks)
     note = f" ({len(fallback)} matrices in f16: rows not a multiple of 32)" if fallback else ""
     padding = args.vocab_size - len(vocab.tokens)
     pieces = f"{len(vocab.tokens)} pieces" + (f" + {padding} padding" if padding else "")
@@ -205,8 +210,7 @@ def _run(args: argparse.Namespace) -> None:
         print(note, file=sys.stderr)
     if args.dst.suffix.lower() == ".gguf":  # the destination's suffix chooses the format
         dtype = _GGUF_SPELLING.get(args.dtype, args.dtype) or "f32"
-        tokenizer = args.tokenizer or _source_tokenizer(resolve_checkpoint(args.src))
-        print(export_gguf(args.src, args.dst, dtype, tokenizer, args.force))
+        print(export_gguf(args.src, args.dst, dtype, args.tokenizer, args.force))
     else:
         dtype = _folder_dtype(args.dtype)
         print(convert(args.src, args.dst, dtype, args.tokenizer, args.force, base=args.base))
