@@ -17,7 +17,9 @@ A resumed run continues the same curves. The steps a run logged after its last c
 are logged again by the resumed run, so each dashboard drops what came after the checkpoint first, as
 metrics.jsonl does: TensorBoard's writer is opened with `purge_step` at the first step the resumed run
 logs, which hides the older events from that step on; a W&B run is continued by its id (kept in
-OUT/wandb_run_id) and W&B keeps one value per step, so the steps it already holds are not sent again.
+OUT/wandb_run_id), and online, where W&B says which step it holds, the steps it has are not sent again.
+Offline W&B knows no history: the resumed session sends those steps again (the same losses: a resume is
+exact).
 """
 
 from __future__ import annotations
