@@ -118,6 +118,24 @@ def one_run(work: Path, corpus: Path, tokenizer: Path, dashboards: list[str], ar
     }
 
 
+def measure(args) -> dict[str, list[dict[str, float]]]:
+    """Each variant's runs, interleaved, on one corpus and tokenizer in a temporary folder."""
+    variants = [[], *([name] for name in args.dashboards)]
+    results: dict[str, list[dict[str, float]]] = {"-".join(v) or "none": [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="tracking-bench-") as folder:
+        work = Path(folder)
+        corpus = work / "corpus"
+        synthetic_corpus(corpus)
+        tokenizer = work / "tokenizer.model"
+        train_tokenizer([path.read_text() for path in sorted(corpus.glob("*.txt"))[:50]], tokenizer, 512)
+        warm_up = argparse.Namespace(**{**vars(args), "steps": 2})  # prepares the data once, for all runs
+        one_run(work, corpus, tokenizer, [], warm_up)
+        for _ in range(args.repeats):
+            for variant in variants:
+                results["-".join(variant) or "none"].append(one_run(work, corpus, tokenizer, variant, args))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,21 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("WANDB_SILENT", "true")
     trainer_module.Dashboards = TimedDashboards  # what the Trainer opens when a run starts
-    variants = [[], *([name] for name in args.dashboards)]
-    results: dict[str, list[dict[str, float]]] = {"-".join(v) or "none": [] for v in variants}
-    with tempfile.TemporaryDirectory(prefix="tracking-bench-") as folder:
-        work = Path(folder)
-        corpus = work / "corpus"
-        synthetic_corpus(corpus)
-        tokenizer = work / "tokenizer.model"
-        train_tokenizer([path.read_text() for path in sorted(corpus.glob("*.txt"))[:50]], tokenizer, 512)
-        one_run(
-            work, corpus, tokenizer, [], argparse.Namespace(**{**vars(args), "steps": 2})
-        )  # data, warm-up
-        for _ in range(args.repeats):
-            for variant in variants:
-                results["-".join(variant) or "none"].append(one_run(work, corpus, tokenizer, variant, args))
-
+    try:
+        results = measure(args)
+    finally:
+        trainer_module.Dashboards = tracking.Dashboards
     base = statistics.median(run["loop"] for run in results["none"])
     rows = []
     for name, runs in results.items():
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info(torch.device("cpu"))
     print(f"{info}\nsteps {args.steps}, log interval {args.log_interval}, repeats {args.repeats}")
     print_table(rows)
-    write_json(args.json, {**info, "settings": vars(args), "rows": rows})
+    write_json(args.json, {**info, "settings": vars(args), "results": rows})
     return 0
 
 
