@@ -1,4 +1,5 @@
-"""What every llama_mini command line shares: mistakes are reported to people as one line, not a traceback.
+"""What every llama_mini command line shares: mistakes are reported to people as one line, not a traceback;
+progress is a bar on a terminal and plain lines anywhere else.
 
 A usage error (a wrong flag or value) prints `error: ... (see --help)` and exits with code 2, as argparse
 does but without the whole usage text; a `LlamaMiniError` raised while working (a missing file, a bad
@@ -15,11 +16,21 @@ import sys
 import time
 import typing
 from collections.abc import Callable
+from typing import Any
 
 from llama_mini.errors import LlamaMiniError
 from llama_mini.files import file_system_failure
 
-__all__ = ["ArgumentParser", "report_errors", "run_command"]
+__all__ = [
+    "PLAIN_PROGRESS_INTERVAL_S",
+    "ArgumentParser",
+    "PlainProgress",
+    "duration",
+    "progress_bar",
+    "report_errors",
+    "run_command",
+    "stderr_is_terminal",
+]
 
 # seconds a later process of a torchrun launch waits before it exits on a mistake (see report_errors)
 LAUNCHED_WORKER_GRACE_S = 3.0
@@ -88,3 +99,82 @@ def run_command(
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 2
     return report_errors(lambda: action(args))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress: a bar for people at a terminal, plain lines for files, SLURM and CI
+# ---------------------------------------------------------------------------------------------------------
+
+PLAIN_PROGRESS_INTERVAL_S = 30.0  # seconds between the plain lines of a long piece of work
+
+
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal, where a bar redrawn in place reads well. Anywhere else (a file,
+    a pipe, SLURM's log, CI) each redraw would stay in the log as a fragment ending in a carriage return."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def duration(seconds: float) -> str:
+    """Seconds as H:MM:SS (`0:04:05`; days count in hours)."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _size(count: float, unit: str) -> str:
+    if unit != "B":
+        return f"{count:,.0f} {unit}"
+    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if count >= scale:
+            return f"{count / scale:.1f} {name}"
+    return f"{count:.0f} B"
+
+
+class PlainProgress:
+    """The part of tqdm's interface that llama_mini's long commands use (`update`, `n`, `close`, `leave`),
+    printing one plain line to stderr at most every `interval` seconds: how far, how fast, the time spent and
+    the time left when the total is known; and when the work took long enough to print any, a last line
+    when it ends."""
+
+    def __init__(self, total: float | None, description: str, unit: str = "B", interval: float | None = None):
+        self.total, self.description, self.unit = total, description, unit
+        self.interval = PLAIN_PROGRESS_INTERVAL_S if interval is None else interval
+        self.n, self.leave, self.printed = 0, True, False
+        self.started = self.last_line = time.perf_counter()
+
+    def update(self, count: float = 1) -> None:
+        self.n += count
+        now = time.perf_counter()
+        if now - self.last_line >= self.interval:
+            self.last_line = now
+            self._print(now)
+
+    def _print(self, now: float, finished: bool = False) -> None:
+        elapsed = now - self.started
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        done = _size(self.n, self.unit)
+        if self.total and not finished:
+            done += f" of {_size(self.total, self.unit)} ({self.n / self.total:.0%})"
+        parts = [f"{self.description}: {done}", f"{_size(rate, self.unit)}/s", f"elapsed {duration(elapsed)}"]
+        if self.total and not finished and rate > 0:
+            parts.append(f"remaining {duration(max(0.0, self.total - self.n) / rate)}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+        self.printed = True
+
+    def close(self) -> None:
+        if self.printed and self.leave:
+            self._print(time.perf_counter(), finished=True)
+        self.printed = False
+
+
+def progress_bar(total: float | None, description: str, unit: str = "B", enabled: bool = True) -> Any:
+    """A tqdm bar on a terminal, `PlainProgress` lines anywhere else, or (not `enabled`) a bar that shows
+    nothing. Bytes (unit "B") are shown in KiB, MiB and GiB."""
+    from tqdm.auto import tqdm
+
+    if enabled and not stderr_is_terminal():
+        return PlainProgress(total, description, unit)
+    scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, disable=not enabled, **scaled)

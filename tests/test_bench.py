@@ -21,6 +21,7 @@ from bench import (
     ffn,
     profile_cpu,
     serve,
+    tracking_overhead,
     train_throughput,
     vs_transformers,
 )
@@ -221,3 +222,17 @@ def test_serve_bench_measures_each_server_at_each_client_count(tmp_path):
     assert [row["tokens"] for row in rows] == [2 * 4, 2 * 2 * 4]  # greedy on spread weights: no early eos
     assert rows[0]["x 1 client"] == 1.0 and rows[1]["tokens/s"] > 0
     assert 0 < rows[1]["TTFT p50 (s)"] <= rows[1]["TTFT p95 (s)"]
+
+
+@pytest.mark.slow
+def test_tracking_overhead_times_runs_with_and_without_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "tracking.json"
+    argv = ["--steps", "4", "--log-interval", "2", "--repeats", "1", "--dim", "32", "--n-layers", "1"]
+    assert tracking_overhead.main([*argv, "--json", str(path)]) == 0
+    rows = results(path)
+    assert [row["--log"] for row in rows] == ["none", "tensorboard"]
+    assert rows[0]["vs none (end to end)"] == 1.0
+    assert rows[1]["ms / step in dashboard calls"] > 0 and rows[1]["once per run, s"] > 0
+    assert tracking_overhead.trainer_module.Dashboards is tracking_overhead.tracking.Dashboards  # restored

@@ -310,3 +310,30 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert plots.main(["glu", "--out", str(tmp_path)]) == 2
     assert "pip install 'llama_mini[plot]'" in one_line_error(capsys)
+
+
+def test_training_command_takes_runs_as_arguments_and_draws_loss_by_wall_time(tmp_path, capsys, monkeypatch):
+    first = write_metrics(tmp_path / "lr-1e-3").parent
+    second = write_metrics(tmp_path / "lr-3e-3", seed=1).parent
+    drawn = catch_figures(monkeypatch)
+    assert plots.main(["training", str(first), str(second), "--out", str(tmp_path / "img")]) == 0
+    assert [Path(path).name for path in capsys.readouterr().out.split()] == ["training.png"]
+    step_axes, token_axes, time_axes = drawn[0].axes[:3]
+    assert [line.get_label() for line in time_axes.get_lines()][1::2] == [
+        "lr-1e-3: validation",
+        "lr-3e-3: validation",
+    ]
+    assert time_axes.get_xlabel() == "seconds since the start"
+    # the clock starts one window (the first record's tokens at its tokens/s) before the first record
+    records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    train = [record for record in records if record["type"] == "train"]
+    start = train[0]["time"] - train[0]["tokens"] / train[0]["tokens_per_second"]
+    assert list(time_axes.get_lines()[0].get_xdata()) == pytest.approx(
+        [record["time"] - start for record in train]
+    )
+    assert time_axes.get_lines()[1].get_marker() == "o"  # the validation points are marked
+
+
+def test_training_command_without_runs_is_one_line(tmp_path, capsys):
+    assert plots.main(["training", "--out", str(tmp_path / "img")]) == 2
+    assert "no runs given" in one_line_error(capsys)

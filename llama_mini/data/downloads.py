@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from llama_mini.console import progress_bar
 from llama_mini.errors import DataError
 
 __all__ = [
@@ -153,17 +154,19 @@ def _download_with_pip(requirement: str, destination: Path) -> Path:
 
 
 def _download_url(url: str, destination: Path) -> None:
-    """Stream `url` into the file `destination`, 1 MiB at a time, with a progress bar."""
-    from tqdm import tqdm  # only needed for downloads
-
+    """Stream `url` into the file `destination`, 1 MiB at a time, with a progress bar (plain lines when
+    stderr is not a terminal)."""
     request = urllib.request.Request(url, headers={"User-Agent": "llama_mini"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(destination, "wb") as file:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar:
+            bar = progress_bar(total, f"downloading {destination.name}")
+            try:
                 while chunk := response.read(1 << 20):
                     file.write(chunk)
                     bar.update(len(chunk))
+            finally:
+                bar.close()
     except OSError as error:  # urllib.error.URLError and HTTPError are OSErrors, as are timeouts
         reason = getattr(error, "reason", None) or error
         raise DataError(

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llama_mini.console import progress_bar
 from llama_mini.data import pool
 from llama_mini.data.checks import check_prepared
 from llama_mini.data.pool import (
@@ -359,18 +360,10 @@ def _write_single_document(
 
 @contextmanager
 def _bar(total: int | None, description: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar counting bytes (MB, MB/s, and an ETA when the total is known) on a terminal, else
-    nothing; it is cleared, not left half full, when the work fails."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        desc=description,
-        unit="B",
-        unit_scale=True,
-        dynamic_ncols=True,
-        disable=None if enabled else True,  # None: shown only on a terminal
-    )
+    """Progress over bytes (MiB, MiB/s, and the time left when the total is known): a tqdm bar on a
+    terminal, a plain line every half minute elsewhere (llama_mini.console.progress_bar); a bar is
+    cleared, not left half full, when the work fails."""
+    bar = progress_bar(total, description, unit="B", enabled=enabled)
     try:
         yield bar
     except BaseException:

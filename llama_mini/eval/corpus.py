@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from llama_mini.console import progress_bar
 from llama_mini.data.split import check_val_fraction, is_small, split_documents, validation_score
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.model.transformer import Transformer
@@ -161,9 +162,7 @@ def bits_per_byte(
     device = torch.device(device) if device is not None else model.tok_embeddings.weight.device
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="scoring", dynamic_ncols=True)
+        bar = progress_bar(total_bytes, "scoring")  # plain lines when stderr is not a terminal
 
     training = model.training
     model.eval()

@@ -27,12 +27,14 @@ from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
 from llama_mini.runtime import DtypeName, device_setting, dtype_setting
 from llama_mini.settings import choice_problems, from_dict, read_config_file, setting, write_config_file
 from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE
+from llama_mini.train.tracking import DASHBOARDS
 
 __all__ = [
     "AttentionName",
     "ParallelName",
     "SwiGLUKernelName",
     "TrainConfig",
+    "WandBMode",
     "model_args_for",
     "read_run_config",
     "resumed_settings",
@@ -51,6 +53,8 @@ AttentionName = Literal[("auto", *ATTENTION_BACKENDS)]
 SwiGLUKernelName = Literal[("auto", *SWIGLU_KERNELS)]
 # How training spreads over the processes of a torchrun job (llama_mini.train.parallel).
 ParallelName = Literal["ddp", "fsdp"]
+# Where --log wandb sends the run (W&B's own modes).
+WandBMode = Literal["online", "offline", "disabled"]
 
 
 @dataclass
@@ -145,6 +149,16 @@ class TrainConfig:
     )
     eval_tasks_limit: int | None = setting(None, "examples per harness task at each evaluation (none = all)")
     log_interval: int = setting(10, "steps between lines of metrics.jsonl and progress updates")
+    log: list[str] = setting(
+        factory=list,
+        help="dashboards that get what metrics.jsonl records, repeatable or comma-separated: tensorboard "
+        "(event files in OUT/tensorboard/) and wandb (Weights & Biases)",
+    )
+    wandb_project: str | None = setting(None, "--log wandb: the W&B project (none = WANDB_PROJECT or W&B's)")
+    wandb_name: str | None = setting(None, "--log wandb: the W&B run's name (none = the --out folder's name)")
+    wandb_mode: WandBMode | None = setting(
+        None, "--log wandb: online, offline (`wandb sync` later) or disabled (none = WANDB_MODE or online)"
+    )
     keep_last: int = setting(2, "step checkpoints to keep (besides best/)")
     seed: int = setting(1337, "seeds the weights and the data order")
     device: str = device_setting()
@@ -201,6 +215,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._resolve_schedule_defaults()
         problems = choice_problems(self)
+        problems += self._resolve_dashboards()
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps", "log_interval",
                     "keep_last", "vocab_size")  # fmt: skip
         for name in positive:
@@ -259,6 +274,15 @@ class TrainConfig:
             self.warmup_steps = warmup
             derived.append("warmup_steps")
         self.derived = tuple(derived)  # not a field: not compared, not saved as a value
+
+    def _resolve_dashboards(self) -> list[str]:
+        """--log's names, whether repeated or comma-separated, as one list in the order first given."""
+        names = [name.strip() for item in self.log for name in str(item).split(",") if name.strip()]
+        self.log = list(dict.fromkeys(names))
+        unknown = [name for name in self.log if name not in DASHBOARDS]
+        if unknown:
+            return [f"--log must be one or more of {', '.join(DASHBOARDS)}, got {', '.join(unknown)}"]
+        return []
 
     def _fine_tuning_problems(self) -> list[str]:
         problems = []

@@ -5,6 +5,7 @@
       tokenizer.model         the run's tokenizer
       data/                   the tokenized shards (unless --data-dir points elsewhere)
       metrics.jsonl           one JSON object per logged step and per evaluation
+      tensorboard/, wandb/, wandb_run_id    --log's dashboards (llama_mini/train/tracking.py)
       step-NNNNNNN/           the last --keep-last checkpoints, each:
         config.json, model.safetensors, tokenizer files    a Hugging Face folder of the whole model
         sharded_state/        the trainable weights and AdamW's state, one file per process, written with

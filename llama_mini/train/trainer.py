@@ -19,7 +19,8 @@ The Trainer runs the loop over a run that build.py's `build_run` sets up from th
     run_folder.py  checkpoints, best/, rotation, resume state, metrics.jsonl, config.toml
     sharded_state.py  the trainable weights and AdamW state in checkpoints, one file per process (DCP)
     parallel.py    DDP, FSDP and activation checkpointing, applied to the built model
-    progress.py    the progress bar
+    progress.py    the progress bar on a terminal, plain lines in a file
+    tracking.py    TensorBoard and W&B (--log), fed the records of metrics.jsonl
     optim.py       AdamW and the learning-rate schedule
     ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
 
@@ -71,6 +72,7 @@ from llama_mini.train.parallel import gather_full_state_dict, replicate, unshard
 from llama_mini.train.progress import Progress
 from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
 from llama_mini.train.sharded_state import load_sharded_state, save_sharded_state
+from llama_mini.train.tracking import Dashboards
 
 # seconds after a first stop signal in which a repeat is torchrun passing it on (see _stop_on_signals)
 LAUNCHER_ECHO_S = 5.0
@@ -175,6 +177,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked for the stop, if one did
         self.warned_no_harness = False
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
 
     @property
     def out(self) -> Path:
@@ -196,9 +199,31 @@ class Trainer:
                 self.run_folder.unlock()
 
     def _run(self) -> TrainSummary:
-        config = self.config
         start_step, started = self.step, time.perf_counter()
         metrics = MetricsLog(self.out / METRICS, enabled=self.dist.is_main, after_step=start_step)
+        dashboards = self._open_dashboards(start_step)
+        try:
+            return self._train(start_step, started, metrics, dashboards)
+        finally:
+            dashboards.close()
+
+    def _open_dashboards(self, start_step: int) -> Dashboards:
+        """--log's dashboards (on the main process), told the run's settings."""
+        config = self.config
+        if not self.dist.is_main:
+            return Dashboards([], self.out, start_step + 1)
+        dashboards = Dashboards(
+            config.log, self.out, start_step + 1, config.wandb_project, config.wandb_name, config.wandb_mode
+        )
+        if dashboards.open:
+            model = {f"model.{name}": value for name, value in self.model_args.to_dict().items()}
+            dashboards.hyperparameters({**config.to_dict(), **model})
+            if start_step == 0:
+                dashboards.text(0, "settings", (self.out / RUN_CONFIG).read_text())
+        return dashboards
+
+    def _train(self, start_step: int, started: float, metrics: MetricsLog, dashboards: Dashboards):
+        config = self.config
         progress = Progress(config.max_steps, start_step, enabled=self.show_progress and self.dist.is_main)
         progress.write(f"fast paths: {self.fast_paths.describe()} (train.py --help tells how to switch)")
         if config.init_from:
@@ -216,15 +241,16 @@ class Trainer:
                         train_loss, window_tokens / (clock(self.device) - window_start)
                     )
                     metrics.write(record)
+                    dashboards.record(record)
                     progress.update_postfix(record)
                     window_start, window_tokens = time.perf_counter(), 0
                 progress.advance()
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     eval_started = time.perf_counter()
                     evaluation = self.evaluate()
-                    metrics.write(
-                        {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
-                    )
+                    record = {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
+                    metrics.write(record)
+                    dashboards.record(record)
                     held_out = "".join(
                         f", {name.removeprefix('val_bpb/')} {value:.4f}"
                         for name, value in evaluation.items()
@@ -242,7 +268,10 @@ class Trainer:
         if interrupted and self.last_saved_step != self.step:
             self.save_checkpoint(None, train_loss)
         progress.close()
-        return self._summary(start_step, started, train_loss, evaluation, interrupted)
+        summary = self._summary(start_step, started, train_loss, evaluation, interrupted)
+        if summary.sample is not None:
+            dashboards.text(self.step, "sample", summary.sample)
+        return summary
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the mean training loss (a non-finite loss skips the update)."""
@@ -260,8 +289,9 @@ class Trainer:
             return loss
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+        # The global gradient norm before clipping (kept for the log; --grad-clip 0 measures, clips nothing)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).detach()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -344,6 +374,10 @@ class Trainer:
             "lr": learning_rate(self.step - 1, self.config),
             "tokens_per_second": tokens_per_second,
         }
+        if self.grad_norm is not None:
+            norm = self.grad_norm
+            # under FSDP a DTensor: every process calls this, and full_tensor() gathers the one value
+            record["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         peak_memory = peak_memory_bytes(self.device)
         if peak_memory is not None:  # on a GPU: the most this process's allocator has held so far
             record["peak_memory_bytes"] = peak_memory

@@ -2,7 +2,7 @@
 
     python -m llama_mini.plots activations --out DIR     # every activation and its derivative (autograd)
     python -m llama_mini.plots glu --out DIR             # GLU, Bilinear, ReGLU, GEGLU, SwiGLU over (a, b)
-    python -m llama_mini.plots training --runs RUN [RUN ...] --out DIR
+    python -m llama_mini.plots training RUN [RUN ...] [--out DIR]
     python -m llama_mini.plots ffn-stats --checkpoint DIR [--text TEXT | --text-file FILE] --out DIR
 
 Each command writes PNG (or SVG with --format svg) into DIR and prints the paths it wrote. One module per

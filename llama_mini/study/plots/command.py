@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
     if args.command == "glu":
         return plot_glu(args.out, args.format)
     if args.command == "training":
-        return plot_training(args.runs, args.out, args.format)
+        return plot_training([*args.run_folders, *args.runs], args.out, args.format)
     text, text_name = args.text, None
     if args.text_file is not None:
         text, text_name = _read_text_file(args.text_file), Path(args.text_file).name
@@ -62,15 +62,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "glu", parents=[common], help="GLU, Bilinear, ReGLU, GEGLU, SwiGLU as f(gate a, value b)"
     )
     training = commands.add_parser(
-        "training", parents=[common], help="loss, lr and tokens/s of one or more runs"
+        "training",
+        help="loss by step, tokens and wall time, lr, tokens/s and gradient norm of one or more runs, "
+        "overlaid and labelled by folder name",
     )
     training.add_argument(
-        "--runs",
-        nargs="+",
-        required=True,
-        metavar="RUN",
-        help="run folders (or their metrics.jsonl) to overlay",
+        "run_folders", nargs="*", metavar="RUN", help="run folders (or their metrics.jsonl) to overlay"
     )
+    training.add_argument(
+        "--runs", nargs="+", default=[], metavar="RUN", help="more runs, as a flag (the same as RUN ...)"
+    )
+    training.add_argument(
+        "--out", default=".", metavar="DIR", help="folder to write training.png into (default: .)"
+    )
+    training.add_argument("--format", choices=FORMATS, default="png", help="image format (default: png)")
     stats = commands.add_parser(
         "ffn-stats",
         parents=[common],
