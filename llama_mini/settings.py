@@ -222,6 +222,9 @@ def add_flags(
         if wanted is not None and field.name not in wanted:
             continue
         kind, nullable = _without_none(_type_of(cls, field.name))
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            # `X | list[X]` (one value, or several): the flag takes one or more, as a list setting's does
+            kind = next((arg for arg in typing.get_args(kind) if typing.get_origin(arg) is list), kind)
         default = getattr(defaults, field.name)
         options: dict[str, Any] = {
             "default": argparse.SUPPRESS,

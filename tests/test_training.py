@@ -493,3 +493,74 @@ def test_runs_with_other_seeds_share_the_split_and_can_share_prepared_data(
     third = Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "s3", seed=3), TINY_MODEL)
     assert third.val_data.meta.tokens == first.val_data.meta.tokens
     assert (third.val_data.read(0, len(third.val_data)) == first.val_data.read(0, len(first.val_data))).all()
+
+
+# ------------------------------------------------------------------------------------------ mixtures
+
+
+@pytest.fixture(scope="module")
+def three_corpora(tmp_path_factory, corpus_dir) -> list[str]:
+    """The test corpus and two more folders of the same grammar: a mixture of three sources."""
+    folders = [corpus_dir]
+    for seed, name in ((1, "plays"), (2, "poems")):
+        folder = tmp_path_factory.mktemp(name)
+        for index, text in enumerate(synthetic_corpus(documents=12, seed=seed)):
+            (folder / f"doc{index:02d}.txt").write_text(text)
+        folders.append(folder)
+    return [f"{folders[0]}:0.7", f"{folders[1]}:0.2", f"{folders[2]}:0.1"]
+
+
+@pytest.mark.slow
+def test_a_three_source_mixture_trains_reports_each_source_and_resumes_exactly(
+    three_corpora, corpus_dir, tokenizer_path, tmp_path, capsys
+):
+    settings = dict(data=three_corpora, max_steps=6, eval_interval=3)
+    whole = make_config(corpus_dir, tokenizer_path, tmp_path / "whole", **settings)
+    Trainer(whole, TINY_MODEL, show_progress=False).run()
+    names = [Path(spec.rsplit(":", 1)[0]).name for spec in three_corpora]
+    for name in names:  # each source prepared on its own, in a folder named for it
+        assert (tmp_path / "whole" / "data" / name / MANIFEST).is_file()
+    evaluation = read_metrics(tmp_path / "whole", "eval")[-1]
+    weighted = sum(w * evaluation[f"val_bpb/{n}"] for w, n in zip((0.7, 0.2, 0.1), names, strict=True))
+    assert evaluation["val_bpb"] == pytest.approx(weighted, rel=1e-12)
+    assert len({evaluation[f"val_bpb/{n}"] for n in names}) == 3  # three splits, three numbers
+    record = (tmp_path / "whole" / "config.toml").read_text()
+    assert f"data = {json.dumps(three_corpora)}" in record
+
+    broken = make_config(corpus_dir, tokenizer_path, tmp_path / "broken", **settings)
+    trainer = Trainer(broken, TINY_MODEL, show_progress=False)
+    original_step = trainer.train_step
+
+    def interrupt_after_step_2(step):
+        loss = original_step(step)
+        trainer.stop_requested = trainer.stop_requested or step == 1
+        return loss
+
+    trainer.train_step = interrupt_after_step_2
+    assert trainer.run().step == 2
+    resumed = Trainer(
+        make_config(corpus_dir, tokenizer_path, tmp_path / "broken", **settings), {}, resume=True,
+        show_progress=False,
+    )  # fmt: skip
+    resumed.run()
+    for kind in ("train", "eval"):
+        expected = read_metrics(tmp_path / "whole", kind)
+        got = read_metrics(tmp_path / "broken", kind)
+        keys = ("step", "loss") if kind == "train" else ("step", "val_loss", *(f"val_bpb/{n}" for n in names))
+        assert [[m[k] for k in keys] for m in got] == [[m[k] for k in keys] for m in expected]
+
+    # a --resume that names another mixture is refused in one line, before any work
+    other = [*three_corpora[:2], three_corpora[2].replace(":0.1", ":0.3")]
+    flags = ["--resume", "--out", str(tmp_path / "broken"), "--device", "cpu"]
+    capsys.readouterr()  # what the runs above wrote
+    code, _, err = run_cli([*flags, *(item for spec in other for item in ("--data", spec))], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "--data" in err and "differs from the resumed run's" in err
+
+
+def test_repeated_data_flags_make_a_mixture_and_one_keeps_a_plain_value(capsys):
+    from llama_mini.train.command import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--data", "a.txt:2", "--data", "b.txt"]).data == ["a.txt:2", "b.txt"]
+    assert TrainConfig(data=parser.parse_args(["--data", "a.txt"]).data).data == "a.txt"

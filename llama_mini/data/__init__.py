@@ -11,6 +11,7 @@ The path from text to a training batch, streamed so that no step holds the corpu
     provenance.py reusable_manifest        what prepared data were made from, so reruns reuse them
     shards.py     TokenSplit(dir, split)   a split's shards, memory-mapped and read as one sequence
     batches.py    get_batch(split, ...)    random windows, a pure function of (seed, step)
+    mixture.py    get_mixture_batch        rows from weighted sources, a pure function of (seed, step)
 
 Chat data take the same path: a .jsonl of {"messages": [...]} records (sources.ChatLines) is rendered
 with the tokenizer's chat template, stored with a loss mask and a conversation index beside the token

@@ -166,6 +166,11 @@ def corpus_settings(config: EvalConfig, given: dict[str, Any], checkpoint: Path)
     if describe_resolution(checkpoint) is not None and (checkpoint / RUN_CONFIG).is_file():
         train, _ = read_run_config(checkpoint / RUN_CONFIG)
         defaults.update({name: train[name] for name in ("data", *CORPUS_FLAGS) if name in train})
+        if config.data is None and isinstance(defaults["data"], list):
+            raise ConfigError(
+                f"{checkpoint} was trained on a mixture ({', '.join(defaults['data'])}): pass --data SOURCE "
+                "to score one of its corpora"
+            )
     elif config.data is None:
         raise ConfigError(
             f"{checkpoint} is not a run folder, so it has no corpus of its own: pass --data SOURCE "

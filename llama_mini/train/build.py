@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llama_mini.data.mixture import MixedSplits
 from llama_mini.data.sources import open_source
 from llama_mini.errors import ConfigError, DataError
 from llama_mini.files import check_output_path
@@ -251,6 +252,13 @@ def check_before_slow_work(
 
 
 def check_data_fits_the_context(model_args: ModelArgs, train_data, val_data) -> None:
+    if isinstance(train_data, MixedSplits):  # each source of a mixture, on its own
+        for source, train, val in zip(train_data.sources, train_data.splits, val_data.splits, strict=True):
+            try:
+                check_data_fits_the_context(model_args, train, val)
+            except ConfigError as error:
+                raise ConfigError(f"--data {source.spec}: {error}") from None
+        return
     window = model_args.max_seq_len + 1
     if val_data.chat is not None:  # chat rows start at conversations and are padded: any length fits
         return

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from llama_mini.data.mixture import parse_mixture
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.presets import PRESETS, PresetName
@@ -61,10 +62,12 @@ WandBMode = Literal["online", "offline", "disabled"]
 class TrainConfig:
     """Every training setting; train.py's flags map one to one onto these fields (dashes for underscores)."""
 
-    data: str = setting(
+    data: str | list[str] = setting(
         "shakespeare",
         "corpus: shakespeare, tinystories, hf:NAME[:CONFIG] (a Hugging Face dataset), a .txt, .jsonl or "
-        ".parquet file, a folder of one of those kinds, or a folder written by Dataset.save_to_disk",
+        ".parquet file, a folder of one of those kinds, or a folder written by Dataset.save_to_disk; "
+        "repeated as SOURCE:WEIGHT, a weighted mixture (each source prepared and validated on its own, "
+        "logged as val_bpb/NAME beside the weighted val_bpb)",
     )
     text_field: str = setting(
         "text", "the field or column holding each document's text in .jsonl, Parquet and Hugging Face data"
@@ -216,6 +219,17 @@ class TrainConfig:
         self._resolve_schedule_defaults()
         problems = choice_problems(self)
         problems += self._resolve_dashboards()
+        if isinstance(self.data, (list, tuple)):
+            # One corpus is kept as a plain string, so its record (config.toml, checkpoints) is as it
+            # always was; a mixture is a list of SOURCE[:WEIGHT].
+            self.data = self.data[0] if len(self.data) == 1 else list(self.data)
+        try:
+            self.sources = parse_mixture(self.data)  # not a field: derived from data
+        except ConfigError as error:
+            problems.append(str(error))
+        else:
+            if len(self.sources) > 1 and self.chat:
+                problems.append("--chat fine-tunes on one corpus of conversations: pass a single --data")
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps", "log_interval",
                     "keep_last", "vocab_size")  # fmt: skip
         for name in positive:

@@ -12,6 +12,11 @@ run folder's tokenizer_config.json before the data are prepared, so every checkp
 the template the model was fine-tuned on and `generate.py --chat` prompts it the same way. The batches
 then hold IGNORE_INDEX targets off the assistant tokens, which the loss skips; no other part of training
 changes. How many conversations the context truncates is reported once per split, at its first batch.
+
+A mixture (--data repeated, SOURCE:WEIGHT; llama_mini.data.mixture) prepares each source as one corpus is
+prepared, into a folder of its own named for it (OUT/data/NAME, or NAME inside the shared --data-dir's
+tokenizer folder); a tokenizer trained for the run learns from every source, each giving its weight's
+share of --tokenizer-sample-mb. One corpus is prepared where it always was.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 from llama_mini.data import TokenSplit, get_batch, open_source, prepare_data, tokenizer_sample
+from llama_mini.data.mixture import MixedSplits, get_mixture_batch
 from llama_mini.files import waiting_lock
 from llama_mini.runtime import Distributed
 from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, find_tokenizer_file, train_tokenizer
@@ -46,7 +52,9 @@ def is_chat_run(config: TrainConfig) -> bool:
     record has "messages" (llama_mini.data.sources). Looks at one line of the corpus at most."""
     if config.chat is not None:
         return config.chat
-    return open_source(config.data, config.text_field, config.data_split).chat
+    if len(config.sources) > 1:
+        return False
+    return open_source(config.sources[0].spec, config.text_field, config.data_split).chat
 
 
 def prepare_tokenizer(config: TrainConfig, out: Path, dist: Distributed, resuming: bool) -> Tokenizer:
@@ -68,17 +76,19 @@ def prepare_tokenizer(config: TrainConfig, out: Path, dist: Distributed, resumin
         dist.barrier()
         return Tokenizer(out)
     if dist.is_main:
-        sample = tokenizer_sample(
-            config.data,
-            round(config.tokenizer_sample_mb * 1e6),
-            config.val_fraction,
-            config.split_seed,
-            text_field=config.text_field,
-            data_split=config.data_split,
-            progress=True,
-            log=_log,
-            chat=config.chat,
-        )
+        sample = []
+        for source in config.sources:  # one corpus: all of the sample; a mixture: each its weight's share
+            sample += tokenizer_sample(
+                source.spec,
+                round(config.tokenizer_sample_mb * 1e6 * source.weight),
+                config.val_fraction,
+                config.split_seed,
+                text_field=config.text_field,
+                data_split=config.data_split,
+                progress=True,
+                log=_log,
+                chat=config.chat if len(config.sources) == 1 else False,
+            )
         trained = train_tokenizer(sample, out / RUN_TOKENIZER, config.vocab_size)
         if chat:
             # tokenizer_config.json beside the tokenizer.model, with the template (and tokenizer.json).
@@ -90,7 +100,7 @@ def prepare_tokenizer(config: TrainConfig, out: Path, dist: Distributed, resumin
 
 def prepare_shards(
     config: TrainConfig, out: Path, tokenizer: Tokenizer, dist: Distributed
-) -> tuple[TokenSplit, TokenSplit]:
+) -> tuple[TokenSplit, TokenSplit] | tuple[MixedSplits, MixedSplits]:
     """The training and validation splits, tokenized by the main process unless already prepared with the
     same corpus, split and tokenizer.
 
@@ -105,12 +115,28 @@ def prepare_shards(
         if dist.is_main:
             _prepare(config, data_dir, tokenizer, out)
     dist.barrier()
-    return TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+    if len(config.sources) == 1:
+        return TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+    folders = [data_dir / source.name for source in config.sources]
+    return tuple(  # type: ignore[return-value]
+        MixedSplits(config.sources, [TokenSplit(folder, split) for folder in folders])
+        for split in ("train", "val")
+    )
 
 
 def _prepare(config: TrainConfig, data_dir: Path, tokenizer: Tokenizer, out: Path) -> None:
+    if len(config.sources) == 1:
+        _prepare_source(config, config.sources[0].spec, data_dir, tokenizer, out, config.chat)
+        return
+    for source in config.sources:
+        _prepare_source(config, source.spec, data_dir / source.name, tokenizer, out, False)
+
+
+def _prepare_source(
+    config: TrainConfig, spec: str, data_dir: Path, tokenizer: Tokenizer, out: Path, chat: bool | None
+) -> None:
     prepare_data(
-        config.data,
+        spec,
         data_dir,
         tokenizer,
         config.val_fraction,
@@ -121,7 +147,7 @@ def _prepare(config: TrainConfig, data_dir: Path, tokenizer: Tokenizer, out: Pat
         resuming=bool(list_step_checkpoints(out)),
         progress=True,
         log=_log,
-        chat=config.chat,
+        chat=chat,
         verify=config.verify_data,
     )
 
@@ -134,7 +160,7 @@ def shared_data_folder(data_dir: Path, tokenizer: Tokenizer) -> Path:
 
 
 def batches(
-    data: TokenSplit,
+    data: TokenSplit | MixedSplits,
     step: int,
     count: int,
     stream: int,
@@ -145,10 +171,27 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`count` micro-batches (x, y) of this process's rows for `step`; `stream` separates training (0) from
     validation (1) draws, so the two never reuse each other's random windows. For chat data, the first
-    batches of each split report (main process) how many conversations the context truncates."""
+    batches of each split report (main process) how many conversations the context truncates.
+
+    A mixture's training batches number their rows over the run: micro-batch `step * count + micro_step`
+    holds rows from (step * count + micro_step) * batch_size on (llama_mini.data.mixture)."""
     if data.chat is not None and dist.is_main:
         data.chat.report(seq_len, _log)
     per_process = config.batch_size // dist.world_size
+    if isinstance(data, MixedSplits):
+        for micro_step in range(count):
+            yield get_mixture_batch(
+                data.splits,
+                data.sources,
+                per_process,
+                seq_len,
+                step=step * count + micro_step,
+                seed=config.seed,
+                rank=dist.rank,
+                world_size=dist.world_size,
+                device=device,
+            )
+        return
     for micro_step in range(count):
         index = (step * count + micro_step) * 2 + stream  # a distinct, reproducible draw for each
         yield get_batch(

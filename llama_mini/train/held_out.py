@@ -13,13 +13,12 @@ as much per corpus as the split's own and never reads a large corpus whole.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from llama_mini.data.mixture import source_name
 from llama_mini.data.sources import open_source
 from llama_mini.errors import DataError
 from llama_mini.eval.corpus import bits_per_byte
@@ -38,8 +37,7 @@ class HeldOutCorpus:
 
 def corpus_name(spec: str, taken: set[str]) -> str:
     """A short name for a --data source: a file's or folder's stem, a dataset's name; unique in `taken`."""
-    base = spec.split(":", 1)[1] if spec.startswith("hf:") else Path(spec.rstrip("/")).stem or spec
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_") or "corpus"
+    name = source_name(spec)
     unique, count = name, 2
     while unique in taken:
         unique, count = f"{name}_{count}", count + 1
@@ -49,6 +47,8 @@ def corpus_name(spec: str, taken: set[str]) -> str:
 def read_held_out(config: TrainConfig, tokenizer: Tokenizer, budget_tokens: int) -> list[HeldOutCorpus]:
     """The documents each --eval-data source contributes: its first ones, up to `budget_tokens` tokens."""
     corpora: list[HeldOutCorpus] = []
+    # a mixture's sources report val_bpb/NAME too: a held-out corpus takes another name
+    mixture = {source.name for source in config.sources} if len(config.sources) > 1 else set()
     for spec in config.eval_data:
         source = open_source(spec, text_field=config.text_field, data_split=config.data_split, chat=False)
         documents, tokens = [], 0
@@ -61,7 +61,7 @@ def read_held_out(config: TrainConfig, tokenizer: Tokenizer, budget_tokens: int)
                 break
         if not documents:
             raise DataError(f"--eval-data {spec} holds no text: pass a corpus with at least one document")
-        name = corpus_name(spec, {corpus.name for corpus in corpora})
+        name = corpus_name(spec, mixture | {corpus.name for corpus in corpora})
         corpora.append(HeldOutCorpus(name, tuple(documents)))
     return corpora
 

@@ -48,11 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from llama_mini.checkpoint import assign_weights, load_model, save_pretrained
 from llama_mini.checkpoint.peft import ADAPTER_FOLDER, load_adapter, merged_model, save_adapter
+from llama_mini.data import TokenSplit
+from llama_mini.data.mixture import MixedSplits, rows_per_source, source_of_rows
 from llama_mini.errors import LlamaMiniError
 from llama_mini.eval import INSTALL_EVAL
 from llama_mini.generation import SamplingConfig, generate
@@ -126,6 +129,42 @@ def accumulate_gradients(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total.item()
+
+
+class SourceEpochs:
+    """How many times over its training split each source of a mixture has been drawn from, and a line
+    for each one that begins a new epoch (none for a single corpus). A pure function of the step, like the
+    batches: a resumed run counts the rows before its first step again (llama_mini.data.mixture)."""
+
+    def __init__(self, data, config: TrainConfig, seq_len: int, start_step: int):
+        self.mixture = data if isinstance(data, MixedSplits) else None
+        self.seed, self.seq_len = config.seed, seq_len
+        self.rows_per_step = config.batch_size * config.grad_accum
+        if self.mixture is not None:
+            self.rows = rows_per_source(self.mixture.weights, self.seed, start_step * self.rows_per_step)
+            self.epochs = self._epochs()
+
+    def _epochs(self) -> list[int]:
+        """The epoch each source is in: 1 + its tokens drawn // its training split's tokens."""
+        splits = self.mixture.splits
+        return [
+            1 + int(rows) * self.seq_len // len(split) for rows, split in zip(self.rows, splits, strict=True)
+        ]
+
+    def after_step(self, step: int) -> list[str]:
+        """Lines for the sources whose training split step `step` began drawing from again."""
+        if self.mixture is None:
+            return []
+        picks = source_of_rows(self.mixture.weights, self.seed, (step - 1) * self.rows_per_step,
+                               self.rows_per_step)  # fmt: skip
+        self.rows += np.bincount(picks, minlength=len(self.rows))
+        before, self.epochs = self.epochs, self._epochs()
+        return [
+            f"data: {source.name} begins epoch {now} at step {step} (its training split drawn "
+            f"{now - 1} time{'s' if now > 2 else ''} over)"
+            for source, was, now in zip(self.mixture.sources, before, self.epochs, strict=True)
+            if now != was
+        ]
 
 
 class Trainer:
@@ -228,6 +267,7 @@ class Trainer:
         progress.write(f"fast paths: {self.fast_paths.describe()} (train.py --help tells how to switch)")
         if config.init_from:
             progress.write(self._describe_fine_tuning())
+        epochs = SourceEpochs(self.train_data, config, self.model_args.max_seq_len, start_step)
         train_loss, evaluation, interrupted = float("nan"), None, False
         window_start, window_tokens = time.perf_counter(), 0
         with self._stop_on_signals():
@@ -235,6 +275,8 @@ class Trainer:
                 train_loss = self.train_step(self.step)
                 self._stop_if_not_finite(train_loss)
                 self.step += 1
+                for line in epochs.after_step(self.step):
+                    progress.write(line)
                 window_tokens += self.tokens_per_step
                 if self.step % config.log_interval == 0 or self.step == config.max_steps:
                     record = self._train_record(
@@ -308,16 +350,32 @@ class Trainer:
         tokenizers (a model with a bigger vocabulary has a higher loss per token but fewer tokens).
         The same batches are drawn at every evaluation, so evaluations are comparable with each other.
         """
+        if isinstance(self.val_data, MixedSplits):
+            return {**self._evaluate_mixture(self.val_data), **self._evaluate_beyond_the_split()}
+        val_loss, val_bpb = self._evaluate_split(self.val_data)
+        return {"val_loss": val_loss, "val_bpb": val_bpb, **self._evaluate_beyond_the_split()}
+
+    def _evaluate_split(self, split: TokenSplit) -> tuple[float, float]:
+        """(loss, bits per byte) over eval_steps fixed batches of one validation split."""
         self.loss_module.eval()
         total = 0.0
-        for x, y in self._batches(self.val_data, 0, self.config.eval_steps, stream=1):
+        for x, y in self._batches(split, 0, self.config.eval_steps, stream=1):
             with autocast(self.device, self.dtype), attention_backend(self.fast_paths.attention):
                 total += self.loss_module(x, y).item()
         val_loss = self.dist.mean(total / self.config.eval_steps, self.device)
-        meta = self.val_data.meta
         # tokens per byte of the text the loss averages over (chat data: the assistant replies only)
-        results = {"val_loss": val_loss, "val_bpb": val_loss * meta.loss_tokens_per_byte / math.log(2)}
-        return {**results, **self._evaluate_beyond_the_split()}
+        return val_loss, val_loss * split.meta.loss_tokens_per_byte / math.log(2)
+
+    def _evaluate_mixture(self, val_data: MixedSplits) -> dict[str, float]:
+        """Each source's own validation split, as val_loss/NAME and val_bpb/NAME, and their weighted means
+        as val_loss and val_bpb (what best/ is chosen by): the loss of text drawn as training draws it."""
+        results = {"val_loss": 0.0, "val_bpb": 0.0}
+        for source, split in zip(val_data.sources, val_data.splits, strict=True):
+            loss, bpb = self._evaluate_split(split)
+            results[f"val_loss/{source.name}"], results[f"val_bpb/{source.name}"] = loss, bpb
+            results["val_loss"] += source.weight * loss
+            results["val_bpb"] += source.weight * bpb
+        return results
 
     def _evaluate_beyond_the_split(self) -> dict[str, float]:
         """--eval-data's held-out corpora (every process: under FSDP each holds a piece of every layer) and
