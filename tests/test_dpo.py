@@ -360,3 +360,37 @@ def test_a_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_checkpoints(
     transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole" / "best")
     assert tuned.args.vocab_size == load_model(folder).args.vocab_size
     assert (tmp_path / "whole" / "best" / ADAPTER_FOLDER).is_dir() == bool(lora_rank)
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_run_under_fsdp_equals_one_process(hf_chat_model, tmp_path):
+    """Two processes (gloo on CPUs), the reference computed through the sharded root module: the same
+    metrics as one process, step for step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, records = hf_chat_model
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    flags = ["--init-from", str(folder), "--data", data, "--dpo", "--lora-rank", "4", "--device", "cpu",
+             "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dpo-beta", "0.5", "--eval-interval", "3",
+             "--eval-steps", "2", "--log-interval", "1", "--sample-tokens", "0", "--max-seq-len", "32"]  # fmt: skip
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    repo = Path(__file__).resolve().parent.parent
+    for launcher, out in (([], "one"), ([*torchrun], "fsdp")):
+        more = ["--parallel", "fsdp"] if launcher else []
+        result = subprocess.run(
+            [sys.executable, *launcher, "train.py", *flags, *more, "--out", str(tmp_path / out)],
+            cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    kept = ("step", "loss", "reward_margin", "val_loss", "val_reward_margin", "val_chosen_reward")
+    one, fsdp = (
+        [{k: r[k] for k in kept if k in r} for r in records_of(tmp_path / out)] for out in ("one", "fsdp")
+    )
+    assert len(one) == len(fsdp) == 4
+    for a, b in zip(one, fsdp, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)

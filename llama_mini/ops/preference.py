@@ -109,6 +109,10 @@ class PreferenceLoss(nn.Module):
             raise ConfigError(f"the preference loss's beta must be positive, got {beta}")
         self.model, self.beta, self.kind = model, beta, kind
 
-    def forward(self, tokens: Tensor, targets: Tensor, reference: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, targets: Tensor, reference: Tensor | None = None) -> Tensor:
+        """Without `reference`: the (2B,) summed log-probabilities of the answers themselves, which is how
+        the reference's are computed, through the same module (under FSDP, the root that must run first)."""
         policy, lengths = sequence_log_probs(self.model(tokens), targets)
+        if reference is None:
+            return policy
         return preference_loss(policy, reference, lengths, self.beta, self.kind)

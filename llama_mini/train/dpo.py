@@ -34,7 +34,7 @@ from llama_mini.data.preferences import PreferenceSplit
 from llama_mini.errors import DataError
 from llama_mini.files import atomic_file
 from llama_mini.ops.lora import adapters_disabled
-from llama_mini.ops.preference import PREFERENCE_METRICS, PreferenceLoss, sequence_log_probs
+from llama_mini.ops.preference import PREFERENCE_METRICS, PreferenceLoss
 from llama_mini.runtime import Distributed, autocast
 from llama_mini.train.config import TrainConfig
 
@@ -163,7 +163,7 @@ def reference_log_probs(
     out: Path,
     splits: dict[str, PreferenceSplit],
     model: nn.Module,
-    calling: Callable[[], object],
+    loss_module: nn.Module,
     *,
     seq_len: int,
     batch_size: int,
@@ -176,9 +176,9 @@ def reference_log_probs(
 ) -> dict[str, np.ndarray]:
     """Each split's (pairs, 2) float32 log ref(chosen | prompt), log ref(rejected | prompt): read from
     OUT/reference/ when recorded there for these pairs, this context and this starting model (`source`), else
-    computed by `model` (adapters off with LoRA) and written there by the main process. `calling` is the
-    context in which the model may be called directly (under FSDP, parallel.unsharded). Every process
-    computes every pair, so all run the same forward passes."""
+    computed by `model` (adapters off with LoRA) through its `loss_module` (PreferenceLoss, possibly
+    compiled or sharded) and written there by the main process. Every process computes every pair, so all
+    run the same forward passes."""
     folder = out / REFERENCE_FOLDER
     expected = {split: _reference_key(data, seq_len, source) for split, data in splits.items()}
     try:
@@ -201,22 +201,21 @@ def reference_log_probs(
     if dist.is_main:
         pairs = sum(map(len, splits.values()))
         _log(f"dpo: computing the reference model's log-probabilities of {pairs:,} pairs")
-    was_training = model.training
-    model.eval()
+    was_training = loss_module.training
+    loss_module.eval()
     results = {}
-    with adapters_disabled(model), calling():
+    with adapters_disabled(model):
         for split, data in splits.items():
             values = np.zeros((len(data), 2), dtype=np.float32)
             for start in range(0, len(data), batch_size):
                 indices = np.arange(start, min(start + batch_size, len(data)))
                 x, y = data.rows(indices, seq_len)
                 with autocast(device, dtype):
-                    logits = model(x.to(device))
-                summed, _ = sequence_log_probs(logits, y.to(device))
+                    summed = loss_module(x.to(device), y.to(device))
                 chosen, rejected = summed.float().cpu().numpy().reshape(2, -1)
                 values[indices, 0], values[indices, 1] = chosen, rejected
             results[split] = values
-    model.train(was_training)
+    loss_module.train(was_training)
     if dist.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "reference.json").unlink(missing_ok=True)

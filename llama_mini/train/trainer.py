@@ -428,7 +428,7 @@ class Trainer:
             self.out,
             {"train": self.train_data, "val": self.val_data},
             self.raw_model,
-            lambda: unsharded(self.loss_module),
+            self.loss_module,
             seq_len=self.model_args.max_seq_len,
             batch_size=self.config.batch_size,
             source=str(self.init_folder or self.config.init_from),
