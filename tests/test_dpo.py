@@ -254,6 +254,18 @@ def test_pairs_longer_than_the_context_lose_prompt_tokens_and_are_counted(hf_cha
     assert train.truncation(seq_len)[0] >= 1 and "prompts lose their first tokens" in lines[0]
 
 
+def test_pairs_are_read_from_parquet_too(hf_chat_model, tmp_path):
+    parquet = pytest.importorskip("pyarrow.parquet")
+    pyarrow = pytest.importorskip("pyarrow")
+    records = hf_chat_model[1][:3] + [{"prompt": "Hi", "chosen": "a", "rejected": "b"}]
+    parquet.write_table(pyarrow.Table.from_pylist(records[:3]), tmp_path / "chats.parquet")
+    read = [record for _, record in preference_records(str(tmp_path / "chats.parquet"))]
+    assert read == records[:3]  # message lists come back as lists of dicts
+    path = tmp_path / "strings.parquet"
+    parquet.write_table(pyarrow.Table.from_pylist(records[3:] * 2), path)
+    assert [where for where, _ in preference_records(str(path))] == [f"{path} row 1", f"{path} row 2"]
+
+
 def run_train(capsys, *argv) -> tuple[int, str]:
     code = train_cli.main([str(arg) for arg in argv])
     return code, capsys.readouterr().err
@@ -305,6 +317,20 @@ def test_with_adapters_off_a_lora_model_is_its_base():
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def chat_tuned(hf_chat_model, tmp_path_factory):
+    """The tiny model after a few steps of `train.py --chat` on the chosen conversations: its best/."""
+    folder, records = hf_chat_model
+    root = tmp_path_factory.mktemp("dpo_chat_sft")
+    chats = write_jsonl(root / "chats.jsonl", [{"messages": r["prompt"] + r["chosen"]} for r in records])
+    code = train_cli.main([
+        "--init-from", str(folder), "--data", chats, "--chat", "--out", str(root / "run"), "--device", "cpu",
+        "--max-steps", "3", "--batch-size", "4", "--eval-steps", "1", "--sample-tokens", "0", "--max-seq-len", "32",
+    ])  # fmt: skip
+    assert code == 0
+    return root / "run" / "best"
+
+
 def dpo_config(init_from, data, out, **settings) -> TrainConfig:
     values = dict(init_from=str(init_from), data=str(data), out=str(out), dpo=True, max_steps=6, batch_size=4)
     values |= dict(lr=1e-2, warmup_steps=1, eval_interval=3, eval_steps=2, log_interval=1, sample_tokens=0)
@@ -317,10 +343,12 @@ def records_of(out) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_a_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_checkpoints(
-    hf_chat_model, tmp_path, lora_rank
+def test_a_chat_model_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_checkpoints(
+    hf_chat_model, chat_tuned, tmp_path, lora_rank
 ):
-    folder, records = hf_chat_model
+    """From a model chat-tuned with --chat, as a user would go on."""
+    folder = chat_tuned
+    records = hf_chat_model[1]
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
     model = {"max_seq_len": 32}
     Trainer(
@@ -359,6 +387,9 @@ def test_a_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_checkpoints(
     tuned = load_model(tmp_path / "whole" / "best")  # an ordinary Hugging Face folder
     transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole" / "best")
     assert tuned.args.vocab_size == load_model(folder).args.vocab_size
+    assert (
+        Tokenizer(tmp_path / "whole" / "best").chat_template == CHATML_TEMPLATE
+    )  # generate --chat as before
     assert (tmp_path / "whole" / "best" / ADAPTER_FOLDER).is_dir() == bool(lora_rank)
 
 
