@@ -21,6 +21,7 @@ The Trainer runs the loop over a run that build.py's `build_run` sets up from th
     parallel.py    DDP, FSDP and activation checkpointing, applied to the built model
     progress.py    the progress bar
     optim.py       AdamW and the learning-rate schedule
+    dpo.py         preference tuning (--dpo): pairs, the reference log-probs, the preference step
     ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
 
 Fine-tuning (--init-from) starts from a pretrained checkpoint instead of random weights: its shape, weights
