@@ -24,6 +24,7 @@ never changes. Decoding has its own fast path, the compiled static-shape step wi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,9 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
 
-def apply_fast_paths(model: nn.Module, paths: FastPaths) -> nn.Module:
+def apply_fast_paths(
+    model: nn.Module, paths: FastPaths, objective: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
     """The module training calls, `loss_module(tokens, targets) -> mean loss`, with `paths` applied.
 
     SwiGLU feed-forwards get `paths.swiglu_kernel` (in place: `model` keeps its weights and stays the one to
@@ -147,7 +150,8 @@ def apply_fast_paths(model: nn.Module, paths: FastPaths) -> nn.Module:
     `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
     """
     use_swiglu_kernel(model, paths.swiglu_kernel)
-    loss = NextTokenLoss(model, paths.loss_chunk_size)
+    # objective: another loss around the model (preference tuning's), in place of NextTokenLoss
+    loss = objective(model) if objective is not None else NextTokenLoss(model, paths.loss_chunk_size)
     return torch.compile(loss) if paths.compile else loss
 
 

@@ -24,6 +24,8 @@ adapter files, in and out, are llama_mini.checkpoint.peft.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "check_lora_targets",
     "lora_modules",
     "adapter_settings",
+    "adapters_disabled",
     "merge_lora",
     "parse_lora_targets",
     "trainable_parameters",
@@ -119,6 +122,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
         nn.init.zeros_(self.lora_B.weight)
         base.weight.requires_grad_(False)
+        self.enabled = True  # False: the layer is its frozen base alone (adapters_disabled)
 
     @property
     def in_features(self) -> int:
@@ -129,6 +133,8 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         # Two thin matmuls, x (.., in) -> (.., r) -> (.., out): never the (out, in) product B A itself.
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
@@ -219,6 +225,20 @@ def adapter_settings(model: nn.Module) -> LoRASettings | None:
         dropout=first.dropout.p,
         targets=tuple(target for target in LORA_TARGETS if target in targets),
     )
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every LoRALinear of `model` computes its frozen base alone: the model is the one the
+    adapters were trained from, without a second copy of it (preference tuning's reference model)."""
+    layers = list(lora_modules(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def trainable_parameters(model: nn.Module) -> int:

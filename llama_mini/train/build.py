@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from llama_mini.runtime import Distributed, resolve_device, resolve_dtype, setup
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.train.config import TrainConfig, model_args_for, resumed_settings
 from llama_mini.train.data_feed import prepare_shards, prepare_tokenizer
+from llama_mini.train.dpo import preference_objective
 from llama_mini.train.held_out import HeldOutCorpus, read_held_out
 from llama_mini.train.initial_model import (
     LORA_BASE,
@@ -131,7 +133,8 @@ def _build(
     # The vocabulary is the tokenizer's, or when fine-tuning the checkpoint's (it may be padded past it).
     vocab_size = settings.model_overrides["vocab_size"] if config.init_from else tokenizer.vocab_size
     model_args = model_args_for(config, settings.model_overrides, vocab_size)
-    check_data_fits_the_context(model_args, train_data, val_data)
+    if not config.dpo:  # preference rows are padded and truncated to the context: any length fits
+        check_data_fits_the_context(model_args, train_data, val_data)
     # held-out corpora (--eval-data): as many tokens of each as one evaluation of the run's own split reads
     held_out = read_held_out(
         config, tokenizer, config.eval_steps * config.batch_size * model_args.max_seq_len
@@ -154,7 +157,9 @@ def _build(
         raw_model, loss_module = build_sharded_model(starting_model, fast_paths, device, dtype, dist)
     else:
         raw_model = starting_model.build(device)
-        loss_module = training_module(raw_model, fast_paths, config.activation_checkpointing)
+        loss_module = training_module(
+            raw_model, fast_paths, config.activation_checkpointing, objective=preference_objective(config)
+        )
     optimizer = make_optimizer(raw_model, config, fast_paths.fused_adamw)
     return Run(
         settings, run_folder, dist, device, dtype, parallel, tokenizer, train_data, val_data, held_out,
@@ -300,14 +305,19 @@ class StartingModel:
 
 
 def training_module(
-    model: Transformer, fast_paths: FastPaths, activation_checkpointing: bool, compile: bool | None = None
+    model: Transformer,
+    fast_paths: FastPaths,
+    activation_checkpointing: bool,
+    compile: bool | None = None,
+    objective: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
     """`model` as training calls it: activation checkpointing if asked, then the fast paths, which wrap it
-    in the loss (NextTokenLoss, compiled with the model unless `compile` is False)."""
+    in the loss (NextTokenLoss, or `objective`'s for preference tuning, compiled with the model unless
+    `compile` is False)."""
     if activation_checkpointing:
         checkpoint_activations(model)
     paths = fast_paths if compile is None else dataclasses.replace(fast_paths, compile=compile)
-    return apply_fast_paths(model, paths)
+    return apply_fast_paths(model, paths, objective)
 
 
 def build_sharded_model(
@@ -331,7 +341,13 @@ def build_sharded_model(
     if needs_initial_weights and dist.is_main:
         initial = starting_model.build(torch.device("cpu")).state_dict()
     model = skeleton(starting_model.model_args, settings.lora)
-    loss_module = training_module(model, fast_paths, settings.config.activation_checkpointing, compile=False)
+    loss_module = training_module(
+        model,
+        fast_paths,
+        settings.config.activation_checkpointing,
+        compile=False,
+        objective=preference_objective(settings.config),
+    )
     shard(loss_module, model, device, dist.world_size, dtype, fast_paths.compile)
     if needs_initial_weights:
         materialize(loss_module, model, device, initial)

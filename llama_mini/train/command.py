@@ -98,7 +98,9 @@ def train(given: dict) -> int:
         return 128 + (trainer.stop_signal or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
     if summary.sample is not None:
         print(f"\n--- sample ---\n{summary.sample}\n--------------")
-    val = f"val loss {summary.val_loss:.4f}, {summary.val_bpb:.3f} bits/byte, " if summary.val_loss else ""
+    val = f"val loss {summary.val_loss:.4f}, " if summary.val_loss is not None else ""
+    if summary.val_bpb is not None:  # (a --dpo run's val loss is its preference loss: no bits per byte)
+        val += f"{summary.val_bpb:.3f} bits/byte, "
     print(
         f"done: {summary.step} steps, {summary.tokens:,} tokens in {summary.seconds:.0f} s "
         f"({summary.tokens_per_second:,.0f} tokens/s); {val}best checkpoint {trainer.out / 'best'}"

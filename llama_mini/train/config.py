@@ -25,6 +25,7 @@ from llama_mini.model.presets import PRESETS, PresetName
 from llama_mini.ops.fast_paths import ATTENTION_BACKENDS
 from llama_mini.ops.kernels import SWIGLU_KERNELS
 from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
+from llama_mini.ops.preference import PreferenceLossName
 from llama_mini.runtime import DtypeName, device_setting, dtype_setting
 from llama_mini.settings import choice_problems, from_dict, read_config_file, setting, write_config_file
 from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE
@@ -215,6 +216,20 @@ class TrainConfig:
         DEFAULT_LORA_TARGETS, "LoRA: the layers to adapt, comma-separated, any of wq,wk,wv,wo,w1,w2,w3"
     )
 
+    # Preference tuning (llama_mini/train/dpo.py; the loss: llama_mini/ops/preference.py)
+    dpo: bool = setting(
+        False,
+        "preference tuning (DPO) of the --init-from model: read --data (.jsonl or .parquet) as pairs "
+        '{"prompt", "chosen", "rejected"} (strings, or message lists rendered with the chat template) and '
+        "train the model to prefer each chosen answer over the rejected one, against the starting model",
+    )
+    dpo_beta: float = setting(
+        0.1, "DPO: beta, how far the tuned model may move from the starting one (larger = less far)"
+    )
+    dpo_loss: PreferenceLossName = setting(
+        "sigmoid", "DPO: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023, length-averaged as TRL's)"
+    )
+
     def __post_init__(self) -> None:
         self._resolve_schedule_defaults()
         problems = choice_problems(self)
@@ -307,6 +322,12 @@ class TrainConfig:
             )
         if self.lora_rank < 0:
             problems.append(f"--lora-rank must not be negative (0 = full fine-tuning), got {self.lora_rank}")
+        if self.dpo and self.init_from is None:
+            problems.append("--dpo tunes a trained model against itself: pass --init-from with it")
+        if self.dpo and self.chat:
+            problems.append("--dpo reads preference pairs, --chat conversations: pass one of them")
+        if not self.dpo_beta > 0:
+            problems.append(f"--dpo-beta must be positive, got {self.dpo_beta}")
         if self.lora_rank > 0 and self.init_from is None:
             problems.append("--lora-rank adapts a pretrained model: pass --init-from with it")
         if not self.lora_alpha > 0:
@@ -346,7 +367,8 @@ def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: i
 # which text the run reads (another corpus or tokenizer would silently replace the run's prepared data
 # while its record still named the old one).
 FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "data", "text_field", "data_split",
-                   "chat", "tokenizer", "vocab_size", "val_fraction", "split_seed")  # fmt: skip
+                   "chat", "tokenizer", "vocab_size", "val_fraction", "split_seed", "dpo", "dpo_beta",
+                   "dpo_loss")  # fmt: skip
 
 
 def resumed_settings(

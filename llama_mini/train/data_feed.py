@@ -31,6 +31,7 @@ import torch
 
 from llama_mini.data import TokenSplit, get_batch, open_source, prepare_data, tokenizer_sample
 from llama_mini.data.mixture import MixedSplits, get_mixture_batch
+from llama_mini.data.preferences import PreferenceSplit, prepare_preferences
 from llama_mini.files import waiting_lock
 from llama_mini.runtime import Distributed
 from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, find_tokenizer_file, train_tokenizer
@@ -64,7 +65,8 @@ def prepare_tokenizer(config: TrainConfig, out: Path, dist: Distributed, resumin
     template gets DEFAULT_CHAT_TEMPLATE in the run folder's files (see the module docstring)."""
     if resuming and find_tokenizer_file(out) is not None:
         return Tokenizer(out)
-    chat = is_chat_run(config) if dist.is_main else False
+    # Preference pairs may be conversations: a tokenizer without a template gets the default, as for chat.
+    chat = (config.dpo or is_chat_run(config)) if dist.is_main else False
     if config.tokenizer is not None:
         source = Tokenizer(config.tokenizer)  # validates the file before anything is written
         if dist.is_main:
@@ -113,8 +115,15 @@ def prepare_shards(
     waiting = functools.partial(_log, f"data: waiting for another run that is preparing {data_dir}")
     with waiting_lock(lock, waiting) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
-            _prepare(config, data_dir, tokenizer, out)
+            if config.dpo:
+                resuming = bool(list_step_checkpoints(out))
+                prepare_preferences(config.data, data_dir, tokenizer, config.val_fraction,
+                                    config.split_seed, resuming=resuming, log=_log)  # fmt: skip
+            else:
+                _prepare(config, data_dir, tokenizer, out)
     dist.barrier()
+    if config.dpo:
+        return PreferenceSplit(data_dir, "train"), PreferenceSplit(data_dir, "val")
     if len(config.sources) == 1:
         return TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
     folders = [data_dir / source.name for source in config.sources]

@@ -22,6 +22,7 @@ The Trainer runs the loop over a run that build.py's `build_run` sets up from th
     progress.py    the progress bar on a terminal, plain lines in a file
     tracking.py    TensorBoard and W&B (--log), fed the records of metrics.jsonl
     optim.py       AdamW and the learning-rate schedule
+    dpo.py         preference tuning (--dpo): pairs, the reference log-probs, the preference step
     ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
 
 Fine-tuning (--init-from) starts from a pretrained checkpoint instead of random weights: its shape, weights
@@ -68,6 +69,12 @@ from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
 from llama_mini.train.build import build_run
 from llama_mini.train.config import TrainConfig, write_run_config
 from llama_mini.train.data_feed import batches
+from llama_mini.train.dpo import (
+    accumulate_preference_gradients,
+    evaluate_preferences,
+    pair_batches,
+    reference_log_probs,
+)
 from llama_mini.train.held_out import run_harness_tasks, score_held_out
 from llama_mini.train.initial_model import LORA_BASE, skeleton
 from llama_mini.train.optim import learning_rate
@@ -205,12 +212,15 @@ class Trainer:
         self.last_saved_step = -1  # on every process
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        self.reference = self._reference_log_probs() if self.config.dpo else None
+        self.train_metrics: dict[str, float] = {}  # a --dpo step's metrics beside its loss
         if self.dist.is_main:  # on resume too: the record follows the settings the run goes on with
             write_run_config(self.out / RUN_CONFIG, self.config, self.model_args)
         if self.parallel == "ddp":  # after loading: DDP broadcasts the main process's weights
             self.loss_module = replicate(self.loss_module, self.device)
 
-        self.tokens_per_step = self.config.batch_size * self.config.grad_accum * self.model_args.max_seq_len
+        rows = 2 * self.config.batch_size if self.config.dpo else self.config.batch_size  # a pair: 2 rows
+        self.tokens_per_step = rows * self.config.grad_accum * self.model_args.max_seq_len
         self.flops_per_token = training_flops_per_token(self.model_args, self.model_args.max_seq_len)
         self.peak_flops = peak_flops(self.device, self.config.peak_tflops)
         self.stop_requested = False
@@ -293,15 +303,7 @@ class Trainer:
                     record = {"type": "eval", "step": self.step, "tokens": self.tokens_seen, **evaluation}
                     metrics.write(record)
                     dashboards.record(record)
-                    held_out = "".join(
-                        f", {name.removeprefix('val_bpb/')} {value:.4f}"
-                        for name, value in evaluation.items()
-                        if name.startswith("val_bpb/")
-                    )
-                    progress.write(
-                        f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                        f"{evaluation['val_bpb']:.4f} bits/byte{held_out}"
-                    )
+                    progress.write(self._describe_evaluation(evaluation))
                     self.save_checkpoint(evaluation["val_loss"], train_loss)
                     window_start += time.perf_counter() - eval_started  # tokens/s measures training only
                 if self.dist.any(self.stop_requested, self.device):
@@ -320,12 +322,30 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.config)
         self.loss_module.train()
+        if self.config.dpo:
+            return self._preference_step(step)
         with attention_backend(self.fast_paths.attention):
             micro_batches = self._batches(self.train_data, step, self.config.grad_accum, stream=0)
             loss = accumulate_gradients(
                 self.loss_module, micro_batches, self.config.grad_accum, self.device, self.dtype, self.scaler
             )
-        loss = self.dist.mean(loss, self.device)
+        return self._update(self.dist.mean(loss, self.device))
+
+    def _preference_step(self, step: int) -> float:
+        """train_step for --dpo (llama_mini.train.dpo): its metrics go to `train_metrics`."""
+        seq_len = self.model_args.max_seq_len
+        with attention_backend(self.fast_paths.attention):
+            micro_batches = pair_batches(
+                self.train_data, self.reference["train"], step, self.config, seq_len, self.dist, self.device
+            )
+            metrics = accumulate_preference_gradients(
+                self.loss_module, micro_batches, self.config.grad_accum, self.device, self.dtype, self.scaler
+            )
+        self.train_metrics = {name: self.dist.mean(value, self.device) for name, value in metrics.items()}
+        return self._update(self.train_metrics.pop("loss"))
+
+    def _update(self, loss: float) -> float:
+        """The optimizer step after the gradients of mean loss `loss` were accumulated."""
         if not math.isfinite(loss):  # leave the weights as they were: the caller stops the run
             self.optimizer.zero_grad(set_to_none=True)
             return loss
@@ -350,6 +370,12 @@ class Trainer:
         tokenizers (a model with a bigger vocabulary has a higher loss per token but fewer tokens).
         The same batches are drawn at every evaluation, so evaluations are comparable with each other.
         """
+        if self.config.dpo:
+            with attention_backend(self.fast_paths.attention):
+                return evaluate_preferences(
+                    self.loss_module, self.val_data, self.reference["val"], self.config,
+                    self.model_args.max_seq_len, self.dist, self.device, self.dtype,
+                )  # fmt: skip
         if isinstance(self.val_data, MixedSplits):
             return {**self._evaluate_mixture(self.val_data), **self._evaluate_beyond_the_split()}
         val_loss, val_bpb = self._evaluate_split(self.val_data)
@@ -429,6 +455,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens_seen,
             "loss": loss,
+            **self.train_metrics,
             "lr": learning_rate(self.step - 1, self.config),
             "tokens_per_second": tokens_per_second,
         }
@@ -461,7 +488,7 @@ class Trainer:
             step=self.step,
             train_loss=train_loss,
             val_loss=evaluation["val_loss"] if evaluation else None,
-            val_bpb=evaluation["val_bpb"] if evaluation else None,
+            val_bpb=evaluation.get("val_bpb") if evaluation else None,
             best_val_loss=self.best_val_loss,
             tokens=tokens,
             seconds=seconds,
@@ -470,6 +497,39 @@ class Trainer:
             interrupted=interrupted,
             sample=sample,
             trainable_parameters=trainable_parameters(self.raw_model),
+        )
+
+    def _describe_evaluation(self, evaluation: dict[str, float]) -> str:
+        if self.config.dpo:
+            return (
+                f"step {self.step}: val loss {evaluation['val_loss']:.4f}, reward accuracy "
+                f"{evaluation['val_reward_accuracy']:.3f}, margin {evaluation['val_reward_margin']:.4f}"
+            )
+        held_out = "".join(
+            f", {name.removeprefix('val_bpb/')} {value:.4f}"
+            for name, value in evaluation.items()
+            if name.startswith("val_bpb/")
+        )
+        return (
+            f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
+            f"{evaluation['val_bpb']:.4f} bits/byte{held_out}"
+        )
+
+    def _reference_log_probs(self):
+        """--dpo: the starting model's log-probs of every pair (llama_mini.train.dpo.reference_log_probs)."""
+        return reference_log_probs(
+            self.out,
+            {"train": self.train_data, "val": self.val_data},
+            self.raw_model,
+            self.loss_module,
+            seq_len=self.model_args.max_seq_len,
+            batch_size=self.config.batch_size,
+            source=str(self.init_folder or self.config.init_from),
+            lora=self.lora is not None,
+            resuming=self.resume_from is not None,
+            dist=self.dist,
+            device=self.device,
+            dtype=self.dtype,
         )
 
     def _describe_fine_tuning(self) -> str:
@@ -613,7 +673,8 @@ class Trainer:
         """A sample from the trained model, to show what it learned (SamplingConfig's default temperature
         and top-p). Under FSDP every process generates the same tokens in step (see `unsharded`)."""
         self.raw_model.eval()
-        if self.train_data.chat is not None:  # a chat run: the reply to the prompt as a user's message
+        chat = self.train_data.chat is not None or (self.config.dpo and self.tokenizer.chat_template)
+        if chat:  # a chat run: the reply to the prompt as a user's message
             message = [{"role": "user", "content": prompt.strip() or "Hello!"}]
             ids = encode_chat(self.tokenizer, message, add_generation_prompt=True).ids
             stop_ids = chat_stop_ids(self.tokenizer)
