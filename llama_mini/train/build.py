@@ -44,7 +44,7 @@ from llama_mini.train.initial_model import (
     resolve_init_from,
     skeleton,
 )
-from llama_mini.train.optim import make_optimizer
+from llama_mini.train.optim import check_optimizer, make_optimizer
 from llama_mini.train.parallel import checkpoint_activations, materialize, parallel_mode, shard
 from llama_mini.train.run_folder import RunFolder
 
@@ -230,6 +230,7 @@ def check_before_slow_work(
             f"{resume_from} has no sharded state (checkpoint format 1), which resumes alone or with "
             "--parallel ddp; resume it that way until its next checkpoint, then with fsdp"
         )
+    check_optimizer(config)
     # The fast paths' own settings (choose_fast_paths accepts them later, after the data are prepared).
     check_attention_backend(config.attention, device, dtype)
     if config.swiglu_kernel == "triton":

@@ -20,7 +20,7 @@ The Trainer runs the loop over a run that build.py's `build_run` sets up from th
     sharded_state.py  the trainable weights and AdamW state in checkpoints, one file per process (DCP)
     parallel.py    DDP, FSDP and activation checkpointing, applied to the built model
     progress.py    the progress bar
-    optim.py       AdamW and the learning-rate schedule
+    optim.py       AdamW or Muon with AdamW, and the learning-rate schedule
     ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
 
 Fine-tuning (--init-from) starts from a pretrained checkpoint instead of random weights: its shape, weights
@@ -66,7 +66,7 @@ from llama_mini.train.config import TrainConfig, write_run_config
 from llama_mini.train.data_feed import batches
 from llama_mini.train.held_out import run_harness_tasks, score_held_out
 from llama_mini.train.initial_model import LORA_BASE, skeleton
-from llama_mini.train.optim import learning_rate
+from llama_mini.train.optim import learning_rate, set_learning_rates
 from llama_mini.train.parallel import gather_full_state_dict, replicate, unsharded
 from llama_mini.train.progress import Progress
 from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
@@ -246,8 +246,7 @@ class Trainer:
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the mean training loss (a non-finite loss skips the update)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, self.config)
+        set_learning_rates(self.optimizer, step, self.config)
         self.loss_module.train()
         with attention_backend(self.fast_paths.attention):
             micro_batches = self._batches(self.train_data, step, self.config.grad_accum, stream=0)
