@@ -154,11 +154,10 @@ def draw(runs: dict, best: dict, path: Path) -> None:
         for column, name in enumerate(("optimizer step", "training seconds")):
             axes[row][column].set_xlabel(name)
             axes[row][column].set_ylabel("validation bits per byte")
-            axes[row][column].set_title(
-                f"{shape}: each optimizer at its best learning rate, one curve per seed"
-            )
+            axes[row][column].set_title(f"{shape} shape, by {name}")
             axes[row][column].legend()
             axes[row][column].grid(alpha=0.3)
+    figure.suptitle("validation bits per byte: each optimizer at its best learning rate, one curve per seed")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     print(path)

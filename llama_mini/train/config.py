@@ -45,6 +45,8 @@ __all__ = [
 FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
 FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
 WARMUP_MAX_SHARE = 10  # a default warmup takes at most max_steps / 10: a short run leaves it and learns
+# Muon's peak learning rate: the best of 0.005, 0.01, 0.02, 0.04 in docs/BENCHMARKS.md ("Optimizers").
+MUON_LR = 0.01
 
 # The SDPA kernels and the SwiGLU activation's kernels by name, from the lists where they are implemented
 # (llama_mini.ops.fast_paths, llama_mini.ops.kernels), plus "auto": the flags' choices come from these.
@@ -135,11 +137,11 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     muon_lr: float = setting(
-        0.02,
+        MUON_LR,
         "Muon's peak learning rate (--optimizer muon), on the same schedule as --lr; each matrix's is scaled "
         "by sqrt(max(1, rows / columns)) as torch.optim.Muon does",
     )
-    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum")
+    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum (torch's and Jordan et al.'s default)")
     muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (multiplied by --muon-lr)")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = setting(
