@@ -386,8 +386,8 @@ def test_muon_under_ddp_and_fsdp_matches_one_process(corpus, tmp_path):
     gradient. FSDP: each holds half of every matrix (a DTensor), and torch's Muon runs its Newton-Schulz
     matmuls on the DTensors, which gather what each product needs. Muon's iteration runs in bfloat16, which
     turns the few-ulp differences of the reduction into bf16 roundings of some entries: the losses then
-    differ by up to 1.9e-4 relative over these 12 steps (measured, DDP; FSDP 1.2e-4), so they are compared
-    within 1e-3. Orthogonalizing each process's half alone would move them by far more (it is another
+    differ by up to 1.9e-4 relative over these 12 steps (measured at --muon-lr 0.02: DDP 1.9e-4, FSDP
+    1.2e-4; at the default 0.01: 1.3e-4, 1.4e-4), so they are compared within 1e-3. Orthogonalizing each process's half alone would move them by far more (it is another
     update altogether)."""
     trained(flags(corpus, tmp_path / "one", optimizer="muon"))
     for parallel in ("ddp", "fsdp"):
