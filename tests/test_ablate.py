@@ -386,3 +386,23 @@ def test_an_interrupted_run_is_not_recorded_and_exits_130(tmp_path, monkeypatch,
     assert main(argv) == 130
     assert "run the same command again" in capsys.readouterr().err
     assert read_results(tmp_path / "out" / ablate.RESULTS) == []
+
+
+def test_the_optimizer_keeps_results_apart_and_older_results_count_as_adamw(finished, tmp_path, monkeypatch):
+    """Results written before --optimizer existed were AdamW's: they extend an AdamW ablation (whatever
+    --muon-lr says, which AdamW does not read) and a Muon ablation refuses to mix with them."""
+    config, _, _ = finished
+    assert "muon_lr" not in config.settings() and config.settings()["optimizer"] == "adamw"
+    muon = with_settings(config, optimizer="muon", muon_lr=0.01)
+    assert (muon.settings()["optimizer"], muon.settings()["muon_lr"]) == ("muon", 0.01)
+    old = dataclasses.replace(with_settings(config, muon_lr=0.05), out=str(tmp_path / "out"))
+    settings = {key: value for key, value in old.settings().items() if key != "optimizer"}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ablate.RESULTS).write_text(json.dumps(fake_result("relu", 0, 5.0, settings)) + "\n")
+    monkeypatch.setattr(
+        runner, "_train_one", lambda *args: pytest.fail("the run is already in results.jsonl")
+    )
+    outcome = run_ablation(dataclasses.replace(old, variants=["relu"]), log=lambda line: None)
+    assert [(r["variant"], r["val_loss"]) for r in outcome["results"]] == [("relu", 5.0)]
+    with pytest.raises(ConfigError, match="optimizer 'adamw' -> 'muon'"):
+        run_ablation(dataclasses.replace(muon, out=old.out, variants=["relu"]), log=lambda line: None)

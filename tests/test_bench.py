@@ -236,3 +236,34 @@ def test_tracking_overhead_times_runs_with_and_without_tensorboard(tmp_path, mon
     assert rows[0]["vs none (end to end)"] == 1.0
     assert rows[1]["ms / step in dashboard calls"] > 0 and rows[1]["once per run, s"] > 0
     assert tracking_overhead.trainer_module.Dashboards is tracking_overhead.tracking.Dashboards  # restored
+
+
+def test_optimizer_sweep_and_demo_speedrun_run_and_report(tmp_path):
+    """bench/optimizer_sweep.py (run, then report with its figure) and bench/demo_speedrun.py, at a tiny
+    size: AdamW and Muon runs share the first run's tokenizer and shards, and the reports read them."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(6):
+        (corpus / f"doc{index}.txt").write_text(f"the king {index} speaks of the crown and the storm.\n" * 60)
+    tiny = ["--data", str(corpus), "--vocab-size", "300", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
+            "--multiple-of", "16", "--max-seq-len", "32", "--batch-size", "2", "--eval-steps", "1"]  # fmt: skip
+    sweep = [sys.executable, "bench/optimizer_sweep.py"]
+    out = tmp_path / "sweep"
+    run = ["run", "--out", str(out), "--adamw-lrs", "2e-3", "--muon-lrs", "0.01", "--seeds", "0"]
+    subprocess.run(
+        [*sweep, *run, "--max-steps", "4", "--eval-interval", "2", "--", *tiny], cwd=REPO, check=True
+    )
+    assert (out / "tokenizer.model").exists()
+    figure = tmp_path / "sweep.png"
+    report = subprocess.run([*sweep, "report", "--out", str(out), "--figure", str(figure)], cwd=REPO,
+                            check=True, capture_output=True, text=True)  # fmt: skip
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| default |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["adamw", "0.002"], ["muon", "0.01"]]
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    speedrun = [sys.executable, "bench/demo_speedrun.py", "--seeds", "0", "--baseline-steps", "4",
+                "--out", str(tmp_path / "speed"), "--candidate", "muon=--optimizer muon --max-steps 2",
+                "--", *tiny, "--eval-interval", "2"]  # fmt: skip
+    printed = subprocess.run(speedrun, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert "| baseline | 4 |" in printed and "| muon | 2 |" in printed
+    results = json.loads((tmp_path / "speed" / "results.json").read_text())
+    assert set(results) == {"baseline", "muon"} and results["muon"][0]["train_s"] > 0

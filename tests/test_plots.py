@@ -337,3 +337,29 @@ def test_training_command_takes_runs_as_arguments_and_draws_loss_by_wall_time(tm
 def test_training_command_without_runs_is_one_line(tmp_path, capsys):
     assert plots.main(["training", "--out", str(tmp_path / "img")]) == 2
     assert "no runs given" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is new in torch 2.9")
+def test_newton_schulz_command_draws_the_spectra_before_and_after_muon(tokenizer_path, tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", tokenizer_path, "swiglu")
+    argv = ["newton-schulz", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "img")]
+    assert plots.main([*argv, "--text", "to be or not to be, that is the question"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(path).name for path in printed] == ["newton_schulz.png"]
+    assert_images(printed)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is new in torch 2.9")
+def test_muons_update_has_the_gradients_singular_vectors_and_flat_singular_values():
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(48, 16, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator))
+    spread = torch.logspace(0, -2, 16)
+    update = plots.muon_update(left @ torch.diag(spread) @ right.T)
+    projected = left.T @ update @ right  # diagonal, within bf16's rounding: Muon's matmuls are bf16
+    off_diagonal = projected - torch.diag(torch.diagonal(projected))
+    assert off_diagonal.abs().max() < 0.05
+    values = torch.linalg.svdvals(update)
+    assert values.min() > 0.5 and values.max() < 1.5  # spread 100x before
+    expected = plots.newton_schulz_polynomial(spread / spread.norm(), 5)  # p acts on each singular value
+    torch.testing.assert_close(torch.diagonal(projected), expected, rtol=0, atol=0.05)

@@ -159,8 +159,11 @@ def test_run_writes_metrics_checkpoints_and_a_loadable_model(corpus_dir, tokeniz
     assert best_state["step"] == best_step
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(corpus_dir, tokenizer_path, tmp_path):
-    settings = dict(max_steps=10, eval_interval=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
+    corpus_dir, tokenizer_path, tmp_path, optimizer
+):
+    settings = dict(max_steps=10, eval_interval=5, optimizer=optimizer)
     model = {**TINY_MODEL, "dropout": 0.1}  # dropout too: its random state must resume exactly
     whole = make_config(corpus_dir, tokenizer_path, tmp_path / "whole", **settings)
     Trainer(whole, model, show_progress=False).run()
@@ -294,6 +297,16 @@ def test_resume_without_a_checkpoint_and_restart_over_one_are_refused(corpus_dir
         Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "old"), TINY_MODEL)
     with pytest.raises(ConfigError, match="--dim 64 conflicts with the checkpoint's dim 32"):
         Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "old"), {"dim": 64}, resume=True)
+
+
+def test_resume_refuses_another_optimizer(corpus_dir, tokenizer_path, tmp_path):
+    """The checkpoint holds one optimizer's state (AdamW's moments or Muon's momentum): another cannot
+    continue from it."""
+    Trainer(
+        make_config(corpus_dir, tokenizer_path, tmp_path, max_steps=2), TINY_MODEL, show_progress=False
+    ).run()
+    with pytest.raises(ConfigError, match="--optimizer muon differs from the resumed run's adamw"):
+        Trainer(TrainConfig(out=str(tmp_path)), {}, resume=True, resume_overrides={"optimizer": "muon"})
 
 
 def test_sequence_longer_than_the_data_is_a_clear_error(tmp_path, tokenizer_path):

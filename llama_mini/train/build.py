@@ -47,7 +47,7 @@ from llama_mini.train.initial_model import (
     resolve_init_from,
     skeleton,
 )
-from llama_mini.train.optim import make_optimizer
+from llama_mini.train.optim import check_optimizer, make_optimizer
 from llama_mini.train.parallel import checkpoint_activations, materialize, parallel_mode, shard
 from llama_mini.train.run_folder import RunFolder
 from llama_mini.train.tracking import check_dashboards_installed
@@ -238,6 +238,7 @@ def check_before_slow_work(
             "--parallel ddp; resume it that way until its next checkpoint, then with fsdp"
         )
     check_dashboards_installed(config.log)  # --log's libraries, imported when the run starts
+    check_optimizer(config)
     # The fast paths' own settings (choose_fast_paths accepts them later, after the data are prepared).
     check_attention_backend(config.attention, device, dtype)
     if config.swiglu_kernel == "triton":

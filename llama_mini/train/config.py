@@ -33,6 +33,7 @@ from llama_mini.train.tracking import DASHBOARDS
 
 __all__ = [
     "AttentionName",
+    "OptimizerName",
     "ParallelName",
     "SwiGLUKernelName",
     "TrainConfig",
@@ -48,6 +49,8 @@ __all__ = [
 FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
 FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
 WARMUP_MAX_SHARE = 10  # a default warmup takes at most max_steps / 10: a short run leaves it and learns
+# Muon's peak learning rate: the best of 0.005, 0.01, 0.02, 0.04 in docs/BENCHMARKS.md ("Optimizers").
+MUON_LR = 0.01
 
 # The SDPA kernels and the SwiGLU activation's kernels by name, from the lists where they are implemented
 # (llama_mini.ops.fast_paths, llama_mini.ops.kernels), plus "auto": the flags' choices come from these.
@@ -57,6 +60,9 @@ SwiGLUKernelName = Literal[("auto", *SWIGLU_KERNELS)]
 ParallelName = Literal["ddp", "fsdp"]
 # Where --log wandb sends the run (W&B's own modes).
 WandBMode = Literal["online", "offline", "disabled"]
+
+# The optimizers (llama_mini.train.optim).
+OptimizerName = Literal["adamw", "muon"]
 
 
 @dataclass
@@ -130,9 +136,22 @@ class TrainConfig:
         f"steps of linear warmup from 0 to --lr; defaults to {FROM_SCRATCH_WARMUP} ({FINE_TUNING_WARMUP} "
         f"when fine-tuning with --init-from), at most 1/{WARMUP_MAX_SHARE} of --max-steps",
     )
+    optimizer: OptimizerName = setting(
+        "adamw",
+        "adamw: AdamW on every weight; muon: Muon (torch.optim.Muon, torch >= 2.9) on the blocks' matrices "
+        "(attention, feed-forward, LoRA's A and B) at --muon-lr, AdamW at --lr on the embeddings, norms "
+        "and output layer",
+    )
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
+    muon_lr: float = setting(
+        MUON_LR,
+        "Muon's peak learning rate (--optimizer muon), on the same schedule as --lr; each matrix's is scaled "
+        "by sqrt(max(1, rows / columns)) as torch.optim.Muon does",
+    )
+    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum (torch's and Jordan et al.'s default)")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (multiplied by --muon-lr)")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = setting(
         100,
@@ -273,6 +292,11 @@ class TrainConfig:
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("--grad-clip and --weight-decay must not be negative")
+        if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
+            problems.append(
+                f"need --muon-lr > 0, 0 <= --muon-momentum < 1 and --muon-weight-decay >= 0, got "
+                f"{self.muon_lr}, {self.muon_momentum}, {self.muon_weight_decay}"
+            )
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             problems.append(f"--loss-chunk-size must not be negative (0 = off), got {self.loss_chunk_size}")
         problems += self._fine_tuning_problems()
@@ -363,12 +387,12 @@ def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: i
     return ModelArgs.from_dict({**base, **overrides, "vocab_size": vocab_size})
 
 
-# Settings a resumed run cannot change: they decide which weights exist and where they came from, and
-# which text the run reads (another corpus or tokenizer would silently replace the run's prepared data
-# while its record still named the old one).
+# Settings a resumed run cannot change: they decide which weights exist and where they came from, which
+# text the run reads (another corpus or tokenizer would silently replace the run's prepared data while its
+# record still named the old one), and which optimizer state the checkpoint holds.
 FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "data", "text_field", "data_split",
                    "chat", "tokenizer", "vocab_size", "val_fraction", "split_seed", "dpo", "dpo_beta",
-                   "dpo_loss")  # fmt: skip
+                   "dpo_loss", "optimizer")  # fmt: skip
 
 
 def resumed_settings(

@@ -3,7 +3,7 @@
 A step checkpoint's `sharded_state/` folder holds what training changes, as flat tensors:
 
     model.NAME                every trainable parameter, float32 (the master weights AdamW updates)
-    optimizer.NAME.KEY        its AdamW state: step, exp_avg, exp_avg_sq
+    optimizer.NAME.KEY        its optimizer state: AdamW's step, exp_avg, exp_avg_sq; Muon's momentum_buffer
 
 Under FSDP every process holds one piece of each tensor (a DTensor cut along dim 0) and writes only its
 pieces, to its own file (`__R_0.distcp`): neither the weights nor AdamW's moments are ever gathered. Under
@@ -115,10 +115,10 @@ class SafeMetadataReader(FileSystemReader):
 
 @torch.no_grad()
 def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Make `optimizer` create its per-parameter state (AdamW's step and two moments), so that a
-    checkpoint can be loaded into it: one step with zero gradients at learning rate 0. The parameters
-    do not move (weight decay multiplies them by 1 - 0 * decay = 1, the update is 0 * m / sqrt(v)), and
-    the state it creates is overwritten by the checkpoint's."""
+    """Make `optimizer` create its per-parameter state (AdamW's step and two moments, Muon's momentum), so
+    that a checkpoint can be loaded into it: one step with zero gradients at learning rate 0. The
+    parameters do not move (weight decay multiplies them by 1 - 0 * decay = 1, the update is 0 * m /
+    sqrt(v), or Muon's 0 * NS(0)), and the state it creates is overwritten by the checkpoint's."""
     parameters = [p for group in optimizer.param_groups for p in group["params"] if p not in optimizer.state]
     if not parameters:
         return

@@ -21,7 +21,7 @@ The Trainer runs the loop over a run that build.py's `build_run` sets up from th
     parallel.py    DDP, FSDP and activation checkpointing, applied to the built model
     progress.py    the progress bar on a terminal, plain lines in a file
     tracking.py    TensorBoard and W&B (--log), fed the records of metrics.jsonl
-    optim.py       AdamW and the learning-rate schedule
+    optim.py       AdamW or Muon with AdamW, and the learning-rate schedule
     dpo.py         preference tuning (--dpo): pairs, the reference log-probs, the preference step
     ops/           the training loss and the fast paths applied to the model (llama_mini/ops), and LoRA
 
@@ -77,7 +77,7 @@ from llama_mini.train.dpo import (
 )
 from llama_mini.train.held_out import run_harness_tasks, score_held_out
 from llama_mini.train.initial_model import LORA_BASE, skeleton
-from llama_mini.train.optim import learning_rate
+from llama_mini.train.optim import learning_rate, set_learning_rates
 from llama_mini.train.parallel import gather_full_state_dict, replicate, unsharded
 from llama_mini.train.progress import Progress
 from llama_mini.train.run_folder import METRICS, RUN_CONFIG, SHARDED_STATE, MetricsLog, RunFolder
@@ -319,8 +319,7 @@ class Trainer:
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the mean training loss (a non-finite loss skips the update)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, self.config)
+        set_learning_rates(self.optimizer, step, self.config)
         self.loss_module.train()
         if self.config.dpo:
             return self._preference_step(step)

@@ -23,7 +23,8 @@ __all__ = ["MODEL_DEFAULTS", "MODEL_SETTINGS", "TRAIN_DEFAULTS", "TRAIN_SETTINGS
 
 # The training and model settings the ablation's command line exposes (every run shares them).
 TRAIN_SETTINGS = ("data", "tokenizer", "vocab_size", "val_fraction", "split_seed", "max_steps", "batch_size",
-                  "lr", "min_lr", "warmup_steps", "eval_steps", "device", "dtype", "compile")  # fmt: skip
+                  "lr", "min_lr", "warmup_steps", "eval_steps", "device", "dtype", "compile", "optimizer",
+                  "muon_lr")  # fmt: skip
 MODEL_SETTINGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "weight_init")
 
 # Where the ablation's defaults differ from TrainConfig's and ModelArgs': a small model and short runs, so
@@ -145,4 +146,6 @@ class AblationConfig:
             for name, value in config.to_dict().items():
                 if name in exposed or (name not in per_run and value != getattr(defaults, name)):
                     values[name] = value
+        if values.get("optimizer") == "adamw":  # --muon-lr does not change an AdamW run
+            values.pop("muon_lr", None)
         return dict(sorted(values.items()))

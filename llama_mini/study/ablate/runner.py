@@ -60,6 +60,9 @@ def _as_written_now(result: dict[str, Any]) -> dict[str, Any]:
         return result
     settings = dict(settings)
     settings.setdefault("weight_init", "gpt2")
+    settings.setdefault("optimizer", "adamw")  # results from before --optimizer: AdamW's
+    if settings["optimizer"] == "adamw":  # --muon-lr does not change an AdamW run
+        settings.pop("muon_lr", None)
     if "n_kv_heads" in settings and settings["n_kv_heads"] is None:
         settings["n_kv_heads"] = settings.get("n_heads")
     return {**result, "settings": settings}

@@ -10,6 +10,7 @@ from llama_mini.console import ArgumentParser, run_command
 from llama_mini.study.plots.activations import plot_activations
 from llama_mini.study.plots.ffn_stats import plot_ffn_stats
 from llama_mini.study.plots.glu import plot_glu
+from llama_mini.study.plots.newton_schulz import plot_newton_schulz
 from llama_mini.study.plots.style import FORMATS, PlotError
 from llama_mini.study.plots.training import plot_training
 
@@ -34,6 +35,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
         return plot_glu(args.out, args.format)
     if args.command == "training":
         return plot_training([*args.run_folders, *args.runs], args.out, args.format)
+    if args.command == "newton-schulz":
+        return plot_newton_schulz(args.checkpoint, args.out, args.format, args.text, args.tokenizer)
     text, text_name = args.text, None
     if args.text_file is not None:
         text, text_name = _read_text_file(args.text_file), Path(args.text_file).name
@@ -48,7 +51,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--format", choices=FORMATS, default="png", help="image format (default: png)")
     parser = ArgumentParser(
         prog=prog or "python -m llama_mini.plots",
-        description="Plots for studying llama_mini: activations, the GLU family, training runs, FFN gates.",
+        description="Plots for studying llama_mini: activations, GLUs, training runs, FFN gates, Muon.",
     )
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser
@@ -97,6 +100,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--compare-init",
         action="store_true",
         help="overlay a freshly initialised model of the same shape (grey)",
+    )
+    orthogonal = commands.add_parser(
+        "newton-schulz",
+        parents=[common],
+        help="singular values of a SwiGLU matrix's gradient before and after Muon's orthogonalization",
+    )
+    orthogonal.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="checkpoint folder or run folder (SwiGLU)"
+    )
+    orthogonal.add_argument(
+        "--text", help="text whose loss gives the gradient (default: a passage of Hamlet)"
+    )
+    orthogonal.add_argument(
+        "--tokenizer", metavar="FILE", help="SentencePiece tokenizer.model (default: the checkpoint's)"
     )
     return parser
 

@@ -1,0 +1,105 @@
+"""`make demo` in less time: today's settings against candidates, measured side by side in one run.
+
+    python bench/demo_speedrun.py --seeds 0 1 2 --out runs/demo_speedrun
+    python bench/demo_speedrun.py --seeds 0 --baseline-steps 200 --out runs/speedrun_small \\
+        --candidate muon-half="--optimizer muon --muon-lr 0.01 --max-steps 100" -- --batch-size 8
+
+For each seed, the baseline (train.py's defaults: AdamW, warmup then cosine, --baseline-steps steps) and
+every candidate (NAME="train.py flags") are trained one after the other, so the load of the machine hits
+them alike. A candidate's result is its final validation bits per byte against the baseline's, and its
+training time (metrics.jsonl's windows, evaluations excluded) and whole wall time against the baseline's,
+as ratios. The target of issue 28: the baseline's bits per byte in at most half its time. Flags after `--`
+go to every run (a smaller --batch-size or --max-seq-len for a quick check).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.optimizer_sweep import curve  # noqa: E402
+from llama_mini.console import ArgumentParser  # noqa: E402
+
+DEFAULT_CANDIDATES = {
+    "muon-half": "--optimizer muon --muon-lr 0.01 --max-steps 300",
+    "adamw-half": "--max-steps 300",
+}
+
+
+def train(folder: Path, flags: list[str], shared: list[str]) -> float:
+    """Train into `folder` (replaced); returns the whole wall time in seconds."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    command = [sys.executable, "train.py", "--out", str(folder), "--sample-tokens", "0", *shared, *flags]
+    print(" ".join(command[1:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo_speedrun")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--baseline-steps", type=int, default=600, help="today's `make demo`: 600")
+    parser.add_argument("--candidate", action="append", default=[], metavar='NAME="FLAGS"')
+    own, extra = sys.argv[1:], []
+    if "--" in own:
+        own, extra = own[: own.index("--")], own[own.index("--") + 1 :]
+    args = parser.parse_args(own)
+    candidates = dict(DEFAULT_CANDIDATES)
+    if args.candidate:
+        candidates = dict(item.split("=", 1) for item in args.candidate)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        shared = ["--seed", str(seed), "--data-dir", str(out / "data"), *extra]
+        tokenizer = out / "tokenizer.model"
+        if tokenizer.exists():
+            shared += ["--tokenizer", str(tokenizer)]
+        runs = {"baseline": ["--max-steps", str(args.baseline_steps)]}
+        runs.update({name: shlex.split(flags) for name, flags in candidates.items()})
+        for name, flags in runs.items():
+            folder = out / f"{name}-s{seed}"
+            wall = train(folder, flags, shared)
+            if not tokenizer.exists():
+                shutil.copyfile(folder / "tokenizer.model", tokenizer)
+                shared += ["--tokenizer", str(tokenizer)]
+            points = curve(folder)
+            step, seconds, bpb = points[-1]
+            results.setdefault(name, []).append(
+                dict(seed=seed, steps=step, train_s=seconds, wall_s=wall, bpb=bpb)
+            )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    base = {r["seed"]: r for r in results["baseline"]}
+    print("| run | steps | val bits/byte | train s | wall s | train time / baseline | reaches it |")
+    print("|---|--:|--:|--:|--:|--:|---|")
+    for name, rows in results.items():
+        ratio = statistics.mean(r["train_s"] / base[r["seed"]]["train_s"] for r in rows)
+        reaches = all(r["bpb"] <= base[r["seed"]]["bpb"] for r in rows)
+        bpb, train_s, wall_s = (statistics.mean(r[key] for r in rows) for key in ("bpb", "train_s", "wall_s"))
+        verdict = "yes" if reaches else "no"
+        cells = [
+            name,
+            rows[0]["steps"],
+            f"{bpb:.4f}",
+            f"{train_s:.0f}",
+            f"{wall_s:.0f}",
+            f"{ratio:.2f}",
+            verdict,
+        ]
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()
