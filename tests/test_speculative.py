@@ -3,13 +3,15 @@ sampled tokens follow the model's exact distribution, computed by enumeration, w
 
 import itertools
 import math
+import random
 from collections import Counter
 
 import pytest
 import torch
 
+from llama_mini.checkpoint import save_pretrained
 from llama_mini.errors import ConfigError
-from llama_mini.generation import GenerationError, generate
+from llama_mini.generation import GenerationError, command, generate
 from llama_mini.generation.sampling import (
     apply_repetition_penalty,
     top_k_filter,
@@ -22,6 +24,7 @@ from llama_mini.generation.speculative import (
 )
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
+from llama_mini.tokenizer import train_tokenizer
 
 PROMPTS = [[1, 17, 42, 99, 5], [1], [1, 7, 7, 7, 7, 120]]
 
@@ -43,29 +46,39 @@ def target() -> Transformer:
     return random_model(0)
 
 
-@pytest.mark.parametrize("draft_tokens", [1, 3, 6])
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: these models are a few thousand parameters, and on a shared machine threads mostly wait
+    for each other at every tiny op (the test's results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4])
 @pytest.mark.parametrize("penalty", [None, 1.3])
 def test_greedy_tokens_equal_plain_greedy_decoding(target, draft_tokens, penalty):
     """A draft that mostly disagrees (another random model: every round rolls both caches back) and the
     model as its own draft (every token accepted: the caches run K ahead) give plain greedy's tokens."""
-    plain = generate(target, PROMPTS, 40, temperature=0, repetition_penalty=penalty)
+    plain = generate(target, PROMPTS, 24, temperature=0, repetition_penalty=penalty)
     for draft in (random_model(1, n_layers=1), target):
         stats = SpeculativeStats()
         tokens = speculative_generate(
             target,
             draft,
             PROMPTS,
-            40,
+            24,
             temperature=0,
             repetition_penalty=penalty,
             draft_tokens=draft_tokens,
             stats=stats,
         )
         assert tokens == plain
-        assert stats.new_tokens == 3 * 40
+        assert stats.new_tokens == 3 * 24
     # The last draft was the model itself: every proposal accepted, K + 1 tokens per forward pass.
     assert stats.accepted == stats.drafted > 0
-    assert stats.rounds == sum(math.ceil(40 / (draft_tokens + 1)) for _ in PROMPTS)
+    assert stats.rounds == sum(math.ceil(24 / (draft_tokens + 1)) for _ in PROMPTS)
 
 
 def test_greedy_stops_at_an_eos_inside_an_accepted_run(target):
@@ -129,7 +142,7 @@ def test_sampled_tokens_follow_the_models_exact_distribution():
     draft = random_model(3, vocab_size=VOCAB, n_layers=1).float()
     expected = exact_distribution(model)
     assert sum(expected.values()) == pytest.approx(1.0, abs=1e-5)
-    draws = 4000
+    draws = 3000
     stats = SpeculativeStats()
     samples = speculative_generate(
         model, draft, [PROMPT] * draws, NEW, draft_tokens=2, seed=0, stats=stats, **SETTINGS
@@ -167,3 +180,69 @@ def test_the_models_caches_are_left_as_found(target):
     speculative_generate(target, draft, PROMPTS, 5, temperature=0)
     assert all(layer.attention.cache is None for layer in [*target.layers, *draft.layers])
     assert draft.training and not target.training
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command: llama-mini generate --draft
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_model(folder, tokenizer_path, vocab_size: int, seed: int, n_layers: int):
+    torch.manual_seed(seed)
+    model = Transformer(get_preset("tiny", vocab_size=vocab_size, n_layers=n_layers))
+    save_pretrained(model, folder, tokenizer_path=tokenizer_path)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A model, a draft with its tokenizer, and a draft with another tokenizer of the same size."""
+    folder = tmp_path_factory.mktemp("speculative")
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "and", "of", "my", "lord", "thee", "once", "upon", "a", "time"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)) + "\n"
+    tokenizer = train_tokenizer([text], folder / "tokenizer.model", 300)
+    other = train_tokenizer([text.upper()], folder / "other" / "tokenizer.model", 300)
+    assert other.vocab_size == tokenizer.vocab_size
+    return {
+        "model": save_model(folder / "model", folder / "tokenizer.model", tokenizer.vocab_size, 0, 2),
+        "draft": save_model(folder / "draft", folder / "tokenizer.model", tokenizer.vocab_size, 1, 1),
+        "other": save_model(
+            folder / "other_draft", folder / "other" / "tokenizer.model", other.vocab_size, 1, 1
+        ),
+        "wide": save_model(folder / "wide", folder / "tokenizer.model", tokenizer.vocab_size + 8, 1, 1),
+    }
+
+
+def run_command(capsys, *argv) -> tuple[int, str, str]:
+    code = command.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_with_a_draft_prints_the_greedy_text_of_plain_decoding(checkpoints, capsys):
+    flags = ["--checkpoint", checkpoints["model"], "--prompt", "the king", "--prompt", "once upon"]
+    flags += ["--temperature", "0", "--max-new-tokens", "20", "--dtype", "fp32", "--no-stream"]
+    code, plain, _ = run_command(capsys, *flags, "--no-compile")
+    assert code == 0
+    code, speculative, err = run_command(
+        capsys, *flags, "--draft", checkpoints["draft"], "--draft-tokens", "3"
+    )
+    assert code == 0 and speculative == plain, err
+    code, _, err = run_command(capsys, *flags, "--draft", checkpoints["draft"], "--verbose")
+    assert code == 0 and "draft: " in err and "tokens accepted" in err
+
+
+@pytest.mark.parametrize(
+    ("draft", "message"),
+    [
+        ("other", "has another tokenizer than the model's"),
+        ("wide", "vocabulary has 308 tokens but the model's 300"),
+    ],
+)
+def test_a_draft_with_another_tokenizer_is_one_line_and_exit_2(checkpoints, capsys, draft, message):
+    code, out, err = run_command(
+        capsys, "--checkpoint", checkpoints["model"], "--draft", checkpoints[draft], "--prompt", "the"
+    )
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err

@@ -401,7 +401,7 @@ def load_draft(args: argparse.Namespace, model, tokenizer: Tokenizer, device, dt
             f"--draft {args.draft} has another tokenizer than the model's ({found}): pass a draft "
             "trained with the model's tokenizer"
         )
-    if args.compile:
+    if getattr(args, "compile", None):
         print("note: --draft decodes with eager steps; --compile is not used", file=sys.stderr)
     return Speculation(draft, args.draft_tokens)
 
