@@ -1,11 +1,12 @@
 """Speculative decoding: acceptance rate and speed-up against the draft tokens per round (docs/BENCHMARKS.md).
 
     flock /tmp/llama_bench.lock python bench/speculative.py                     # trains both, then measures
+    nice python bench/speculative.py --train-only; flock /tmp/llama_bench.lock python bench/speculative.py
     flock /tmp/llama_bench.lock python bench/speculative.py --draft-tokens 1 2 4 6 8 --new-tokens 200
 
 Trains two models on the demo corpus (Shakespeare) with the project's Trainer and one tokenizer: the draft,
 small, first (its run trains the tokenizer and prepares the data), then the model, larger, reading the same
-tokenizer and shards. A few hundred steps each at most, so both finish in minutes on a CPU; the runs are
+tokenizer and shards. A hundred-odd steps each, so both finish in minutes on a CPU; the runs are
 kept in --out and reused by later runs (--retrain to train again). Then, in the same process, for greedy
 decoding and for sampling (temperature 0.8, top-p 0.9): plain decoding of the model (`generate`, eager
 steps) and speculative decoding with each K of --draft-tokens (`speculative_generate`), one prompt at a
@@ -30,9 +31,9 @@ from llama_mini.tokenizer import Tokenizer
 from llama_mini.train import TrainConfig, Trainer
 
 PROMPTS = ["ROMEO.\n", "KING HENRY.\nNow, lords, ", "First Citizen.\n", "HAMLET.\nTo be, or not"]
-SHAPES = {  # ModelArgs overrides: a draft about 1/20 of the model's size, apart from the embeddings
-    "draft": dict(dim=96, n_layers=2, n_heads=2, n_kv_heads=2, multiple_of=32),
-    "model": dict(dim=320, n_layers=6, n_heads=5, n_kv_heads=5, multiple_of=32),
+SHAPES = {  # ModelArgs overrides: the draft a few percent of the model, apart from the embeddings
+    "draft": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, multiple_of=32),
+    "model": dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=4, multiple_of=32),
 }
 
 
@@ -55,7 +56,9 @@ def train(options: argparse.Namespace, name: str, steps: int, tokenizer: str | N
         seed=options.seed,
     )
     started = time.perf_counter()
-    summary = Trainer(config, model_overrides=dict(SHAPES[name], max_seq_len=256), show_progress=False).run()
+    summary = Trainer(
+        config, model_overrides=dict(SHAPES[name], max_seq_len=options.context), show_progress=False
+    ).run()
     print(
         f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s, "
         f"val bpb {summary.val_bpb:.3f}"
@@ -79,18 +82,24 @@ def main() -> None:
     parser.add_argument("--data", default="shakespeare", help="corpus (any --data of train.py)")
     parser.add_argument("--out", default="out/bench_speculative", help="the two training runs")
     parser.add_argument("--retrain", action="store_true", help="train again even if the runs exist")
+    parser.add_argument(
+        "--train-only", action="store_true", help="train the two runs and stop (no timing: no lock needed)"
+    )
     parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--draft-steps", type=int, default=300)
-    parser.add_argument("--model-steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=int, default=128, help="max_seq_len of both models")
+    parser.add_argument("--draft-steps", type=int, default=150)
+    parser.add_argument("--model-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 4, 6])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     options = parser.parse_args()
 
     draft_folder = train(options, "draft", options.draft_steps, None)
     model_folder = train(options, "model", options.model_steps, str(draft_folder))
+    if options.train_only:
+        return
     tokenizer = Tokenizer(model_folder)
     model, draft = load_model(model_folder).eval(), load_model(draft_folder).eval()
     sizes = [sum(p.numel() for p in network.parameters()) for network in (model, draft)]

@@ -343,13 +343,13 @@ def _speculate(
             logits = _scores(draft, fed, draft_fed, 1)[0].to(device)
             draft_fed = known + i
             draft_scores.append(logits)
-            previous = _contexts(tokens, known + i, 1)
+            previous = _contexts(tokens, known + i, 1, sampling)
             tokens[known + i] = _choose(logits[None], previous, sampling, generator, known + i)[0]
         # The model scores positions known .. known + k, each after the text before it, in one pass.
         model_scores = _scores(model, tokens[model_fed : known + k], model_fed, k + 1)  # (k + 1, V)
         stats.decode_steps += 1
         stats.decode_tokens += known + k - model_fed
-        previous = _contexts(tokens, known, k + 1)
+        previous = _contexts(tokens, known, k + 1, sampling)
         accepted, last = _verify(
             model_scores, draft_scores, tokens[known : known + k], previous, sampling, generator, known
         )
@@ -382,10 +382,12 @@ def _scores(model: Transformer, tokens: torch.Tensor, start_pos: int, count: int
     return model.output(h)
 
 
-def _contexts(tokens: torch.Tensor, first: int, count: int) -> torch.Tensor | None:
-    """What the repetition penalty reads for positions first .. first + count - 1: row i holds the text
-    before position first + i, padded to one width with the text's first token (a token it holds already,
-    and the penalty counts each id once). (count, first + count - 1)."""
+def _contexts(tokens: torch.Tensor, first: int, count: int, sampling: SamplingConfig) -> torch.Tensor | None:
+    """None without a repetition penalty; with one, what it reads for positions first .. first + count - 1:
+    row i holds the text before position first + i, padded to one width with the text's first token (a token
+    it holds already, and the penalty counts each id once). (count, first + count - 1)."""
+    if _penalty(sampling) is None:
+        return None
     width = first + count - 1
     rows = tokens[:width].expand(count, width).clone()
     past_end = (
@@ -400,7 +402,7 @@ def _penalty(sampling: SamplingConfig) -> float | None:
 
 
 def target_probabilities(
-    logits: torch.Tensor, previous: torch.Tensor, sampling: SamplingConfig
+    logits: torch.Tensor, previous: torch.Tensor | None, sampling: SamplingConfig
 ) -> torch.Tensor:
     """The distribution a token is drawn from, for temperature > 0: logits (T, V) with the text before
     each row's position (T, L) -> probabilities (T, V) in float32, after the repetition penalty,
@@ -418,7 +420,7 @@ def target_probabilities(
     return logits.softmax(dim=-1)
 
 
-def _greedy(logits: torch.Tensor, previous: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+def _greedy(logits: torch.Tensor, previous: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
     """The greedy choices of logits (T, V): the argmax, after the repetition penalty if one is set (in
     float32, as decode.sample_rows; without one on the logits as they are, as decode.greedy_ids)."""
     penalty = _penalty(sampling)
@@ -437,7 +439,7 @@ def _check_finite(logits: torch.Tensor, position: int) -> None:
 
 def _choose(
     logits: torch.Tensor,
-    previous: torch.Tensor,
+    previous: torch.Tensor | None,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     position: int,
@@ -454,7 +456,7 @@ def _verify(
     model_scores: torch.Tensor,
     draft_scores: list[torch.Tensor],
     drafted: torch.Tensor,
-    previous: torch.Tensor,
+    previous: torch.Tensor | None,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     position: int,
@@ -473,7 +475,9 @@ def _verify(
         return accepted, wanted[accepted]
     p = target_probabilities(model_scores, previous, sampling)  # (k + 1, V)
     if k:
-        q = target_probabilities(torch.stack(draft_scores), previous[:k], sampling)  # (k, V)
+        q = target_probabilities(
+            torch.stack(draft_scores), None if previous is None else previous[:k], sampling
+        )  # (k, V)
         rows = torch.arange(k, device=p.device)
         p_drafted, q_drafted = p[rows, drafted], q[rows, drafted]  # (k,): q > 0, the draft drew them
         # Accept x_i with probability min(1, p(x_i) / q(x_i)): u < p / q for u uniform in [0, 1).
