@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llama_mini.checkpoint import load_model
+from llama_mini.checkpoint import load_model, resolve_checkpoint
 from llama_mini.generation import generate
 from llama_mini.generation.speculative import SpeculativeStats, speculative_generate
 from llama_mini.tokenizer import Tokenizer
@@ -40,8 +40,13 @@ SHAPES = {  # ModelArgs overrides: the draft a few percent of the model, apart f
 def train(options: argparse.Namespace, name: str, steps: int, tokenizer: str | None) -> Path:
     """Train one of SHAPES on the corpus (unless its run exists); returns its best/ checkpoint."""
     out = Path(options.out) / name
-    if (out / "best" / "config.json").exists() and not options.retrain:
-        return out / "best"
+    if out.exists() and not options.retrain:
+        found = resolve_checkpoint(
+            out
+        )  # best/, else the latest step-*/ (a run stopped with SIGTERM saves one)
+        if (found / "config.json").exists():
+            print(f"reusing {found}")
+            return found
     config = TrainConfig(
         data=options.data,
         out=str(out),
@@ -61,7 +66,7 @@ def train(options: argparse.Namespace, name: str, steps: int, tokenizer: str | N
     ).run()
     print(
         f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s, "
-        f"val bpb {summary.val_bpb:.3f}"
+        f"val bpb {summary.val_bpb}"
     )
     return out / "best"
 
