@@ -6,6 +6,7 @@
     echo "Once upon a time" | llama-mini generate --checkpoint out/best --seed 1 --verbose
     llama-mini generate --checkpoint out/best --interactive            # a prompt loop; Ctrl-D ends it
     llama-mini generate --checkpoint out/chat --chat --system "Be brief."   # a conversation; Ctrl-D ends it
+    llama-mini generate --checkpoint out/big --draft out/small --draft-tokens 4   # speculative decoding
 
 --checkpoint takes anything `load_model` reads (a llama_mini or Hugging Face Llama folder,
 Meta's original format, or a training run folder, whose best/ is used) with its tokenizer inside (a
@@ -25,6 +26,10 @@ generation prompt, and the reply is generated until the template's end-of-turn t
 <|eot_id|>, <|im_end|>, or eos for the default template). The reply is printed and joins the
 conversation. When the conversation outgrows the context, its oldest exchanges are dropped (the system
 message stays), with a note on stderr.
+
+--draft CHECKPOINT decodes speculatively (generation/speculative.py): the draft, a smaller model with the
+same tokenizer, proposes --draft-tokens tokens that the model checks in one forward pass. Greedy output is
+the same as without a draft; sampled output has the same distribution (other draws for the same --seed).
 
 A thin command line over llama_mini.generation (generate.py is the same command): the sampling flags are
 made from SamplingConfig's declarations, with its defaults, and the runtime flags from DecodeOptions'; what
@@ -46,6 +51,7 @@ from llama_mini.errors import CheckpointError, ConfigError, LlamaMiniError
 from llama_mini.generation.decode import GenerationStats, generate
 from llama_mini.generation.prompts import fit_to_context
 from llama_mini.generation.sampling import GenerationError, SamplingConfig, row_seed
+from llama_mini.generation.speculative import DEFAULT_DRAFT_TOKENS, Speculation, SpeculativeStats, check_draft
 from llama_mini.generation.steps import CACHE_LENGTH_MULTIPLE, DecodeOptions
 from llama_mini.generation.streaming import decode_continuation, stream
 from llama_mini.model.sizes import count_parameters
@@ -153,6 +159,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sampling.add_argument(
         "--num-samples", type=POSITIVE_INT, default=1, metavar="N", help="outputs per prompt (default: 1)"
     )
+    speculative = parser.add_argument_group("speculative decoding")
+    speculative.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="a smaller checkpoint with the same tokenizer that proposes tokens for the model to check, "
+        "several per forward pass of the model (same output distribution; steps run eagerly)",
+    )
+    speculative.add_argument(
+        "--draft-tokens",
+        type=POSITIVE_INT,
+        default=DEFAULT_DRAFT_TOKENS,
+        metavar="K",
+        help=f"with --draft: tokens the draft proposes per round (default: {DEFAULT_DRAFT_TOKENS})",
+    )
     runtime = parser.add_argument_group("runtime")
     add_flags(runtime, RuntimeSettings)
     add_flags(runtime, DecodeOptions, only=RUNTIME_FLAGS, defaults=COMMAND_OPTIONS)
@@ -220,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             f"{device} {str(dtype).removeprefix('torch.')}, in {time.perf_counter() - start:.2f} s",
             file=sys.stderr,
         )
+    speculation = load_draft(args, model, tokenizer, device, dtype)
     streaming = sys.stdout.isatty() if args.stream is None else args.stream
     texts = [] if args.interactive or args.chat else read_prompts(args)
     # One KV cache for every call, as large as the largest batch: streaming runs one output at a time,
@@ -229,9 +250,9 @@ def run(args: argparse.Namespace) -> int:
     rows = 1 if streaming else max(len(texts), 1) * args.num_samples
     model.setup_cache(rows, max_seq_len=CACHE_LENGTH_MULTIPLE, static=bool(options.compile))
     if args.chat:
-        ChatSession(model, tokenizer, args, sampling, options, streaming).converse()
+        ChatSession(model, tokenizer, args, sampling, options, streaming, speculation).converse()
         return 0
-    session = Session(model, tokenizer, args, sampling, options, streaming)
+    session = Session(model, tokenizer, args, sampling, options, streaming, speculation)
     if args.interactive:
         session.interactive()
     else:
@@ -250,9 +271,14 @@ class Session:
         sampling: SamplingConfig,
         options: DecodeOptions,
         streaming: bool,
+        speculation: Speculation | None = None,
     ):
         self.model, self.tokenizer, self.args, self.streaming = model, tokenizer, args, streaming
         self.options = options
+        # With --draft, speculative decoding's generate and stream, of the same signatures.
+        self.generate = speculation.generate if speculation else generate
+        self.stream = speculation.stream if speculation else stream
+        self.new_stats = SpeculativeStats if speculation else GenerationStats
         self.outputs = 0  # outputs printed so far: output number r samples with row_seed(seed, r)
         self.sampling = sampling.replace(eos_id=tokenizer.eos_ids)  # every end id stops a row
 
@@ -296,9 +322,9 @@ class Session:
             if echo:
                 out.write(text)
                 out.flush()
-            stats = GenerationStats()
+            stats = self.new_stats()
             sampling = self.sampling.replace(seed=None if seeds is None else [seeds[r]])
-            pieces = stream(
+            pieces = self.stream(
                 self.model,
                 self.tokenizer,
                 prompt,
@@ -318,10 +344,12 @@ class Session:
         self, rows: list[tuple[str, list[int]]], seeds: list[int] | None, max_new_tokens: int, echo: bool
     ) -> None:
         """All outputs as one ragged batch, printed when it is done."""
-        stats = GenerationStats()
+        stats = self.new_stats()
         prompts = [prompt for _, prompt in rows]
         sampling = self.sampling.replace(seed=seeds)
-        new_ids = generate(self.model, prompts, max_new_tokens, sampling, options=self.options, stats=stats)
+        new_ids = self.generate(
+            self.model, prompts, max_new_tokens, sampling, options=self.options, stats=stats
+        )
         for r, ((text, prompt), ids) in enumerate(zip(rows, new_ids, strict=True)):
             if r > 0:
                 sys.stdout.write(SEPARATOR + "\n")
@@ -352,6 +380,41 @@ class Session:
     def report(self, stats: GenerationStats) -> None:
         if self.args.verbose:
             print(stats.summary(), file=sys.stderr)
+
+
+def load_draft(args: argparse.Namespace, model, tokenizer: Tokenizer, device, dtype) -> Speculation | None:
+    """The --draft checkpoint as a Speculation, or None without one. CheckpointError (one line, exit 2)
+    unless it shares the model's tokenizer: the same vocabulary size, and its own tokenizer, if it has one,
+    the same (the same file, or the same piece for every id and the same special ids)."""
+    if args.draft is None:
+        return None
+    if Path(args.draft).is_dir():
+        args.draft = str(resolve_checkpoint(args.draft))
+    draft = load_model(args.draft, device=device, dtype=dtype)
+    try:
+        check_draft(model, draft)
+    except ConfigError as error:
+        raise CheckpointError(f"--draft {args.draft}: {error}") from None
+    found = find_tokenizer(Path(args.draft))
+    if found is not None and not same_tokenizer(tokenizer, Tokenizer(found)):
+        raise CheckpointError(
+            f"--draft {args.draft} has another tokenizer than the model's ({found}): pass a draft "
+            "trained with the model's tokenizer"
+        )
+    if getattr(args, "compile", None):
+        print("note: --draft decodes with eager steps; --compile is not used", file=sys.stderr)
+    return Speculation(draft, args.draft_tokens)
+
+
+def same_tokenizer(first: Tokenizer, second: Tokenizer) -> bool:
+    """Whether two tokenizers give every id the same piece and have the same special ids (one may be a
+    tokenizer.model and the other its tokenizer.json)."""
+    if first.sha256 == second.sha256:
+        return True
+    ids = ("vocab_size", "bos_id", "eos_id", "pad_id")
+    if any(getattr(first, name) != getattr(second, name) for name in ids):
+        return False
+    return all(first.id_to_piece(i) == second.id_to_piece(i) for i in range(first.vocab_size))
 
 
 def check_chat_flags(args: argparse.Namespace) -> None:
@@ -387,9 +450,14 @@ class ChatSession:
         sampling: SamplingConfig,
         options: DecodeOptions,
         streaming: bool,
+        speculation: Speculation | None = None,
     ):
         self.model, self.tokenizer, self.args, self.streaming = model, tokenizer, args, streaming
         self.options = options
+        # With --draft, speculative decoding's generate and stream, of the same signatures.
+        self.generate = speculation.generate if speculation else generate
+        self.stream = speculation.stream if speculation else stream
+        self.new_stats = SpeculativeStats if speculation else GenerationStats
         self.sampling = sampling.replace(eos_id=chat_stop_ids(tokenizer))
         self.system = [{"role": "system", "content": args.system}] if args.system is not None else []
         self.turns: list[dict[str, str]] = []  # the conversation after the system message
@@ -424,10 +492,10 @@ class ChatSession:
         seed = None if self.args.seed is None else [row_seed(self.args.seed, self.replies)]
         self.replies += 1
         sampling = self.sampling.replace(seed=seed)
-        stats = GenerationStats()
+        stats = self.new_stats()
         if self.streaming:
             shown = ""
-            pieces = stream(
+            pieces = self.stream(
                 self.model,
                 self.tokenizer,
                 prompt,
@@ -443,7 +511,7 @@ class ChatSession:
                 sys.stdout.flush()
             text = shown
         else:
-            new_ids = generate(
+            new_ids = self.generate(
                 self.model, [prompt], max_new_tokens, sampling, options=self.options, stats=stats
             )[0]
             text = decode_continuation(self.tokenizer, prompt, new_ids).lstrip()
