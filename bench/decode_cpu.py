@@ -19,6 +19,13 @@ float32, never stopping at eos:
     transformers           LlamaForCausalLM.generate(do_sample=False), its default dynamic cache
     llama.cpp              Llama.eval of the prompt, then argmax and eval of one token at a time
 
+and, when named in --engines, the same weights stored in 8 bits:
+
+    llama_mini int8 eager / compiled    `quantize(model, "int8")` (llama_mini.ops.quantize): int8 weights
+                                        with a scale per output channel, the output layer in float32
+    llama.cpp q8_0                      the GGUF file written with q8_0 matrices (blocks of 32 int8
+                                        weights with one float16 scale), the output layer included
+
 The time of one call covers the prompt's prefill and every new token, as a user waits for it; tokens/s is
 new tokens / that time, the median of 3 calls after warm-up (compiling happens in warm-up), the engines
 taking turns call by call (see `interleaved_medians`). All engines
@@ -38,6 +45,7 @@ except the build, run once.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -63,10 +71,20 @@ from llama_mini.checkpoint import save_pretrained  # noqa: E402
 from llama_mini.checkpoint.gguf import sentencepiece_vocab, write_gguf  # noqa: E402
 from llama_mini.generation import generate  # noqa: E402
 from llama_mini.ops import aot_step  # noqa: E402
+from llama_mini.ops.quantize import quantize  # noqa: E402
 from llama_mini.tokenizer import train_tokenizer  # noqa: E402
 
-ENGINES = ("llama_mini eager", "llama_mini compiled", "transformers", "llama.cpp")
-FIRST_CALL_REPORTED = ("llama_mini compiled",)
+ENGINES = (
+    "llama_mini eager",
+    "llama_mini compiled",
+    "transformers",
+    "llama.cpp",
+    "llama_mini int8 eager",
+    "llama_mini int8 compiled",
+    "llama.cpp q8_0",
+)
+DEFAULT_ENGINES = ENGINES[:4]  # the int8 engines when asked for (--engines)
+FIRST_CALL_REPORTED = ("llama_mini compiled", "llama_mini int8 compiled")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every engine alike")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
     parser.add_argument(
         "--llama-cpp-kv-cache", choices=["f32", "f16"], default="f32", help="f16 is llama.cpp's own default"
     )
@@ -393,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = tokenizer_for(model_args.vocab_size, scratch)
             save_pretrained(model, folder, tokenizer_path=tokenizer.model_path)
             write_gguf(model, gguf_path, sentencepiece_vocab(tokenizer.model_path), "f32")
+            if "llama.cpp q8_0" in args.engines:
+                q8_path = scratch / f"{preset}-q8_0.gguf"
+                write_gguf(model, q8_path, sentencepiece_vocab(tokenizer.model_path), "q8_0")
+            int8_model = None
+            if any(engine.startswith("llama_mini int8") for engine in args.engines):
+                int8_model = quantize(copy.deepcopy(model), "int8")
             prompt = torch.randint(
                 3, model_args.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)
             ).tolist()
@@ -410,16 +434,26 @@ def main(argv: list[str] | None = None) -> int:
                     engines[engine] = llama_mini_engine(
                         model, prompt, args.new_tokens, compile=True, compile_cache=compile_cache
                     )
+                elif engine.startswith("llama_mini int8"):
+                    compiled = engine.endswith("compiled")
+                    cache = compile_cache if compiled else None
+                    engines[engine] = llama_mini_engine(int8_model, prompt, args.new_tokens, compiled, cache)
                 elif engine == "transformers":
                     engines[engine] = transformers_engine(folder, prompt, args.new_tokens)
                 else:
                     engines[engine] = llama_cpp_engine(
-                        gguf_path, prompt, args.new_tokens, args.threads, args.llama_cpp_kv_cache
+                        q8_path if engine == "llama.cpp q8_0" else gguf_path,
+                        prompt,
+                        args.new_tokens,
+                        args.threads,
+                        args.llama_cpp_kv_cache,
                     )
                     if engines[engine] is None:
                         notes.append("llama.cpp skipped: pip install llama-cpp-python to include it")
             runnable = {engine: run for engine, run in engines.items() if run is not None}
-            results = interleaved_medians(runnable, warmup={"llama_mini compiled": 2})  # compiling: call 1
+            results = interleaved_medians(
+                runnable, warmup=dict.fromkeys(FIRST_CALL_REPORTED, 2)
+            )  # compiling: call 1
             for engine, (seconds, _) in results.items():
                 print(f"{preset}: {engine} {args.new_tokens / seconds:,.0f} tok/s", flush=True)
 
@@ -427,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             speeds = {engine: args.new_tokens / seconds for engine, (seconds, _) in results.items()}
             for index, (engine, (_, tokens)) in enumerate(results.items()):
                 row = {"shape": shape if index == 0 else "", "engine": engine, "tok/s": speeds[engine]}
-                for peer in ("llama.cpp", "transformers"):
+                for peer in ("llama.cpp", "transformers", "llama.cpp q8_0"):
                     row[f"vs {peer}"] = f"{speeds[engine] / speeds[peer]:.2f}x" if peer in speeds else "-"
                 row["agree"] = f"{agreement(tokens, reference)}/{args.new_tokens}"
                 rows.append(row)

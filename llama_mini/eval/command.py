@@ -45,6 +45,7 @@ from llama_mini.eval import INSTALL_EVAL
 from llama_mini.eval.corpus import bits_per_byte, split_of
 from llama_mini.eval.loading import load_model_and_tokenizer
 from llama_mini.files import atomic_write
+from llama_mini.ops.quantize import QuantizeSettings
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags, setting
 from llama_mini.train.run_folder import RUN_CONFIG
@@ -134,6 +135,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     both = parser.add_argument_group("both")
     add_flags(both, EvalConfig, only=("batch_size", "tokenizer", "output"))
     add_flags(both, RuntimeSettings)
+    add_flags(both, QuantizeSettings)
     return parser
 
 
@@ -147,11 +149,14 @@ def run(args: argparse.Namespace) -> int:
     runtime = RuntimeSettings(**{name: given[name] for name in ("device", "dtype") if name in given})
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
+    quantization = QuantizeSettings(
+        **{name: given[name] for name in ("quantize", "group_size") if name in given}
+    )
     checkpoint = Path(args.checkpoint)
     resolve_checkpoint(checkpoint)  # a missing or unreadable folder is an error before anything else
     if config.tasks is not None:
-        return evaluate_tasks(config, checkpoint, device, dtype)
-    return score_corpus(config, given, checkpoint, device, dtype)
+        return evaluate_tasks(config, checkpoint, device, dtype, quantization)
+    return score_corpus(config, given, checkpoint, device, dtype, quantization)
 
 
 # ----------------------------------------------------------------------------------------- bits per byte
@@ -183,7 +188,14 @@ def corpus_settings(config: EvalConfig, given: dict[str, Any], checkpoint: Path)
     return {"data": config.data or str(defaults["data"]), "split": split, **settings}
 
 
-def score_corpus(config: EvalConfig, given: dict[str, Any], checkpoint: Path, device, dtype) -> int:
+def score_corpus(
+    config: EvalConfig,
+    given: dict[str, Any],
+    checkpoint: Path,
+    device,
+    dtype,
+    quantization: QuantizeSettings | None = None,
+) -> int:
     from llama_mini.data.sources import open_source
 
     settings = corpus_settings(config, given, checkpoint)
@@ -193,7 +205,7 @@ def score_corpus(config: EvalConfig, given: dict[str, Any], checkpoint: Path, de
     note = describe_resolution(checkpoint)
     if note:
         print(note, file=sys.stderr)
-    model, tokenizer = load_model_and_tokenizer(checkpoint, config.tokenizer, device, dtype)
+    model, tokenizer = load_model_and_tokenizer(checkpoint, config.tokenizer, device, dtype, quantization)
     documents = source.documents()
     if settings["split"] != "all":
         documents = split_of(documents, settings["split"], settings["val_fraction"], settings["split_seed"])
@@ -257,7 +269,9 @@ def quiet_harness() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def evaluate_tasks(config: EvalConfig, checkpoint: Path, device, dtype) -> int:
+def evaluate_tasks(
+    config: EvalConfig, checkpoint: Path, device, dtype, quantization: QuantizeSettings | None = None
+) -> int:
     names = [name.strip() for name in (config.tasks or "").split(",") if name.strip()]
     if not names:
         raise ConfigError("--tasks names no task: pass names separated by commas, e.g. hellaswag,arc_easy")
@@ -289,7 +303,7 @@ def evaluate_tasks(config: EvalConfig, checkpoint: Path, device, dtype) -> int:
         note = describe_resolution(checkpoint)
         if note:
             print(note, file=sys.stderr)
-        model, tokenizer = load_model_and_tokenizer(checkpoint, config.tokenizer, device, dtype)
+        model, tokenizer = load_model_and_tokenizer(checkpoint, config.tokenizer, device, dtype, quantization)
         lm = LlamaMiniLM(model=model, tokenizer=tokenizer, batch_size=config.batch_size)
         limit = config.limit
         if limit is not None and limit >= 1:

@@ -56,6 +56,7 @@ from llama_mini.generation.steps import CACHE_LENGTH_MULTIPLE, DecodeOptions
 from llama_mini.generation.streaming import decode_continuation, stream
 from llama_mini.model.sizes import count_parameters
 from llama_mini.ops.aot_step import default_cache_folder
+from llama_mini.ops.quantize import QuantizeSettings, check_quantize, quantize
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags
 from llama_mini.tokenizer import Tokenizer
@@ -176,6 +177,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("runtime")
     add_flags(runtime, RuntimeSettings)
     add_flags(runtime, DecodeOptions, only=RUNTIME_FLAGS, defaults=COMMAND_OPTIONS)
+    add_flags(runtime, QuantizeSettings)
     runtime.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
@@ -220,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_config(args)  # checks the sampling and runtime flags before anything is loaded
     options = decode_options(args)
     check_chat_flags(args)
+    quantization = QuantizeSettings(
+        **{name: getattr(args, name) for name in ("quantize", "group_size") if hasattr(args, name)}
+    )
+    check_quantize(quantization.quantize, quantization.group_size, device)
     if Path(args.checkpoint).is_dir():  # a training run folder: use its best/ and say so
         note = describe_resolution(args.checkpoint)
         if note:
@@ -228,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=device, dtype=dtype)
+    quantize(model, quantization.quantize, quantization.group_size)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "

@@ -32,6 +32,7 @@ from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.generation import next_token_logits
 from llama_mini.ops import aot_step
+from llama_mini.ops.quantize import QuantizeSettings, check_quantize, quantize
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
 from llama_mini.settings import add_flags, setting
 from llama_mini.tokenizer import Tokenizer
@@ -102,6 +103,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     add_flags(parser, ServeConfig)
     add_flags(parser, RuntimeSettings)
+    add_flags(parser, QuantizeSettings)
     return parser
 
 
@@ -119,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn = _import_server()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    app, model_id = build_app(args.checkpoint, config, runtime, args.tokenizer)
+    quantization = QuantizeSettings(
+        **{name: getattr(args, name) for name in ("quantize", "group_size") if hasattr(args, name)}
+    )
+    app, model_id = build_app(args.checkpoint, config, runtime, args.tokenizer, quantization)
     listener = socket.create_server((config.host, config.port))  # bound here: a port error is ours to report
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -159,8 +164,10 @@ def build_app(
     config: ServeConfig | None = None,
     runtime: RuntimeSettings | None = None,
     tokenizer_path: str | os.PathLike | None = None,
+    quantization: QuantizeSettings | None = None,
 ):
-    """Load `checkpoint` and its tokenizer and return (the FastAPI app serving them, the model's id)."""
+    """Load `checkpoint` and its tokenizer (its linear layers quantized as `quantization` says) and return
+    (the FastAPI app serving them, the model's id)."""
     from llama_mini.serve.api import Served
     from llama_mini.serve.app import create_app
     from llama_mini.serve.scheduler import Scheduler
@@ -171,6 +178,8 @@ def build_app(
         torch.set_num_threads(config.threads)
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
+    quantization = quantization or QuantizeSettings()
+    check_quantize(quantization.quantize, quantization.group_size, device)
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(
@@ -183,6 +192,7 @@ def build_app(
     folder = resolve_checkpoint(path)
     tokenizer = _load_tokenizer(folder, tokenizer_path)
     model = load_model(folder, device=device, dtype=dtype)
+    quantize(model, quantization.quantize, quantization.group_size)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "
