@@ -65,8 +65,7 @@ def train(options: argparse.Namespace, name: str, steps: int, tokenizer: str | N
         config, model_overrides=dict(SHAPES[name], max_seq_len=options.context), show_progress=False
     ).run()
     print(
-        f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s, "
-        f"val bpb {summary.val_bpb}"
+        f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s, val bpb {summary.val_bpb}"
     )
     return out / "best"
 
