@@ -42,7 +42,13 @@ from llama_mini.data.split import exact_threshold, validates, validation_score
 from llama_mini.errors import DataError
 from llama_mini.files import atomic_file
 from llama_mini.ops.loss import IGNORE_INDEX
-from llama_mini.tokenizer.chat import chat_template_for, check_messages, encode_chat, render_chat
+from llama_mini.tokenizer.chat import (
+    chat_template_for,
+    check_messages,
+    common_prefix,
+    encode_chat,
+    render_chat,
+)
 
 if TYPE_CHECKING:
     from llama_mini.tokenizer import Tokenizer
@@ -163,15 +169,6 @@ def _checked(record: Any, where: str) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _common_prefix(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
 def encode_pair(tokenizer: Tokenizer, record: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, chosen answer ids, rejected answer ids) of a checked record (see the module docstring)."""
     prompt = record["prompt"]
@@ -183,7 +180,7 @@ def encode_pair(tokenizer: Tokenizer, record: dict[str, Any]) -> tuple[list[int]
     chosen = encode_chat(tokenizer, prompt + record["chosen"]).ids
     rejected = encode_chat(tokenizer, prompt + record["rejected"]).ids
     # The prompt's tokens: those of its rendering that both whole renderings begin with.
-    start = min(_common_prefix(heading, chosen), _common_prefix(heading, rejected))
+    start = min(common_prefix(heading, chosen), common_prefix(heading, rejected))
     if start == len(chosen) or start == len(rejected):
         raise DataError("an answer renders to no tokens of its own: give it some content")
     return chosen[:start], chosen[start:], rejected[start:]

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "ROLES",
     "ChatEncoding",
+    "common_prefix",
     "chat_stop_ids",
     "chat_template_for",
     "check_messages",
@@ -245,7 +246,8 @@ def _rendered_length(
     return len(prefix)
 
 
-def _common_prefix(first: list[int], second: list[int]) -> int:
+def common_prefix(first: list[int], second: list[int]) -> int:
+    """How many leading ids two token lists share."""
     length = 0
     for a, b in zip(first, second, strict=False):
         if a != b:
@@ -281,9 +283,9 @@ def encode_chat(
         found = text.find(end_of_turn, start, end) if end_of_turn is not None else -1
         end = found + len(end_of_turn) if found >= 0 else end
         # Token positions of the two character positions: how far the prefix's ids agree with the whole's.
-        first = _common_prefix(tokenizer.encode(text[:start], parse_special=True), ids)
+        first = common_prefix(tokenizer.encode(text[:start], parse_special=True), ids)
         through_end = tokenizer.encode(text[:end], parse_special=True)
-        last = _common_prefix(through_end, ids)
+        last = common_prefix(through_end, ids)
         if last < len(through_end):
             last += 1  # the token that straddles the end of the turn
         mask[first:last] = [True] * (last - first)
