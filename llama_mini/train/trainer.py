@@ -384,12 +384,13 @@ class Trainer:
         tokenizers (a model with a bigger vocabulary has a higher loss per token but fewer tokens).
         The same batches are drawn at every evaluation, so evaluations are comparable with each other.
         """
-        if self.config.dpo:
+        if self.config.dpo:  # the held-out pairs, and --eval-data/--eval-tasks as any run scores them
             with attention_backend(self.fast_paths.attention):
-                return evaluate_preferences(
+                preferences = evaluate_preferences(
                     self.loss_module, self.val_data, self.reference["val"], self.config,
                     self.model_args.max_seq_len, self.dist, self.device, self.dtype,
                 )  # fmt: skip
+            return {**preferences, **self._evaluate_beyond_the_split()}
         if isinstance(self.val_data, MixedSplits):
             return {**self._evaluate_mixture(self.val_data), **self._evaluate_beyond_the_split()}
         val_loss, val_bpb = self._evaluate_split(self.val_data)
@@ -514,16 +515,17 @@ class Trainer:
         )
 
     def _describe_evaluation(self, evaluation: dict[str, float]) -> str:
-        if self.config.dpo:
-            return (
-                f"step {self.step}: val loss {evaluation['val_loss']:.4f}, reward accuracy "
-                f"{evaluation['val_reward_accuracy']:.3f}, margin {evaluation['val_reward_margin']:.4f}"
-            )
         held_out = "".join(
             f", {name.removeprefix('val_bpb/')} {value:.4f}"
             for name, value in evaluation.items()
             if name.startswith("val_bpb/")
         )
+        if self.config.dpo:
+            return (
+                f"step {self.step}: val loss {evaluation['val_loss']:.4f}, reward accuracy "
+                f"{evaluation['val_reward_accuracy']:.3f}, margin {evaluation['val_reward_margin']:.4f}"
+                + (f"; bits/byte{held_out.removeprefix(',')}" if held_out else "")
+            )
         return (
             f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
             f"{evaluation['val_bpb']:.4f} bits/byte{held_out}"
