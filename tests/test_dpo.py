@@ -437,8 +437,10 @@ def test_a_chat_model_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_c
 
 
 @pytest.mark.slow
-def test_a_lora_dpo_run_under_fsdp_equals_one_process(hf_chat_model, tmp_path):
-    """Two processes (gloo on CPUs), the reference computed through the sharded root module: the same
+@pytest.mark.parametrize("parallel, lora", [("fsdp", ["--lora-rank", "4"]), ("ddp", [])])
+def test_a_dpo_run_under_two_processes_equals_one_process(hf_chat_model, tmp_path, parallel, lora):
+    """Two processes (gloo on CPUs): LoRA under FSDP, the reference computed through the sharded root
+    module; full weights under DDP, each process computing the reference of its own pairs. The same
     metrics as one process, step for step."""
     import os
     import subprocess
@@ -447,24 +449,24 @@ def test_a_lora_dpo_run_under_fsdp_equals_one_process(hf_chat_model, tmp_path):
 
     folder, records = hf_chat_model
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
-    flags = ["--init-from", str(folder), "--data", data, "--dpo", "--lora-rank", "4", "--device", "cpu",
+    flags = ["--init-from", str(folder), "--data", data, "--dpo", *lora, "--device", "cpu",
              "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dpo-beta", "0.5", "--eval-interval", "3",
              "--eval-steps", "2", "--log-interval", "1", "--sample-tokens", "0", "--max-seq-len", "32"]  # fmt: skip
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     repo = Path(__file__).resolve().parent.parent
-    for launcher, out in (([], "one"), ([*torchrun], "fsdp")):
-        more = ["--parallel", "fsdp"] if launcher else []
+    for launcher, out in (([], "one"), ([*torchrun], "two")):
+        more = ["--parallel", parallel] if launcher else []
         result = subprocess.run(
             [sys.executable, *launcher, "train.py", *flags, *more, "--out", str(tmp_path / out)],
             cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
     kept = ("step", "loss", "reward_margin", "val_loss", "val_reward_margin", "val_chosen_reward")
-    one, fsdp = (
-        [{k: r[k] for k in kept if k in r} for r in records_of(tmp_path / out)] for out in ("one", "fsdp")
+    one, two = (
+        [{k: r[k] for k in kept if k in r} for r in records_of(tmp_path / out)] for out in ("one", "two")
     )
-    assert len(one) == len(fsdp) == 4
-    for a, b in zip(one, fsdp, strict=True):
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
