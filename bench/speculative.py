@@ -106,7 +106,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--serve", action="store_true", help="measure the server's scheduler instead")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a crowded machine)"
+    )
     options = parser.parse_args()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
 
     draft_folder = train(options, "draft", options.draft_steps, None)
     model_folder = train(options, "model", options.model_steps, str(draft_folder))
