@@ -18,6 +18,7 @@ from bench import (
     decode,
     decode_ab,
     decode_cpu,
+    demo_step_cost,
     ffn,
     profile_cpu,
     serve,
@@ -267,3 +268,13 @@ def test_optimizer_sweep_and_demo_speedrun_run_and_report(tmp_path):
     assert "| baseline | 4 |" in printed and "| muon | 2 |" in printed
     results = json.loads((tmp_path / "speed" / "results.json").read_text())
     assert set(results) == {"baseline", "muon"} and results["muon"][0]["train_s"] > 0
+
+
+def test_demo_step_cost_times_every_variant_against_the_first(capsys):
+    """bench/demo_step_cost.py at a tiny size: one row per variant, the first at ratio 1."""
+    tiny = "dim:32,n_layers:1,n_heads:2,multiple_of:16,vocab:128,seq:16,batch:2"
+    demo_step_cost.main(["--rounds", "1", "--variants", f"a={tiny}", f"b={tiny},dtype:bf16"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| a |")
+            or line.startswith("| b |")]  # fmt: skip
+    assert [row[0] for row in rows] == ["| a", "| b"] and rows[0][3] == "1.000 |"
+    assert float(rows[1][3].rstrip(" |")) > 0
