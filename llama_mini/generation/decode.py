@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_mini.generation.eager import eager_step
 from llama_mini.generation.sampling import (
     GenerationError,
     SamplingConfig,
@@ -320,7 +321,7 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
-        with step_for(model, decode_step, options, batch.size, batch.total_len) as run_step:
+        with step_for(model, decode_step, options, batch.size, batch.total_len, eager_step) as run_step:
             yield from _positions(model, run_step, batch, sampling, generators, stats)
     finally:
         model.train(was_training)
