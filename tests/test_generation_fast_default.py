@@ -187,6 +187,7 @@ def test_recast_caches_share_the_buffers():
 @needs_aot
 @pytest.mark.skipif(not aot_step.cpp_compiler_available(), reason="building a step needs a C++ compiler")
 def test_a_step_built_in_a_child_process_takes_over_mid_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_MINI_BACKGROUND_BUILDS", "1")
     monkeypatch.setattr(steps._SwitchingRun, "POLL_SECONDS", 0.0)
     started = []
 

@@ -16,7 +16,10 @@ The child rebuilds only what `Transformer(args)` makes; a model changed after it
 layers, say) names a different step (`aot_step.artifact_key`). The child checks that the key it would build
 is the one the parent waits for, and otherwise builds nothing and leaves a note, `<key>.unbuildable`, so that
 later runs do not try again: those models decode eagerly unless `--compile` builds their step in the process.
-Only one child builds a given step at a time (an exclusive lock on `<key>.lock` in the cache folder).
+`LLAMA_MINI_BACKGROUND_BUILDS=0` turns background builds off (the test suite does, so that its commands
+do not leave compilers running). Only one child builds a given step (an exclusive lock on `.<key>.lock` in
+the cache folder), and one step is built at a time in a folder (`.building.lock`): a server's steps for
+several batch sizes are built in turn.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from llama_mini.model import cache as cache_module
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
@@ -44,6 +48,7 @@ _PARENT_OF_PACKAGE = str(Path(__file__).resolve().parents[2])  # the child impor
 _CHILD = "import sys; from llama_mini.generation.background import build; sys.exit(build(sys.argv[1]))"
 _RUNNING: dict[str, subprocess.Popen] = {}  # key -> the child this process started for it
 UNBUILDABLE_SUFFIX = ".unbuildable"
+SWITCH_VARIABLE = "LLAMA_MINI_BACKGROUND_BUILDS"  # "0": never start a child (the tests' setting)
 
 
 class PendingStep:
@@ -85,6 +90,8 @@ def start_build(
     (or follow the one this process already started for it), for the model as it is now (its static KV
     cache in place). None where none can be built in the background: a model the child cannot rebuild from
     its args, or one a child already found it could not build."""
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return None
     folder = Path(folder)
     key = aot_step.artifact_key(step, model, example_inputs)
     if (folder / f"{key}{UNBUILDABLE_SUFFIX}").is_file() or not _rebuildable(model):
@@ -99,8 +106,7 @@ def start_build(
             "function": f"{step.__module__}:{step.__qualname__}",
             "args": model.args.to_dict(),
             "dtype": _dtype_name(model.tok_embeddings.weight.dtype),
-            "batch": cache.max_batch_size,
-            "length": cache.max_seq_len,
+            "cache": [type(cache).__name__, cache.max_batch_size, cache.max_seq_len],
             "inputs": [[list(value.shape), _dtype_name(value.dtype)] for value in example_inputs],
             "threads": torch.get_num_threads(),
         }
@@ -153,23 +159,31 @@ def build(spec_json: str) -> int:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_dict(spec["args"]))
     model = model.to_empty(device="cpu").to(getattr(torch, spec["dtype"])).eval()
-    model.setup_cache(spec["batch"], max_seq_len=spec["length"], static=True)
+    cache_class, batch, length = getattr(cache_module, spec["cache"][0]), *spec["cache"][1:]
+    args = model.args
+    for layer in model.layers:
+        layer.attention.cache = cache_class(
+            batch, length, args.n_kv_heads, args.head_dim, dtype=model.tok_embeddings.weight.dtype
+        )
     inputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in spec["inputs"]]
     if aot_step.artifact_key(function, model, inputs) != spec["key"]:
         (folder / f"{spec['key']}{UNBUILDABLE_SUFFIX}").write_text(
             "this model's decode step differs from one of Transformer(args): not built in the background\n"
         )
         return 3
-    with open(folder / f".{spec['key']}.lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # no advisory locks here: two children may build the same step; the rename keeps it whole
-        except OSError:
-            return 0  # another child is building it
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: children may build at once; the rename keeps each whole
+        fcntl = None
+    with open(folder / f".{spec['key']}.lock", "w") as mine, open(folder / ".building.lock", "w") as anyone:
+        if fcntl is not None:
+            try:
+                fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0  # another child is building this step
+            fcntl.flock(anyone, fcntl.LOCK_EX)  # one build at a time in a folder: the cores stay for decoding
         start = time.perf_counter()
+        # (loaded, not built again, if another process saved it while this one waited)
         aot_step.compiled_step(function, model, inputs, folder)
         print(f"built {spec['key']} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
