@@ -17,7 +17,8 @@ from test_generation import tiny_model
 from llama_mini.generation import decode as decode_module
 from llama_mini.generation import generate, steps
 from llama_mini.generation.background import PendingStep, start_build
-from llama_mini.generation.eager import eager_step
+from llama_mini.generation.decode import eager_step
+from llama_mini.generation.eager import eager_logits
 from llama_mini.model.cache import KVCache, StaticKVCache
 from llama_mini.ops import aot_step
 
@@ -55,6 +56,9 @@ def test_eager_step_is_not_used_for_models_it_does_not_cover():
     model.layers[1].attention_norm = torch.nn.LayerNorm(model.args.dim)  # not an RMSNorm
     assert eager_step(model) is None
     assert eager_step(tiny_model().train()) is None
+    covered = tiny_model()
+    covered.setup_cache(1, max_seq_len=16, static=True)  # another cache: the model's forward runs instead
+    assert eager_logits(covered)(torch.tensor([[3]]), 0) is None
 
 
 def test_generate_takes_the_eager_step_and_gives_the_same_tokens(monkeypatch):

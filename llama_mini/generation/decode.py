@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_mini.generation.eager import eager_step
+from llama_mini.generation.eager import eager_logits
 from llama_mini.generation.sampling import (
     GenerationError,
     SamplingConfig,
@@ -72,6 +72,7 @@ __all__ = [
     "check_request",
     "choose_next",
     "decode_step",
+    "eager_step",
     "generate",
     "greedy_ids",
     "iter_new_tokens",
@@ -377,6 +378,24 @@ def decode_step(
     """
     logits = next_token_logits(model, tokens, start_pos)
     return logits, greedy_ids(logits)
+
+
+def eager_step(model: Transformer) -> RunStep | None:
+    """`decode_step` for eager decoding with less per-token overhead: run(tokens (B, 1), position) ->
+    (logits (B, V), greedy ids (B,)), through generation/eager.py's one-position forward where it covers
+    the call, else `decode_step`; None where it does not cover the model (steps.step_for then runs
+    decode_step itself)."""
+    logits_of = eager_logits(model)
+    if logits_of is None:
+        return None
+
+    def run(tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_of(tokens, position)
+        if logits is None:
+            return decode_step(model, tokens, position)
+        return logits, greedy_ids(logits)
+
+    return run
 
 
 def next_token_logits(

@@ -1,7 +1,7 @@
 """The eager decode step with less per-token overhead: one new position of a plain model, written for T = 1.
 
-    run = eager_step(model)                 # None where the model is not one this covers
-    logits, ids = run(tokens (B, 1), position)
+    logits_of = eager_logits(model)         # None where the model is not one this covers
+    logits = logits_of(tokens (B, 1), position)     # (B, V); None for a call it does not cover
 
 At batch 1 a small model's decode step is a few hundred small operations, and eager PyTorch spends most of
 the step dispatching them from Python rather than computing (docs/BENCHMARKS.md, "Fast by default").
@@ -19,39 +19,38 @@ that are None. This step does the same arithmetic with the bookkeeping taken out
 
 Everything else is the model's own modules (the linear layers, the feed-forward variant), so quantized or
 LoRA-wrapped linear layers run as they do in the model. The logits equal `decode_step`'s within float
-rounding (tests/test_generation_fast_default.py). Anything else, the prefill included, takes `decode_step`.
+rounding (tests/test_generation_fast_default.py). decode.py's `eager_step` runs it, and `decode_step` for
+anything it does not cover (the prefill included).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from llama_mini.generation import (
-    decode,
-)  # decode_step and greedy_ids, read when a step runs (decode imports us)
 from llama_mini.model.cache import KVCache
 from llama_mini.model.transformer import Attention, RMSNorm, Transformer, repeat_kv
 
-__all__ = ["eager_step"]
+__all__ = ["eager_logits"]
 
 
-def eager_step(model: Transformer):
-    """run(tokens (B, 1), position: int) -> (logits (B, V), greedy ids (B,)) for `model` in eval mode with
-    KVCaches, or None where this step does not cover the model (then `decode_step` runs)."""
+def eager_logits(model: Transformer) -> Callable[[torch.Tensor, int], torch.Tensor | None] | None:
+    """logits_of(tokens (B, 1), position: int) -> next-token logits (B, V) for `model` in eval mode with
+    KVCaches (None for a call with more tokens, a tensor position or another cache), or None where this
+    does not cover the model at all."""
     if not _covered(model):
         return None
     rotations = torch.view_as_complex(model.rope.rotations)  # (max_seq_len, D/2): cos + i sin
 
-    def run(tokens: torch.Tensor, position: int) -> Sequence[torch.Tensor]:
+    def logits_of(tokens: torch.Tensor, position: int) -> torch.Tensor | None:
         cache = model.layers[0].attention.cache
         if tokens.shape[1] != 1 or type(cache) is not KVCache or not isinstance(position, int):
-            return decode.decode_step(model, tokens, position)
+            return None
         return _one_position(model, tokens, position, rotations[position])
 
-    return run
+    return logits_of
 
 
 def _covered(model: Transformer) -> bool:
@@ -87,7 +86,7 @@ def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 def _one_position(
     model: Transformer, tokens: torch.Tensor, position: int, rotation: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     batch = tokens.shape[0]
     h = model.tok_embeddings(tokens)  # (B, 1, dim)
     for layer in model.layers:
@@ -107,7 +106,5 @@ def _one_position(
         h = h + layer.feed_forward(_norm(layer.ffn_norm, h))
     h = _norm(model.norm, h[:, -1])  # (B, dim)
     if h.device.type == "cpu" and type(model.output) is torch.nn.Linear:
-        logits = (model.output.weight @ h.T).T  # the product MKL runs fastest (decode.next_token_logits)
-    else:
-        logits = model.output(h)
-    return logits, decode.greedy_ids(logits)
+        return (model.output.weight @ h.T).T  # the product MKL runs fastest (decode.next_token_logits)
+    return model.output(h)
