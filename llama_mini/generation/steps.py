@@ -18,6 +18,9 @@ has the same shapes, and one compiled step serves every token. Which step runs (
               from the compile cache, or built and saved there   graphs) on CUDA unless cuda_graphs=False
     None      the saved ahead-of-time step if the compile        eager
               cache holds one for this model shape, else eager
+              while a child process builds it (generation/
+              background.py), switching to it between two
+              positions when it is ready (`_SwitchingRun`)
     False     eager                                              eager
 
 On a CPU the ahead-of-time step is one call into C++ code that inductor generated for the whole step,
@@ -25,7 +28,9 @@ its matrix-vector products fused into vectorised loops (docs/BENCHMARKS.md: 6.3x
 stories15m shape on 2 cores, 1.35x llama.cpp); it is a file, so a later process loads it in well under a
 second instead of compiling again.
 Eager decoding passes the position as an int and attends only to the filled part of the cache, which is
-cheaper without a compiled step.
+cheaper without a compiled step; decode.py's `eager_step` runs one position with less overhead than the
+model's forward (generation/eager.py). With compile=None and no compile cache (the library's default)
+nothing is built: only generate.py and `serve`, which keep a compile cache, build in the background.
 """
 
 from __future__ import annotations
