@@ -79,32 +79,35 @@ def _norm(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x (B, 1, heads, D) turned by one position's rotation (D/2,) complex, in float32, back in x's dtype."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, 1, heads, D/2): x0 + i x1
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """x (B, heads, D) turned by one position's rotation (D/2,) complex, in float32, back in x's dtype."""
+    wide = x if x.dtype == torch.float32 else x.float()
+    pairs = torch.view_as_complex(wide.unflatten(-1, (-1, 2)))  # (B, heads, D/2): x0 + i x1
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    return rotated if x.dtype == torch.float32 else rotated.type_as(x)
 
 
 def _one_position(
     model: Transformer, tokens: torch.Tensor, position: int, rotation: torch.Tensor
 ) -> torch.Tensor:
+    """The model's forward for tokens (B, 1) at `position`, kept as (B, features) tensors throughout (one
+    position: the linear layers run as plain matrix products, and the heads' views need no transposes)."""
     batch = tokens.shape[0]
-    h = model.tok_embeddings(tokens)  # (B, 1, dim)
+    h = model.tok_embeddings(tokens[:, 0])  # (B, dim)
     for layer in model.layers:
         attention: Attention = layer.attention
         heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         x = _norm(layer.attention_norm, h)
-        xq = _rotate(attention.wq(x).view(batch, 1, heads, head_dim), rotation)
-        xk = _rotate(attention.wk(x).view(batch, 1, kv_heads, head_dim), rotation)
-        xv = attention.wv(x).view(batch, 1, kv_heads, head_dim)
+        xq = _rotate(attention.wq(x).view(batch, heads, head_dim), rotation)
+        xk = _rotate(attention.wk(x).view(batch, kv_heads, head_dim), rotation)
         cache = attention.cache
-        cache.k_cache[:batch, :, position] = xk[:, 0]  # (B, H_kv, D) at this position
-        cache.v_cache[:batch, :, position] = xv[:, 0]
+        cache.k_cache[:batch, :, position] = xk  # (B, H_kv, D) at this position
+        cache.v_cache[:batch, :, position] = attention.wv(x).view(batch, kv_heads, head_dim)
         keys = repeat_kv(cache.k_cache[:batch, :, : position + 1], attention.n_rep)  # (B, H, S, D)
         values = repeat_kv(cache.v_cache[:batch, :, : position + 1], attention.n_rep)
-        out = F.scaled_dot_product_attention(xq.transpose(1, 2), keys, values)  # (B, H, 1, D)
-        h = h + attention.wo(out.transpose(1, 2).reshape(batch, 1, heads * head_dim))
+        out = F.scaled_dot_product_attention(xq.unsqueeze(2), keys, values)  # (B, H, 1, D)
+        h = h + attention.wo(out.reshape(batch, heads * head_dim))
         h = h + layer.feed_forward(_norm(layer.ffn_norm, h))
-    h = _norm(model.norm, h[:, -1])  # (B, dim)
+    h = _norm(model.norm, h)  # (B, dim)
     if h.device.type == "cpu" and type(model.output) is torch.nn.Linear:
         return (model.output.weight @ h.T).T  # the product MKL runs fastest (decode.next_token_logits)
     return model.output(h)
