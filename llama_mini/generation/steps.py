@@ -74,7 +74,8 @@ class DecodeOptions:
         None,
         "compile the decode step with static shapes: on a CPU ahead of time, saved in --compile-cache for "
         "later runs (the first run for a model shape waits for the compiler), elsewhere with torch.compile; "
-        "none = a step already in --compile-cache if there is one, else eager",
+        "none = a step already in --compile-cache if there is one, else eager while one is built there in "
+        "the background (switched to when ready)",
     )
     compile_cache: str | None = setting(
         None, "folder where compiled CPU decode steps are kept between runs (none = not kept)"
