@@ -183,8 +183,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lengths", default="32,256,1024")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--child", nargs=3, metavar=("ARM", "NEW_TOKENS", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child:
         arm, new_tokens, folder = args.child
         print(json.dumps(one_call(arm, int(new_tokens), folder)))
