@@ -13,6 +13,12 @@ steps) and speculative decoding with each K of --draft-tokens (`speculative_gene
 time, each measured --repeats times in turn (so a change of the machine's load hits every arm alike).
 Prints a Markdown table: per arm the median new tokens per second, the speed-up over plain decoding in the
 same run, the acceptance rate, and new tokens per forward pass of the model.
+
+--serve measures `llama-mini serve --draft` instead: the server's scheduler (llama_mini.serve.scheduler, the
+HTTP layer left out, as it is the same for every arm) decoding one request at a time, without a draft (its
+batched decode step, batch of one) and with the draft for each K (a round per step), greedy and sampled
+(unseeded: a seeded sample never speculates), the same table; greedy tokens are checked equal to the plain
+arm's.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from pathlib import Path
 import torch
 
 from llama_mini.checkpoint import load_model, resolve_checkpoint
-from llama_mini.generation import generate
+from llama_mini.generation import SamplingConfig, generate
 from llama_mini.generation.speculative import SpeculativeStats, speculative_generate
+from llama_mini.serve.scheduler import Finished, NewToken, Scheduler, SequenceRequest
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.train import TrainConfig, Trainer
 
@@ -98,7 +105,13 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 4, 6])
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve", action="store_true", help="measure the server's scheduler instead")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a crowded machine)"
+    )
     options = parser.parse_args()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
 
     draft_folder = train(options, "draft", options.draft_steps, None)
     model_folder = train(options, "model", options.model_steps, str(draft_folder))
@@ -113,6 +126,9 @@ def main() -> None:
         f"model {sizes[0]:,} parameters, draft {sizes[1]:,}; {len(prompts)} prompts x {options.new_tokens} "
         f"new tokens; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    if options.serve:
+        serve_table(model, draft, prompts, eos, options)
+        return
     print("\n| decoding | K | tokens/s | speed-up | acceptance | tokens per forward pass of the model |")
     print("|---|---|---|---|---|---|")
     for mode, sampling in (("greedy", dict(temperature=0)), ("sampled", dict(temperature=0.8, top_p=0.9))):
@@ -145,6 +161,62 @@ def main() -> None:
                     f"| {mode} | {k} | {speed:.1f} | {speed / baseline:.2f} | "
                     f"{100 * stats.acceptance_rate:.0f}% | {stats.tokens_per_round:.2f} |"
                 )
+
+
+def serve_requests(model, draft, prompts, new_tokens: int, k: int, sampling: SamplingConfig):
+    """The prompts sent to a fresh Scheduler one after another (each alone, as one client would): the
+    tokens of each, the scheduler (its rounds and draft counts), and the wall time."""
+    scheduler = Scheduler(model, max_batch_size=8, draft=draft, draft_tokens=k)
+    outputs = []
+    started = time.perf_counter()
+    for prompt in prompts:
+        tokens, done = [], []
+        scheduler.submit(
+            SequenceRequest(tuple(prompt), new_tokens, sampling),
+            lambda event, tokens=tokens, done=done: (
+                tokens.append(event.token_id) if isinstance(event, NewToken) else done.append(event)
+            ),
+        )
+        while not any(isinstance(event, Finished) for event in done):
+            scheduler.step()
+        outputs.append(tokens)
+    return outputs, scheduler, time.perf_counter() - started
+
+
+def serve_table(model, draft, prompts, eos, options) -> None:
+    print(
+        "\n| serve, decoding | K | tokens/s | speed-up | acceptance | tokens per forward pass of the model |"
+    )
+    print("|---|---|---|---|---|---|")
+    for mode, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+        sampling = SamplingConfig(temperature=temperature, top_p=0.9 if temperature else None, eos_id=eos)
+        arms = [("plain", None)] + [(f"draft K={k}", k) for k in options.draft_tokens]
+        speeds = {name: [] for name, _ in arms}
+        last = {}
+        for _ in range(options.repeats):  # arms in turn, so the machine's load hits all alike
+            for name, k in arms:
+                outputs, scheduler, seconds = serve_requests(
+                    model, None if k is None else draft, prompts, options.new_tokens, k or 1, sampling
+                )
+                speeds[name].append(sum(map(len, outputs)) / seconds)
+                last[name] = outputs, scheduler
+        baseline = statistics.median(speeds["plain"])
+        for name, k in arms:
+            speed = statistics.median(speeds[name])
+            if k is None:
+                print(f"| {mode} | plain | {speed:.1f} | 1.00 | - | 1 |")
+                continue
+            outputs, scheduler = last[name]
+            if temperature == 0 and outputs != last["plain"][0]:
+                raise SystemExit(f"greedy tokens with {name} differ from plain decoding's")
+            # the first token of each request comes from its prefill; the others from forward passes of the
+            # model: rounds, and plain steps where no round fits (the last token of a request)
+            per_round = (sum(map(len, outputs)) - len(outputs)) / max(scheduler.steps, 1)
+            acceptance = scheduler.accepted / max(scheduler.drafted, 1)
+            print(
+                f"| {mode} | {k} | {speed:.1f} | {speed / baseline:.2f} | {100 * acceptance:.0f}% | "
+                f"{per_round:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ import train as train_cli
 from llama_mini.checkpoint import load_model
 from llama_mini.checkpoint.peft import ADAPTER_FOLDER
 from llama_mini.data.preferences import encode_pair, preference_records, prepare_preferences
-from llama_mini.errors import ConfigError
+from llama_mini.errors import ConfigError, DataError
 from llama_mini.ops.lora import LoRASettings, adapters_disabled, apply_lora, lora_modules
 from llama_mini.ops.loss import IGNORE_INDEX
 from llama_mini.ops.preference import PreferenceLoss, preference_loss, sequence_log_probs
 from llama_mini.tokenizer import Tokenizer, encode_chat, render_chat
 from llama_mini.train import TrainConfig, Trainer
+from llama_mini.train.data_feed import shared_data_folder, shared_preference_folder
 from llama_mini.train.run_folder import METRICS
 
 transformers = pytest.importorskip("transformers")
@@ -266,6 +267,48 @@ def test_pairs_are_read_from_parquet_too(hf_chat_model, tmp_path):
     assert [where for where, _ in preference_records(str(path))] == [f"{path} row 1", f"{path} row 2"]
 
 
+def test_pairs_are_read_from_hugging_face_datasets_saved_or_by_name(hf_chat_model, tmp_path):
+    """A save_to_disk folder (a DatasetDict: --data-split picks the split), and hf:NAME, here a local folder
+    of data files that datasets.load_dataset reads as it would a Hub dataset's."""
+    datasets = pytest.importorskip("datasets")
+    records = hf_chat_model[1][:5]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(records[:3]), "test": datasets.Dataset.from_list(records[3:])
+    }).save_to_disk(str(saved))  # fmt: skip
+    assert [record for _, record in preference_records(str(saved))] == records[:3]
+    read = list(preference_records(str(saved), "test"))
+    assert [record for _, record in read] == records[3:] and read[0][0] == f"{saved} row 1"
+    with pytest.raises(DataError, match=r"has no split 'dev' \(its splits: train, test\): pass --data-split"):
+        list(preference_records(str(saved), "dev"))
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_jsonl(hub / "train.jsonl", records)
+    spec = f"hf:{hub}"
+    assert [record for _, record in preference_records(spec)] == records
+    write_jsonl(hub / "train.jsonl", [*records[:2], {"prompt": "Hi"}])
+    with pytest.raises(DataError, match=f'{re.escape(spec)} row 3 lacks "chosen" or "rejected"'):
+        list(preference_records(spec))
+
+
+def test_runs_sharing_a_data_dir_keep_their_preference_sets_apart(hf_chat_model, tmp_path):
+    """Two preference files prepared into one --data-dir (as runs sharing it do): each run reads its own
+    pairs, and preparing the second does not replace the first's."""
+    folder, records = hf_chat_model
+    first = write_jsonl(tmp_path / "first.jsonl", records[:10])
+    second = write_jsonl(tmp_path / "second.jsonl", records[10:30])
+    tokenizer = Tokenizer(folder)
+    folders = []
+    for data in (first, second, first):
+        config = dpo_config(folder, data, tmp_path / "run", data_dir=str(tmp_path / "shared"))
+        place = shared_preference_folder(shared_data_folder(tmp_path / "shared", tokenizer), config)
+        train, val = prepare_preferences(data, place, tokenizer, config.val_fraction, config.split_seed)
+        folders.append((place, len(train) + len(val)))
+    assert folders[0] == folders[2] and folders[0][0] != folders[1][0]
+    assert [count for _, count in folders] == [10, 20, 10]
+
+
 def run_train(capsys, *argv) -> tuple[int, str]:
     code = train_cli.main([str(arg) for arg in argv])
     return code, capsys.readouterr().err
@@ -394,8 +437,10 @@ def test_a_chat_model_dpo_run_starts_at_ln2_resumes_exactly_and_saves_ordinary_c
 
 
 @pytest.mark.slow
-def test_a_lora_dpo_run_under_fsdp_equals_one_process(hf_chat_model, tmp_path):
-    """Two processes (gloo on CPUs), the reference computed through the sharded root module: the same
+@pytest.mark.parametrize("parallel, lora", [("fsdp", ["--lora-rank", "4"]), ("ddp", [])])
+def test_a_dpo_run_under_two_processes_equals_one_process(hf_chat_model, tmp_path, parallel, lora):
+    """Two processes (gloo on CPUs): LoRA under FSDP, the reference computed through the sharded root
+    module; full weights under DDP, each process computing the reference of its own pairs. The same
     metrics as one process, step for step."""
     import os
     import subprocess
@@ -404,24 +449,43 @@ def test_a_lora_dpo_run_under_fsdp_equals_one_process(hf_chat_model, tmp_path):
 
     folder, records = hf_chat_model
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
-    flags = ["--init-from", str(folder), "--data", data, "--dpo", "--lora-rank", "4", "--device", "cpu",
+    flags = ["--init-from", str(folder), "--data", data, "--dpo", *lora, "--device", "cpu",
              "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dpo-beta", "0.5", "--eval-interval", "3",
              "--eval-steps", "2", "--log-interval", "1", "--sample-tokens", "0", "--max-seq-len", "32"]  # fmt: skip
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     repo = Path(__file__).resolve().parent.parent
-    for launcher, out in (([], "one"), ([*torchrun], "fsdp")):
-        more = ["--parallel", "fsdp"] if launcher else []
+    for launcher, out in (([], "one"), ([*torchrun], "two")):
+        more = ["--parallel", parallel] if launcher else []
         result = subprocess.run(
             [sys.executable, *launcher, "train.py", *flags, *more, "--out", str(tmp_path / out)],
             cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
     kept = ("step", "loss", "reward_margin", "val_loss", "val_reward_margin", "val_chosen_reward")
-    one, fsdp = (
-        [{k: r[k] for k in kept if k in r} for r in records_of(tmp_path / out)] for out in ("one", "fsdp")
+    one, two = (
+        [{k: r[k] for k in kept if k in r} for r in records_of(tmp_path / out)] for out in ("one", "two")
     )
-    assert len(one) == len(fsdp) == 4
-    for a, b in zip(one, fsdp, strict=True):
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_scores_eval_data_beside_its_held_out_pairs(hf_chat_model, chat_tuned, tmp_path, capsys):
+    """--eval-data in a --dpo run: each evaluation holds the pairs' val_ metrics and the corpus's bits per
+    byte, as a pre-training run's does (how far preference tuning moves the model off plain text)."""
+    records = hf_chat_model[1]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(texts_of(records)))
+    config = dpo_config(
+        chat_tuned, data, tmp_path / "run", max_steps=4, eval_interval=2, eval_data=[str(prose)]
+    )
+    Trainer(config, {"max_seq_len": 32}, show_progress=False).run()
+    evaluations = [record for record in records_of(tmp_path / "run") if record["type"] == "eval"]
+    assert [record["step"] for record in evaluations] == [2, 4]
+    for record in evaluations:
+        assert 0 <= record["val_reward_accuracy"] <= 1 and 0 < record["val_bpb/prose"] < 16
+    assert evaluations[0]["val_bpb/prose"] != evaluations[1]["val_bpb/prose"]  # the model moved

@@ -15,6 +15,7 @@ with as many processes) the results are compared bit for bit.
 """
 
 import json
+import math
 import os
 import pickle
 import random
@@ -514,3 +515,25 @@ def test_a_mistake_under_llama_mini_torchrun_is_one_line_and_exit_2(corpus, tmp_
         "gradients here; pass --dtype bf16 (or fp32), or --parallel ddp"
     ], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_weighted_mixture_under_ddp_matches_one_process(corpus, tmp_path):
+    """`--data A:W --data B:W` with two processes: the mixture's batch is a function of (seed, step) that
+    the processes split between them, so DDP sees the one process's batches and losses, and each source's
+    validation bits per byte is reported beside the total."""
+    folder, tokenizer = corpus
+    second = tmp_path / "second"
+    second.mkdir()
+    for path in sorted(folder.glob("doc*.txt"))[:12]:  # another source: half the documents, reversed lines
+        (second / path.name).write_text("\n".join(reversed(path.read_text().splitlines())))
+    arguments = [a for a in flags(corpus, tmp_path / "unused") if a not in (str(folder),)]
+    data = arguments.index("--data")
+    arguments[data : data + 1] = ["--data", f"{folder}:0.75", "--data", f"{second}:0.25"]
+    out_flag = arguments.index("--out") + 1
+    for name, processes, parallel in (("one", 1, []), ("ddp", 2, ["--parallel", "ddp"])):
+        arguments[out_flag] = str(tmp_path / name)
+        trained([*arguments, *parallel], processes=processes)
+    assert_same_run(tmp_path / "ddp", tmp_path / "one")
+    evaluations = read_metrics(tmp_path / "ddp", "eval", "val_bpb/second")
+    assert evaluations and all(math.isfinite(value) and value > 0 for _, value in evaluations)

@@ -63,7 +63,9 @@ def test_tensorboard_holds_the_values_of_metrics_jsonl_once_per_step_through_a_c
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "run"
-    config = make_config(corpus_dir, tokenizer_path, out, log=["tensorboard"], max_steps=8, eval_interval=4)
+    config = make_config(
+        corpus_dir, tokenizer_path, out, log=["tensorboard"], max_steps=8, eval_interval=4, sample_tokens=6
+    )
     crash_then_resume(config, crash_at_step=6)  # steps 5 and 6 were logged, then logged again
 
     events = EventAccumulator(str(out / TENSORBOARD_FOLDER), size_guidance={"scalars": 0, "tensors": 0})
@@ -84,6 +86,15 @@ def test_tensorboard_holds_the_values_of_metrics_jsonl_once_per_step_through_a_c
     assert hparams["lr"].number_value == pytest.approx(3e-3) and hparams["model.dim"].number_value == 32
     settings = events.Tensors("settings/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "max_steps = 8" in settings
+
+    # a sample at each evaluation, once: the text the run's last one prints (the same seed and weights)
+    samples = [
+        (event.step, event.tensor_proto.string_val[0].decode())
+        for event in events.Tensors("sample/text_summary")
+    ]
+    assert [step for step, _ in samples] == [4, 8]
+    final = Trainer(config, {}, resume=True, show_progress=False).sample(config.sample_prompt, 6)
+    assert samples[-1][1] == "\n".join("    " + line for line in final.splitlines())
 
 
 # ------------------------------------------------------------------------------------------ W&B

@@ -1,6 +1,8 @@
 """Preference data for DPO: pairs of answers to one prompt, the better one "chosen", the worse "rejected".
 
-    a .jsonl file (or a folder of them), one record a line, or a .parquet file (or folder), one a row:
+    a .jsonl file (or a folder of them), one record a line, or a .parquet file (or folder), one a row;
+    hf:NAME or hf:NAME:CONFIG, a Hugging Face dataset (split --data-split), streamed with `datasets`;
+    a folder written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`: --data-split picks one):
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}                       strings
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}       conversational, explicit prompt
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llama_mini.data.sources import first_line, require
 from llama_mini.data.split import exact_threshold, validates, validation_score
 from llama_mini.errors import DataError
 from llama_mini.files import atomic_file
@@ -86,17 +89,65 @@ def _files(spec: str) -> list[Path]:
     if not path.exists():
         raise DataError(f"--dpo: preference data {spec} not found: pass a .jsonl or .parquet file")
     raise DataError(
-        f"--dpo reads preference pairs from .jsonl or .parquet files, not {spec}: {PREFERENCE_EXAMPLE}"
+        f"--dpo reads preference pairs from .jsonl or .parquet files, hf:NAME or a save_to_disk folder, "
+        f"not {spec}: {PREFERENCE_EXAMPLE}"
     )
 
 
-def preference_records(spec: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _is_saved_dataset(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def preference_records(spec: str, data_split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
     """("FILE line N" or "FILE row N", record) of every pair in `spec`, in file order, each checked for
     form (DataError naming the record otherwise); blank lines are skipped."""
+    if spec.startswith("hf:") or _is_saved_dataset(spec):
+        for where, record in _dataset_rows(spec, data_split):
+            yield where, _checked(record, where)
+        return
     for path in _files(spec):
         rows = _parquet_rows(path) if path.suffix == ".parquet" else _json_lines(path)
         for where, record in rows:
             yield where, _checked(record, where)
+
+
+def _dataset_rows(spec: str, data_split: str) -> Iterator[tuple[str, Any]]:
+    """The rows of a Hugging Face dataset: hf:NAME[:CONFIG] streamed, or a save_to_disk folder."""
+    datasets = require("datasets", "a Hugging Face dataset")
+    if spec.startswith("hf:"):
+        name, _, config = spec[len("hf:") :].partition(":")
+        if not name:
+            raise DataError(
+                f"--data {spec} names no dataset: pass hf:NAME, e.g. hf:trl-lib/ultrafeedback_binarized"
+            )
+        try:
+            dataset = datasets.load_dataset(name, config or None, split=data_split, streaming=True)
+        except ValueError as error:  # an unknown split or config
+            raise DataError(
+                f"cannot load {spec} split {data_split!r} ({first_line(error)}): check --data-split and "
+                f"the config"
+            ) from None
+        except Exception as error:  # not found, no network, no access: datasets raises many kinds
+            raise DataError(
+                f"cannot load dataset {name} ({first_line(error)}): check the name and the network"
+            ) from None
+    else:
+        try:
+            dataset = datasets.load_from_disk(str(Path(spec).expanduser()))
+        except Exception as error:  # datasets raises FileNotFoundError, ValueError and its own errors
+            raise DataError(
+                f"cannot read the saved dataset {spec} ({first_line(error)}): save it again with save_to_disk"
+            ) from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if data_split not in dataset:
+                raise DataError(
+                    f"saved dataset {spec} has no split {data_split!r} (its splits: {', '.join(dataset)}): "
+                    f"pass --data-split with one of them"
+                )
+            dataset = dataset[data_split]
+    for number, row in enumerate(dataset, start=1):
+        yield f"{spec} row {number}", row
 
 
 def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
@@ -135,7 +186,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _checked(record: Any, where: str) -> dict[str, Any]:
     """The record's prompt, chosen and rejected, checked; conversations as plain message lists."""
-    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+    # a table (Parquet, a dataset) gives a record without a field a null in that column
+    if not isinstance(record, dict) or record.get("chosen") is None or record.get("rejected") is None:
         raise DataError(f'{where} lacks "chosen" or "rejected": {PREFERENCE_EXAMPLE}')
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -250,11 +302,21 @@ class PreferenceSplit:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def _identity(spec: str, tokenizer: Tokenizer, val_fraction: float, seed: int, files: list[Path]) -> str:
-    inputs = [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+def _input_files(spec: str) -> list[Path]:
+    """The local files the pairs are read from (none for a Hub dataset, known by name and split only)."""
+    if spec.startswith("hf:"):
+        return []
+    if _is_saved_dataset(spec):
+        return sorted(path for path in Path(spec).expanduser().rglob("*") if path.is_file())
+    return _files(spec)
+
+
+def _identity(spec: str, data_split: str, tokenizer: Tokenizer, val_fraction: float, seed: int) -> str:
+    inputs = [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in _input_files(spec)]
     described = {
         "format": PREFERENCE_FORMAT,
         "spec": spec,
+        "data_split": data_split,
         "inputs": inputs,
         "tokenizer": tokenizer.sha256,
         "template": chat_template_for(tokenizer),
@@ -272,6 +334,7 @@ def prepare_preferences(
     seed: int,
     *,
     resuming: bool = False,
+    data_split: str = "train",
     log: Callable[[str], None] | None = None,
 ) -> tuple[PreferenceSplit, PreferenceSplit]:
     """Encode and split the pairs of `spec` into `folder` (see the module docstring), or reuse what is there
@@ -285,12 +348,12 @@ def prepare_preferences(
         manifest = None
     if resuming and manifest is not None:
         return PreferenceSplit(folder, "train"), PreferenceSplit(folder, "val")
-    identity = _identity(spec, tokenizer, val_fraction, seed, _files(spec))
+    identity = _identity(spec, data_split, tokenizer, val_fraction, seed)
     if manifest is not None and manifest.get("identity") == identity:
         log(f"data: reusing the preference pairs in {folder}")
         return PreferenceSplit(folder, "train"), PreferenceSplit(folder, "val")
     pairs, scores = [], []
-    for where, record in preference_records(spec):
+    for where, record in preference_records(spec, data_split):
         try:
             pairs.append(encode_pair(tokenizer, record))
         except DataError as error:

@@ -54,8 +54,10 @@ __all__ = [
     "MAX_DOCUMENT_CHARACTERS",
     "TEXT_FILE_DOCUMENT_CHARACTERS",
     "Source",
+    "first_line",
     "load_documents",
     "open_source",
+    "require",
 ]
 
 HELP_DATA = (
@@ -546,7 +548,7 @@ class TinyStories(Source):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _require(module: str, what: str) -> Any:
+def require(module: str, what: str) -> Any:
     """Import an optional dependency, or say in one line how to install it."""
     import importlib
 
@@ -568,7 +570,7 @@ class Parquet(Source):
 
     def __init__(self, spec: str, files: list[Path], root: Path, text_field: str):
         self.spec, self.files, self.root, self.text_field = spec, files, root, text_field
-        self.parquet = _require("pyarrow.parquet", "Parquet files")
+        self.parquet = require("pyarrow.parquet", "Parquet files")
         self._size = 0
         for path in files:  # only the footers are read: columns, types and sizes
             file = self._open(path)
@@ -598,7 +600,7 @@ class Parquet(Source):
             ) from None
 
     def _check_column(self, path: Path, schema: Any) -> int:
-        pyarrow = _require("pyarrow", "Parquet files")
+        pyarrow = require("pyarrow", "Parquet files")
         if self.text_field not in schema.names:
             raise DataError(
                 f"{path} has no column {self.text_field!r} (its columns: {', '.join(schema.names)}): "
@@ -635,7 +637,7 @@ class HubDataset(Source):
         self.config = config or None
         if not self.name:
             raise DataError(f"--data {spec} names no dataset: pass hf:NAME, e.g. hf:roneneldan/TinyStories")
-        self.datasets = _require("datasets", "Hugging Face datasets")
+        self.datasets = require("datasets", "Hugging Face datasets")
 
     def documents(self) -> Iterator[str]:
         try:
@@ -644,12 +646,12 @@ class HubDataset(Source):
             )
         except ValueError as error:  # an unknown split or config
             raise DataError(
-                f"cannot load {self.spec} split {self.data_split!r} ({_first_line(error)}): "
+                f"cannot load {self.spec} split {self.data_split!r} ({first_line(error)}): "
                 f"check --data-split and the config"
             ) from None
         except Exception as error:  # not found, no network, no access: datasets raises many kinds
             raise DataError(
-                f"cannot load dataset {self.name} ({_first_line(error)}): check the name and the network"
+                f"cannot load dataset {self.name} ({first_line(error)}): check the name and the network"
             ) from None
         _column_check(self.spec, dataset.column_names, self.text_field)
         for row, record in enumerate(dataset, start=1):
@@ -671,12 +673,12 @@ class SavedDataset(Source):
 
     def __init__(self, spec: str, folder: Path, text_field: str, data_split: str):
         self.spec, self.folder, self.text_field, self.data_split = spec, folder, text_field, data_split
-        datasets = _require("datasets", "a saved Hugging Face dataset")
+        datasets = require("datasets", "a saved Hugging Face dataset")
         try:
             dataset = datasets.load_from_disk(str(folder))
         except Exception as error:  # datasets raises FileNotFoundError, ValueError and its own errors
             raise DataError(
-                f"cannot read the saved dataset {folder} ({_first_line(error)}): "
+                f"cannot read the saved dataset {folder} ({first_line(error)}): "
                 f"save it again with save_to_disk"
             ) from None
         if isinstance(dataset, datasets.DatasetDict):
@@ -709,5 +711,5 @@ class SavedDataset(Source):
         return _stat_records(files, self.folder)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

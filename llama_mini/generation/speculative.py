@@ -4,6 +4,7 @@
     speculative_generate(model, draft, prompts, ...) the new tokens of each prompt, collected in lists
     iter_speculative(model, draft, prompts, ...)     the loop; yields (row, token_id) as tokens are accepted
     speculative_stream(model, draft, tokenizer, ...) one prompt's text, piece by piece
+    speculative_round(model, draft, tokens, ...)     one round on caches the caller holds (llama-mini serve's)
     check_draft(model, draft)                        a draft must share the model's vocabulary
     SpeculativeStats                                 GenerationStats plus the tokens drafted and accepted
 
@@ -42,7 +43,7 @@ other draws. Speed-ups and acceptance rates: docs/BENCHMARKS.md, "Speculative de
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +74,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_DRAFT_TOKENS",
+    "Round",
     "Speculation",
     "SpeculativeStats",
     "check_draft",
     "iter_speculative",
     "speculative_generate",
+    "speculative_round",
     "speculative_stream",
     "target_probabilities",
 ]
@@ -314,9 +317,9 @@ def _speculate(
 ) -> Iterator[int]:
     """One row: prefill both caches, then rounds of draft, check and accept (the module docstring).
 
-    tokens (n + max_new_tokens,) holds the text; `known` of its positions are final. Each model's cache is
-    valid for its first `model_fed` / `draft_fed` positions, always fewer than `known`: the last known token
-    is fed with the next round's tokens.
+    tokens (n + max_new_tokens,) holds the text; `known` of its positions are final. The model's cache holds
+    the first known - 1 of them and the draft's its first `draft_fed`, always fewer than `known`: the last
+    known token is fed with the next round's tokens (speculative_round).
     """
     device = model.tok_embeddings.weight.device
     draft_device = draft.tok_embeddings.weight.device
@@ -337,33 +340,17 @@ def _speculate(
     while produced < max_new_tokens:
         # A round emits up to K + 1 tokens: draft no more than the row may still produce, less one.
         k = min(draft_tokens, max_new_tokens - produced - 1)
-        draft_scores = []  # the draft's logits for positions known .. known + k - 1, each (V,)
-        for i in range(k):
-            fed = tokens[draft_fed : known + i].to(draft_device)
-            logits = _scores(draft, fed, draft_fed, 1)[0].to(device)
-            draft_fed = known + i
-            draft_scores.append(logits)
-            previous = _contexts(tokens, known + i, 1, sampling)
-            tokens[known + i] = _choose(logits[None], previous, sampling, generator, known + i)[0]
-        # The model scores positions known .. known + k, each after the text before it, in one pass.
-        model_scores = _scores(model, tokens[model_fed : known + k], model_fed, k + 1)  # (k + 1, V)
+        result = speculative_round(model, draft, tokens, known, draft_fed, k, sampling, generator)
         stats.decode_steps += 1
-        stats.decode_tokens += known + k - model_fed
-        previous = _contexts(tokens, known, k + 1, sampling)
-        accepted, last = _verify(
-            model_scores, draft_scores, tokens[known : known + k], previous, sampling, generator, known
-        )
-        tokens[known + accepted] = last
-        new = tokens[known : known + accepted + 1].tolist()
+        stats.decode_tokens += k + 1
         if counting:
             stats.rounds += 1
             stats.drafted += k
-            stats.accepted += accepted
-        known += accepted + 1
-        model_fed = known - 1  # the rejected draft's positions are rolled back: written over next round
-        draft_fed = min(draft_fed, known - 1)
+            stats.accepted += result.accepted
+        known += len(result.new_tokens)
+        draft_fed = result.draft_fed
         stats.decode_seconds += clock(device) - start
-        for token_id in new:
+        for token_id in result.new_tokens:
             if token_id in sampling.stop_ids:
                 return
             produced += 1
@@ -372,7 +359,65 @@ def _speculate(
         start = clock(device)
 
 
-def _scores(model: Transformer, tokens: torch.Tensor, start_pos: int, count: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Round:
+    """What one round of speculative_round gave: `accepted` of the drafted tokens kept, then the new tokens
+    (those and the model's own next one, accepted + 1 ids), the model's logits at each new token's position
+    (accepted + 1, V: the scores it was chosen from, for log-probabilities), and how many positions of the
+    draft's cache hold the text (draft_fed)."""
+
+    accepted: int
+    new_tokens: list[int]
+    scores: torch.Tensor
+    draft_fed: int
+
+
+@torch.inference_mode()
+def speculative_round(
+    model: Transformer,
+    draft: Transformer,
+    tokens: torch.Tensor,
+    known: int,
+    draft_fed: int,
+    k: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    model_start: Callable[[int], int | torch.Tensor] = int,
+) -> Round:
+    """One round (module docstring): the draft proposes k tokens, the model checks them in one pass.
+
+    tokens (>= known + k + 1,) on the model's device holds the text; its first `known` positions are final,
+    and the round writes the new tokens after them. The model's cache holds positions 0 .. known - 2 (the
+    last known token is fed with the drafted ones); the draft's holds 0 .. draft_fed - 1, any number below
+    known (0 for a draft that has seen nothing of this text: its first step feeds the rest). model_start
+    turns a position into the start_pos the model's cache takes: the int itself for a KVCache, a (1, 1)
+    tensor for a row of a SlotKVCache (a server's batch of one, llama_mini.serve.scheduler).
+    """
+    device, draft_device = tokens.device, draft.tok_embeddings.weight.device
+    model_fed = known - 1
+    draft_scores = []  # the draft's logits for positions known .. known + k - 1, each (V,)
+    for i in range(k):
+        fed = tokens[draft_fed : known + i].to(draft_device)
+        logits = _scores(draft, fed, draft_fed, 1)[0].to(device)
+        draft_fed = known + i
+        draft_scores.append(logits)
+        previous = _contexts(tokens, known + i, 1, sampling)
+        tokens[known + i] = _choose(logits[None], previous, sampling, generator, known + i)[0]
+    # The model scores positions known .. known + k, each after the text before it, in one pass.
+    model_scores = _scores(model, tokens[model_fed : known + k], model_start(model_fed), k + 1)  # (k + 1, V)
+    previous = _contexts(tokens, known, k + 1, sampling)
+    accepted, last = _verify(
+        model_scores, draft_scores, tokens[known : known + k], previous, sampling, generator, known
+    )
+    tokens[known + accepted] = last
+    new_tokens = tokens[known : known + accepted + 1].tolist()
+    # The rejected draft's positions are rolled back: written over next round.
+    return Round(accepted, new_tokens, model_scores[: accepted + 1], min(draft_fed, known + accepted))
+
+
+def _scores(
+    model: Transformer, tokens: torch.Tensor, start_pos: int | torch.Tensor, count: int
+) -> torch.Tensor:
     """Feed tokens (T,) at start_pos.. into the model's cache; the logits of its last `count` positions,
     (count, V): the next-token scores after each. As decode.next_token_logits, the output layer runs on
     those positions only, and on a CPU as weight @ h^T (the faster MKL kernel for few rows)."""

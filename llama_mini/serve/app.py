@@ -1,7 +1,8 @@
 """The HTTP layer: a FastAPI app that parses, checks, hands requests to the scheduler and streams back.
 
     GET  /                       the chat page (static/index.html, with its CSS and JavaScript)
-    GET  /health                 {"status": "ok", "active": ..., "waiting": ...}
+    GET  /health                 {"status": "ok", "active": ..., "waiting": ...}, and with a draft model
+                                 "draft": {"rounds": ..., "drafted": ..., "accepted": ...} so far
     GET  /v1/models              the one model served
     POST /v1/completions         OpenAI's completions, streamed as server-sent events with "stream": true
     POST /v1/chat/completions    OpenAI's chat completions, the same
@@ -122,7 +123,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "active": scheduler.active, "waiting": scheduler.waiting}
+        state = {"status": "ok", "active": scheduler.active, "waiting": scheduler.waiting}
+        if scheduler.draft is not None:  # how much the draft helps: accepted / drafted, tokens per round
+            counts = scheduler.rounds, scheduler.drafted, scheduler.accepted
+            state["draft"] = dict(zip(("rounds", "drafted", "accepted"), counts, strict=True))
+        return state
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     llama-mini serve out/best                                  # http://127.0.0.1:8000/ and /v1/...
     llama-mini serve out/chat --port 8080 --max-batch-size 16
+    llama-mini serve out/big --draft out/small --draft-tokens 4          # speculative decoding
     LLAMA_MINI_API_KEY=secret llama-mini serve out/best --host 0.0.0.0    # reachable from other machines
 
 CHECKPOINT is anything `load_model` reads (a llama_mini, Hugging Face or Meta folder, or a
@@ -9,6 +10,12 @@ training run folder, whose best/ is used), with its tokenizer inside or given by
 binds 127.0.0.1 (this machine only) unless --host says otherwise; with --api-key (or the environment
 variable LLAMA_MINI_API_KEY) every /v1 request must send `Authorization: Bearer KEY`. SIGTERM or Ctrl-C
 lets running streams finish for up to SHUTDOWN_GRACE_SECONDS, cancels the rest, and exits with 0.
+
+--draft CHECKPOINT adds a smaller model with the same tokenizer that proposes --draft-tokens tokens for the
+model to check in one forward pass, whenever one request runs alone (serve/scheduler.py says why only
+then); the API and its answers are the same, greedy text included. The draft is checked as `generate
+--draft` checks it (the same vocabulary and tokenizer: one line and exit 2 otherwise, before the server
+starts), and, as there, --quantize converts the model and not the draft.
 
 Needs the `serve` extra: pip install 'llama_mini[serve]' (FastAPI and uvicorn).
 """
@@ -31,6 +38,8 @@ from llama_mini.checkpoint import describe_resolution, find_tokenizer, load_mode
 from llama_mini.console import ArgumentParser, run_command
 from llama_mini.errors import CheckpointError, ConfigError
 from llama_mini.generation import next_token_logits
+from llama_mini.generation.command import load_draft
+from llama_mini.generation.speculative import DEFAULT_DRAFT_TOKENS
 from llama_mini.ops import aot_step
 from llama_mini.ops.quantize import QuantizeSettings, check_quantize, quantize
 from llama_mini.runtime import RuntimeSettings, resolve_device, resolve_dtype
@@ -79,11 +88,17 @@ class ServeConfig:
         "for the next start",
     )
     threads: int | None = setting(None, "CPU threads for the model's arithmetic (none: torch's default)")
+    draft: str | None = setting(
+        None,
+        "a smaller checkpoint with the same tokenizer that proposes tokens for the model to check, several "
+        "per forward pass, while one request runs alone (same answers; its rounds run eagerly)",
+    )
+    draft_tokens: int = setting(DEFAULT_DRAFT_TOKENS, "with --draft: tokens the draft proposes per round")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        for name in ("max_batch_size", "prefill_chunk", "max_body_bytes"):
+        for name in ("max_batch_size", "prefill_chunk", "max_body_bytes", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
@@ -168,8 +183,8 @@ def build_app(
     tokenizer_path: str | os.PathLike | None = None,
     quantization: QuantizeSettings | None = None,
 ):
-    """Load `checkpoint` and its tokenizer (its linear layers quantized as `quantization` says) and return
-    (the FastAPI app serving them, the model's id)."""
+    """Load `checkpoint` and its tokenizer (its linear layers quantized as `quantization` says), and the
+    draft of `config.draft` if any, and return (the FastAPI app serving them, the model's id)."""
     from llama_mini.serve.api import Served
     from llama_mini.serve.app import create_app
     from llama_mini.serve.scheduler import Scheduler
@@ -200,6 +215,10 @@ def build_app(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
+    speculation = None
+    if config.draft is not None:  # refused here, in one line, unless it shares the model's tokenizer
+        draft_flags = argparse.Namespace(draft=config.draft, draft_tokens=config.draft_tokens)
+        speculation = load_draft(draft_flags, model, tokenizer, device, dtype)
     step, compiled_in = None, None
     if config.compile is not False and device.type == "cpu" and aot_step.aot_compile_available():
         compiled_in = str(aot_step.default_cache_folder())
@@ -215,6 +234,8 @@ def build_app(
         decode_step=step,
         compiled_in=compiled_in,
         saved_only=config.compile is None,
+        draft=speculation.draft if speculation else None,
+        draft_tokens=config.draft_tokens,
     )
     served = Served(model_id, tokenizer, model.args.max_seq_len, model.args.vocab_size)
     return create_app(served, scheduler, config.api_key, config.max_body_bytes), model_id

@@ -19,6 +19,21 @@ when a sequence leaves, the last row moves into its place, so a decode step read
 Compiled (`compiled_in`, `serve --compile` on a CPU), the caches are StaticSlotKVCaches and a step of n
 rows runs the compiled step of the smallest batch size that holds them (`CompiledDecode`).
 
+Speculative decoding (`draft`, `serve --draft`). A sequence running alone is decoded in rounds of
+llama_mini.generation.speculative: the draft proposes `draft_tokens` tokens and the model checks them in one
+forward pass of its slot, emitting 1 to K + 1 tokens, each a NewToken event as usual. Only alone, because
+a round is a forward pass of one row over K + 1 positions: the speed-up comes from reading the model's
+weights once for several tokens, which a batch of B rows already does for B tokens, and rows that accept
+different numbers of tokens would leave the batch at different positions with a draft cache per slot. So
+the server is a speculative one under light load (one client: the latency that matters) and a batching one
+under heavy load, the split vLLM makes with `speculative_disable_by_batch_size` (vllm-project/vllm#4592).
+The draft keeps a one-row KV cache for the last sequence it drafted for; a sequence that runs alone again
+(say after a neighbour finished) feeds the draft only the text it has not seen yet, in its first round.
+Greedy requests give the tokens they give without a draft; sampled ones the same distribution (the
+rejection rule keeps the model's), but a seeded sample never speculates, so that it draws the same tokens
+whatever else is running, as without a draft. A sequence goes on without the draft past the draft's
+context. The rounds run eagerly, also under `compiled_in` (whose steps have one position per row).
+
 Sampling reuses llama_mini.generation's pure functions: temperature 0 is the argmax, otherwise
 `sample_next` with the request's temperature, top-k and top-p and a generator of its own seeded with the
 request's seed, so a seeded request draws the same tokens whatever else is in the batch (up to the float
@@ -39,6 +54,7 @@ import torch
 from llama_mini.errors import LlamaMiniError
 from llama_mini.generation import SamplingConfig, next_token_logits, sample_next
 from llama_mini.generation.background import start_build
+from llama_mini.generation.speculative import DEFAULT_DRAFT_TOKENS, speculative_round
 from llama_mini.model.cache import KVCache, SlotKVCache, StaticSlotKVCache
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
@@ -129,6 +145,7 @@ class Sequence:
     length: int = 0  # positions in the cache once running
     generated: int = 0  # new tokens emitted
     next_token: int = -1  # the token to feed at position `length`
+    token_ids: list[int] = field(default_factory=list)  # the new tokens emitted (the text after the prompt)
     generator: torch.Generator | None = None
     prompt_scores: list[TokenLogprobs | None] = field(default_factory=list)
 
@@ -152,7 +169,9 @@ class Scheduler:
     next_token_logits (torch.compile of it also works); compiled_in: a folder (or "" for none kept) to
     decode with steps compiled ahead of time instead (`CompiledDecode`, built or loaded here); with
     saved_only, only if that folder holds them all, else eager steps while the missing ones are built in the
-    background for the next start (`CompiledDecode.saved`).
+    background for the next start (`CompiledDecode.saved`). draft: a
+    model of the same vocabulary that proposes `draft_tokens` tokens per round for a sequence running
+    alone (module docstring); its rounds run eagerly.
     """
 
     def __init__(
@@ -164,6 +183,8 @@ class Scheduler:
         decode_step: Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         compiled_in: str | None = None,
         saved_only: bool = False,
+        draft: Transformer | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ):
         self.model = model.eval()
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
@@ -197,7 +218,26 @@ class Scheduler:
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run, for tests and logs
+        self.steps = 0  # decode steps run (forward passes of the batch, or rounds), for tests and logs
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self._draft_cache: list[KVCache] = []
+        self._drafted_for: Sequence | None = None  # whose text the draft's cache holds, ...
+        self._draft_fed = 0  # ... in its first _draft_fed positions
+        self.rounds = self.drafted = self.accepted = 0  # speculative rounds, tokens drafted and accepted
+        if draft is not None:
+            draft.eval()
+            draft_args, draft_weight = draft.args, draft.tok_embeddings.weight
+            self._draft_cache = [
+                KVCache(
+                    1,
+                    draft_args.max_seq_len,
+                    n_kv_heads=draft_args.n_kv_heads,
+                    head_dim=draft_args.head_dim,
+                    dtype=draft_weight.dtype,
+                    device=draft_weight.device,
+                )
+                for _ in draft.layers
+            ]
 
     # ------------------------------------------------------------------------------- callers
 
@@ -298,10 +338,12 @@ class Scheduler:
                 if self._prefilling is None:
                     break
                 budget -= self._prefill_chunk(self._prefilling, budget)
-            if self._running:
+            if self._running and not self._speculate():
                 self._decode()
         finally:
             self.model.clear_cache()  # the caches are the scheduler's: the model is left as it was given
+            if self.draft is not None:
+                self.draft.clear_cache()
 
     def _drop_cancelled(self) -> None:
         with self._condition:
@@ -383,14 +425,68 @@ class Scheduler:
         finished = [row for row, keep in enumerate(self._choose(running, logits, many=True)) if not keep]
         self._free_rows(finished)
 
+    def _speculate(self) -> bool:
+        """A round of speculative decoding when one sequence runs alone (module docstring): the draft
+        proposes up to draft_tokens tokens, the model checks them in one pass of row 0, and the tokens it
+        keeps are emitted. False, with nothing done, when this step is the batch's (_decode)."""
+        if self.draft is None or len(self._running) != 1 or self._prefilling is not None:
+            return False
+        if self._waiting and self.max_batch_size > 1:
+            return False  # a slot is free for it: its prompt goes in next step, then the batch decodes
+        sequence = self._running[0]
+        request, sampling = sequence.request, sequence.request.sampling
+        if sampling.temperature > 0 and sampling.seed is not None:
+            return False  # a seeded sample draws as it would without a draft, whatever else runs
+        known = sequence.length + 1  # the text so far: the prompt and the new tokens, the last not yet fed
+        # Up to K + 1 tokens a round: no more than the request may still take, and every position fed to
+        # either model inside its context (the model's: known + k - 1 at most; the draft's: known + k - 2).
+        k = min(
+            self.draft_tokens,
+            request.max_tokens - sequence.generated - 1,
+            self.model.args.max_seq_len - known,
+            self.draft.args.max_seq_len - known + 1,
+        )
+        if k < 1:
+            return False
+        if self._drafted_for is not sequence:
+            self._drafted_for, self._draft_fed = sequence, 0  # the draft's cache holds another text
+        text = torch.tensor(
+            [*request.prompt, *sequence.token_ids, *[0] * (k + 1)], dtype=torch.long, device=self.device
+        )
+        self._attach(self._slots)
+        for layer, cache in zip(self.draft.layers, self._draft_cache, strict=True):
+            layer.attention.cache = cache
+        result = speculative_round(
+            self.model,
+            self.draft,
+            text,
+            known,
+            self._draft_fed,
+            k,
+            sampling,
+            sequence.generator,
+            model_start=lambda position: torch.tensor([[position]], device=self.device),  # row 0's
+        )
+        self._draft_fed = result.draft_fed
+        self.steps += 1
+        self.rounds += 1
+        self.drafted += k
+        self.accepted += result.accepted
+        for offset, token_id in enumerate(result.new_tokens):
+            # The model's cache holds the positions before this token's, as after a decode step.
+            sequence.length = known + offset
+            if not self._emit(sequence, token_id, result.scores[offset]):
+                self._free_rows([0])
+                break
+        return True
+
     def _choose(self, sequences: list[Sequence], logits: torch.Tensor, many: bool = False):
         """Choose each sequence's next token from its row of logits (B, V) and emit it; True for each
         sequence that goes on (a list when `many`, else one bool)."""
         greedy_ids = logits.argmax(dim=-1).tolist()  # one read for every greedy row
         keep = []
         for row, sequence in enumerate(sequences):
-            request = sequence.request
-            sampling = request.sampling
+            sampling = sequence.request.sampling
             if sampling.temperature == 0:
                 token_id = greedy_ids[row]
             else:
@@ -400,23 +496,28 @@ class Scheduler:
                         [sequence.generator],
                     )[0]
                 )  # fmt: skip
-            if token_id in sampling.stop_ids:
-                sequence.emit(Finished("stop"))
-                keep.append(False)
-                continue
-            scores = None
-            if request.top_logprobs is not None:
-                scores = _token_logprobs(logits[row].log_softmax(dim=-1), token_id, request.top_logprobs)
-            sequence.generated += 1
-            sequence.next_token = token_id
-            sequence.emit(NewToken(token_id, scores))
-            full = sequence.length + 1 > self.model.args.max_seq_len  # no position left to feed it at
-            if sequence.generated >= request.max_tokens or full:
-                sequence.emit(Finished("length"))
-                keep.append(False)
-            else:
-                keep.append(True)
+            keep.append(self._emit(sequence, token_id, logits[row]))
         return keep if many else keep[0]
+
+    def _emit(self, sequence: Sequence, token_id: int, logits: torch.Tensor) -> bool:
+        """Emit `token_id`, chosen from the model's logits (V,) at position sequence.length, and whatever
+        ends the sequence; True when it goes on."""
+        request = sequence.request
+        if token_id in request.sampling.stop_ids:
+            sequence.emit(Finished("stop"))
+            return False
+        scores = None
+        if request.top_logprobs is not None:
+            scores = _token_logprobs(logits.float().log_softmax(dim=-1), token_id, request.top_logprobs)
+        sequence.generated += 1
+        sequence.next_token = token_id
+        sequence.token_ids.append(token_id)
+        sequence.emit(NewToken(token_id, scores))
+        full = sequence.length + 1 > self.model.args.max_seq_len  # no position left to feed it at
+        if sequence.generated >= request.max_tokens or full:
+            sequence.emit(Finished("length"))
+            return False
+        return True
 
     def _free_rows(self, rows: list[int]) -> None:
         """Remove the running sequences at `rows`; the last rows move into the gaps (rows stay 0 .. B-1)."""

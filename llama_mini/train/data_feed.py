@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +40,15 @@ from llama_mini.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, find_tokenize
 from llama_mini.train.config import TrainConfig
 from llama_mini.train.run_folder import list_step_checkpoints
 
-__all__ = ["RUN_TOKENIZER", "batches", "is_chat_run", "prepare_shards", "prepare_tokenizer"]
+__all__ = [
+    "RUN_TOKENIZER",
+    "batches",
+    "is_chat_run",
+    "prepare_shards",
+    "prepare_tokenizer",
+    "shared_data_folder",
+    "shared_preference_folder",
+]
 
 RUN_TOKENIZER = "tokenizer.model"  # a tokenizer trained for the run, in the run folder
 
@@ -110,6 +120,8 @@ def prepare_shards(
     and a resumed run keeps its data even if the corpus has changed since: its batches stay exactly those
     of an unbroken run."""
     data_dir = shared_data_folder(Path(config.data_dir), tokenizer) if config.data_dir else out / "data"
+    if config.dpo and config.data_dir:
+        data_dir = shared_preference_folder(data_dir, config)
     # A shared --data-dir is prepared by one run at a time: another one preparing it is waited for.
     lock = data_dir.parent / f".{data_dir.name}.lock"
     waiting = functools.partial(_log, f"data: waiting for another run that is preparing {data_dir}")
@@ -117,8 +129,8 @@ def prepare_shards(
         if dist.is_main:
             if config.dpo:
                 resuming = bool(list_step_checkpoints(out))
-                prepare_preferences(config.data, data_dir, tokenizer, config.val_fraction,
-                                    config.split_seed, resuming=resuming, log=_log)  # fmt: skip
+                prepare_preferences(config.data, data_dir, tokenizer, config.val_fraction, config.split_seed,
+                                    resuming=resuming, data_split=config.data_split, log=_log)  # fmt: skip
             else:
                 _prepare(config, data_dir, tokenizer, out)
     dist.barrier()
@@ -166,6 +178,15 @@ def shared_data_folder(data_dir: Path, tokenizer: Tokenizer) -> Path:
     (`tokenizer-` and the start of its sha256), so that a run with another tokenizer never re-tokenizes
     over the shards another run is reading. (OUT/data belongs to one run, which has one tokenizer.)"""
     return data_dir / f"tokenizer-{tokenizer.sha256[:12]}"
+
+
+def shared_preference_folder(tokenizer_folder: Path, config: TrainConfig) -> Path:
+    """Where --dpo's prepared pairs go in a shared --data-dir: within the tokenizer's folder, one
+    subfolder per preference set and split settings, so runs on different preference files never
+    prepare over each other's pairs, and a resumed run finds its own."""
+    spec = config.data if config.data.startswith("hf:") else str(Path(config.data).expanduser().resolve())
+    key = json.dumps([spec, config.data_split, config.val_fraction, config.split_seed])
+    return tokenizer_folder / f"preferences-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def batches(

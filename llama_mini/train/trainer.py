@@ -279,6 +279,7 @@ class Trainer:
             progress.write(self._describe_fine_tuning())
         epochs = SourceEpochs(self.train_data, config, self.model_args.max_seq_len, start_step)
         train_loss, evaluation, interrupted = float("nan"), None, False
+        sampled_at = None  # the last step whose sample the dashboards show
         window_start, window_tokens = time.perf_counter(), 0
         with self._stop_on_signals():
             while self.step < config.max_steps:
@@ -304,6 +305,7 @@ class Trainer:
                     metrics.write(record)
                     dashboards.record(record)
                     progress.write(self._describe_evaluation(evaluation))
+                    sampled_at = self._sample_to_dashboards(dashboards) or sampled_at
                     self.save_checkpoint(evaluation["val_loss"], train_loss)
                     window_start += time.perf_counter() - eval_started  # tokens/s measures training only
                 if self.dist.any(self.stop_requested, self.device):
@@ -313,9 +315,22 @@ class Trainer:
             self.save_checkpoint(None, train_loss)
         progress.close()
         summary = self._summary(start_step, started, train_loss, evaluation, interrupted)
-        if summary.sample is not None:
+        if summary.sample is not None and sampled_at != self.step:
             dashboards.text(self.step, "sample", summary.sample)
         return summary
+
+    def _sample_to_dashboards(self, dashboards: Dashboards) -> int | None:
+        """At an evaluation, a sample (as the run prints at its end) for the dashboards' text tab, so a
+        watched run shows what the model writes as it learns; returns the step, or None where no dashboard
+        is open. Decided from the settings alone, which every process holds: under FSDP all of them take
+        part in generating (`sample`), while only the main process has the dashboards."""
+        if not (self.config.log and self.config.sample_tokens):
+            return None
+        if not (self.dist.is_main or self.parallel == "fsdp"):
+            return None
+        sample = self.sample(self.config.sample_prompt, self.config.sample_tokens)
+        dashboards.text(self.step, "sample", sample)
+        return self.step
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the mean training loss (a non-finite loss skips the update)."""
@@ -369,12 +384,13 @@ class Trainer:
         tokenizers (a model with a bigger vocabulary has a higher loss per token but fewer tokens).
         The same batches are drawn at every evaluation, so evaluations are comparable with each other.
         """
-        if self.config.dpo:
+        if self.config.dpo:  # the held-out pairs, and --eval-data/--eval-tasks as any run scores them
             with attention_backend(self.fast_paths.attention):
-                return evaluate_preferences(
+                preferences = evaluate_preferences(
                     self.loss_module, self.val_data, self.reference["val"], self.config,
                     self.model_args.max_seq_len, self.dist, self.device, self.dtype,
                 )  # fmt: skip
+            return {**preferences, **self._evaluate_beyond_the_split()}
         if isinstance(self.val_data, MixedSplits):
             return {**self._evaluate_mixture(self.val_data), **self._evaluate_beyond_the_split()}
         val_loss, val_bpb = self._evaluate_split(self.val_data)
@@ -499,16 +515,17 @@ class Trainer:
         )
 
     def _describe_evaluation(self, evaluation: dict[str, float]) -> str:
-        if self.config.dpo:
-            return (
-                f"step {self.step}: val loss {evaluation['val_loss']:.4f}, reward accuracy "
-                f"{evaluation['val_reward_accuracy']:.3f}, margin {evaluation['val_reward_margin']:.4f}"
-            )
         held_out = "".join(
             f", {name.removeprefix('val_bpb/')} {value:.4f}"
             for name, value in evaluation.items()
             if name.startswith("val_bpb/")
         )
+        if self.config.dpo:
+            return (
+                f"step {self.step}: val loss {evaluation['val_loss']:.4f}, reward accuracy "
+                f"{evaluation['val_reward_accuracy']:.3f}, margin {evaluation['val_reward_margin']:.4f}"
+                + (f"; bits/byte{held_out.removeprefix(',')}" if held_out else "")
+            )
         return (
             f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
             f"{evaluation['val_bpb']:.4f} bits/byte{held_out}"
