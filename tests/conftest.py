@@ -29,6 +29,10 @@ NUMERICAL_MODULES = {
     "test_training.py",
 }
 
+# Commands and servers run by the tests decode eagerly without starting background compilers
+# (llama_mini/generation/background.py); the tests of that module turn it back on where they need it.
+os.environ.setdefault("LLAMA_MINI_BACKGROUND_BUILDS", "0")
+
 
 def pytest_configure(config):
     """Under ATEN_CPU_CAPABILITY=default (the second pass), inductor would also generate scalar C++, and in

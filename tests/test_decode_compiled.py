@@ -245,13 +245,17 @@ def test_the_decode_step_and_the_functions_it_calls_share_the_file_its_name_hash
 @pytest.mark.slow
 @needs_compiler
 def test_compile_none_uses_a_saved_step_and_false_never_does(
-    model, cache_folder, no_builds, steps_run, tmp_path
+    model, cache_folder, no_builds, steps_run, tmp_path, monkeypatch
 ):
     eager = generate(model, [PROMPTS[0]], 6, temperature=0)
-    # None with an empty folder, or no folder: eager, and nothing is built (no_builds).
+    # None with an empty folder: eager, with a build started in the background (a stand-in here: nothing
+    # is built in this process, no_builds); with no folder: eager, and nothing built at all.
+    background = []
+    monkeypatch.setattr(steps, "start_background_build", lambda *args: background.append(args))
     assert generate(model, [PROMPTS[0]], 6, temperature=0, compile=None, compile_cache=tmp_path) == eager
+    assert len(background) == 1
     assert generate(model, [PROMPTS[0]], 6, temperature=0, compile=None) == eager
-    assert steps_run == []
+    assert steps_run == [] and len(background) == 1
     # None with the folder that holds the step (the fixture saved it): that step runs.
     assert generate(model, [PROMPTS[0]], 6, temperature=0, compile=None, compile_cache=cache_folder) == eager
     assert len(steps_run) == 1

@@ -461,6 +461,7 @@ def test_stream_yields_whole_characters_and_keeps_the_leading_space(tokenizer, m
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
     monkeypatch.setattr(decode, "next_token_logits", scripted_next_token_logits(script, len(prompt_ids)))
+    monkeypatch.setattr(decode, "eager_step", lambda model: None)  # every step through next_token_logits
     pieces = list(stream(model, tokenizer, "the queen", len(script), temperature=0, eos_id=-1))
     assert "".join(pieces) == SCRIPT_TEXT == decode_continuation(tokenizer, prompt_ids, script)
     assert pieces[0].startswith(" ")  # decode(script) alone would drop this space

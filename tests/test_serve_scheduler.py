@@ -241,3 +241,29 @@ def test_decode_steps_compiled_ahead_of_time_give_the_same_tokens(model, tmp_pat
     run_until_done(scheduler, recorders)
     scheduler.stop()
     assert [r.tokens for r in recorders] == generate(model, PROMPTS[:3], 12, temperature=0)
+    # serve's default (saved_only) finds them all saved now: it loads them, and builds nothing.
+    loaded = Scheduler(model, max_batch_size=2, compiled_in=str(tmp_path), saved_only=True)
+    assert loaded._compiled is not None and len(list(tmp_path.glob("*.pt2"))) == 2
+    loaded.stop()
+
+
+def test_by_default_a_server_without_saved_steps_decodes_eagerly_while_they_build(
+    model, tmp_path, monkeypatch
+):
+    """serve's default on a CPU (saved_only): no step saved, so eager steps over eager slot caches at once,
+    and a background build asked for each batch size (a stand-in here); the tokens are generate's."""
+    from llama_mini.ops import aot_step
+    from llama_mini.serve import scheduler as scheduler_module
+
+    if not aot_step.aot_compile_available():
+        pytest.skip("ahead-of-time compilation needs torch >= 2.8")
+    asked = []
+    monkeypatch.setattr(scheduler_module, "start_build", lambda step, m, inputs, folder: asked.append(inputs))
+    scheduler = Scheduler(model, max_batch_size=2, compiled_in=str(tmp_path), saved_only=True)
+    assert scheduler._compiled is None and [inputs[0].shape[0] for inputs in asked] == [1, 2]
+    assert all(type(slot) is SlotKVCache for slot in scheduler._slots)
+    recorders = [Recorder() for _ in PROMPTS[:3]]
+    for prompt, recorder in zip(PROMPTS[:3], recorders, strict=True):
+        scheduler.submit(SequenceRequest(tuple(prompt), 12), recorder)
+    run_until_done(scheduler, recorders)
+    assert [r.tokens for r in recorders] == generate(model, PROMPTS[:3], 12, temperature=0)

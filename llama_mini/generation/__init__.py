@@ -1,5 +1,6 @@
 """Generation: how the next token is chosen (sampling.py), the KV-cached decode loop over ragged batches
-(decode.py), which decode step runs, eager or compiled, and its KV cache (steps.py), text as tokens arrive
+(decode.py), which decode step runs, eager or compiled, and its KV cache (steps.py; the lean eager step,
+eager.py; the compiled step built in the background, background.py), text as tokens arrive
 (streaming.py), and the command line (command.py with its prompt policy, prompts.py; `llama-mini
 generate`, generate.py)."""
 

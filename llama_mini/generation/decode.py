@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_mini.generation.eager import eager_logits
 from llama_mini.generation.sampling import (
     GenerationError,
     SamplingConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "check_request",
     "choose_next",
     "decode_step",
+    "eager_step",
     "generate",
     "greedy_ids",
     "iter_new_tokens",
@@ -320,7 +322,7 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
-        with step_for(model, decode_step, options, batch.size, batch.total_len) as run_step:
+        with step_for(model, decode_step, options, batch.size, batch.total_len, eager_step) as run_step:
             yield from _positions(model, run_step, batch, sampling, generators, stats)
     finally:
         model.train(was_training)
@@ -376,6 +378,24 @@ def decode_step(
     """
     logits = next_token_logits(model, tokens, start_pos)
     return logits, greedy_ids(logits)
+
+
+def eager_step(model: Transformer) -> RunStep | None:
+    """`decode_step` for eager decoding with less per-token overhead: run(tokens (B, 1), position) ->
+    (logits (B, V), greedy ids (B,)), through generation/eager.py's one-position forward where it covers
+    the call, else `decode_step`; None where it does not cover the model (steps.step_for then runs
+    decode_step itself)."""
+    logits_of = eager_logits(model)
+    if logits_of is None:
+        return None
+
+    def run(tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_of(tokens, position)
+        if logits is None:
+            return decode_step(model, tokens, position)
+        return logits, greedy_ids(logits)
+
+    return run
 
 
 def next_token_logits(

@@ -18,6 +18,9 @@ has the same shapes, and one compiled step serves every token. Which step runs (
               from the compile cache, or built and saved there   graphs) on CUDA unless cuda_graphs=False
     None      the saved ahead-of-time step if the compile        eager
               cache holds one for this model shape, else eager
+              while a child process builds it (generation/
+              background.py), switching to it between two
+              positions when it is ready (`_SwitchingRun`)
     False     eager                                              eager
 
 On a CPU the ahead-of-time step is one call into C++ code that inductor generated for the whole step,
@@ -25,7 +28,9 @@ its matrix-vector products fused into vectorised loops (docs/BENCHMARKS.md: 6.3x
 stories15m shape on 2 cores, 1.35x llama.cpp); it is a file, so a later process loads it in well under a
 second instead of compiling again.
 Eager decoding passes the position as an int and attends only to the filled part of the cache, which is
-cheaper without a compiled step.
+cheaper without a compiled step; decode.py's `eager_step` runs one position with less overhead than the
+model's forward (generation/eager.py). With compile=None and no compile cache (the library's default)
+nothing is built: only generate.py and `serve`, which keep a compile cache, build in the background.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ import contextlib
 import dataclasses
 import functools
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from llama_mini.model.cache import StaticKVCache
+from llama_mini.generation import background
+from llama_mini.model.cache import KVCache, StaticKVCache
 from llama_mini.model.rounding import round_up
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
@@ -66,7 +74,8 @@ class DecodeOptions:
         None,
         "compile the decode step with static shapes: on a CPU ahead of time, saved in --compile-cache for "
         "later runs (the first run for a model shape waits for the compiler), elsewhere with torch.compile; "
-        "none = a step already in --compile-cache if there is one, else eager",
+        "none = a step already in --compile-cache if there is one, else eager while one is built there in "
+        "the background (switched to when ready)",
     )
     compile_cache: str | None = setting(
         None, "folder where compiled CPU decode steps are kept between runs (none = not kept)"
@@ -80,45 +89,148 @@ class DecodeOptions:
 
 @contextlib.contextmanager
 def step_for(
-    model: Transformer, step: StepFunction, options: DecodeOptions, batch: int, length: int
+    model: Transformer,
+    step: StepFunction,
+    options: DecodeOptions,
+    batch: int,
+    length: int,
+    eager: Callable[[Transformer], RunStep | None] | None = None,
 ) -> Iterator[RunStep]:
     """`step` as a request of `batch` rows and `length` positions runs it (the table in the module
     docstring), with the model's KV cache ready for it (and removed afterwards if the model had none).
 
     Yields run(tokens (B, 1), position: int) -> (logits (B, V), greedy ids (B,)). On a CPU, compile=True
-    falls back to torch.compile where the ahead-of-time step cannot be built (`_ahead_of_time_step`).
+    falls back to torch.compile where the ahead-of-time step cannot be built (`_ahead_of_time_step`);
+    compile=None with a compile cache and no step saved there decodes eagerly while one is built in the
+    background, and switches to it when it is ready (`_SwitchingRun`).
     Under CUDA graphs the results live in the graph's output buffers, which the next replay overwrites:
-    read them (copy the rows you keep) before the next call.
+    read them (copy the rows you keep) before the next call. `eager(model)`, where given and not None, runs
+    the eager steps instead of `step` (the same numbers with less overhead: generation/eager.py).
     """
     device = model.tok_embeddings.weight.device
     wanted = options.compile or (options.compile is None and options.compile_cache is not None)
-    compiled = None
+    compiled, pending = None, None
     if device.type == "cpu" and wanted and aot_step.aot_compile_available():
         # The step is named after the model's tensors, KV cache included: give it the cache it would run
-        # with, then look for (or build) the step.
-        previous = [layer.attention.cache for layer in model.layers]
+        # with (the caller's, seen as a static one, if it is large enough), then look for (or build) it.
+        _recast_caches(model, static=True)
         made_cache = ensure_cache(model, batch, length, static=True)
         compiled = _ahead_of_time_step(model, step, options, batch)
-        if compiled is None and not options.compile:  # none saved: eager, with the caller's cache as it was
-            for layer, cache in zip(model.layers, previous, strict=True):
-                layer.attention.cache = cache
-            made_cache = ensure_cache(model, batch, length, static=False)
+        if compiled is None and not options.compile:  # none saved: eager, building one in the background
+            pending = _build_in_background(model, step, options, batch)
+            _recast_caches(model, static=False)  # the same buffers, which the built step takes over
     else:
         made_cache = ensure_cache(model, batch, length, static=bool(options.compile))
     try:
-        if compiled is not None:
-            with compiled.bound_to(model) as run:  # run returns [logits, ids]
+        with contextlib.ExitStack() as stack:
+            if compiled is not None:
+                run = stack.enter_context(compiled.bound_to(model))  # run returns [logits, ids]
                 yield _with_static_inputs(run, device)
-        elif options.compile:
-            cuda_graphs = options.cuda_graphs and device.type == "cuda"
-            yield _with_static_inputs(
-                _torch_compiled_step(model, step, cuda_graphs, device.type == "cpu"), device
-            )
-        else:
-            yield functools.partial(step, model)
+            elif options.compile:
+                cuda_graphs = options.cuda_graphs and device.type == "cuda"
+                yield _with_static_inputs(
+                    _torch_compiled_step(model, step, cuda_graphs, device.type == "cpu"), device
+                )
+            else:
+                eager_run = (eager and eager(model)) or functools.partial(step, model)
+                yield eager_run if pending is None else _SwitchingRun(model, eager_run, pending, stack)
     finally:
         if made_cache:
             model.clear_cache()
+
+
+class _SwitchingRun:
+    """Eager steps until the step being built in the background (`pending`) is ready, then that step, from
+    the next position on: run(tokens (B, 1), position) as `step_for` yields it.
+
+    The switch is between two positions. The eager steps run on KVCaches over the very buffers the compiled
+    step was built for (`_recast_caches`), so it reads the keys and values they wrote: nothing is copied or
+    recomputed, and each position's logits are those of either step (equal within float rounding). Whether
+    the step is ready is asked every POLL_SECONDS (a file's existence), not at every token.
+    """
+
+    POLL_SECONDS = 0.25
+
+    def __init__(self, model: Transformer, eager: RunStep, pending, stack: contextlib.ExitStack):
+        self.model, self.eager, self.pending, self.stack = model, eager, pending, stack
+        self.device = model.tok_embeddings.weight.device
+        self.compiled: RunStep | None = None
+        self.next_poll = time.monotonic()
+        self.switched_at: int | None = None  # the first position the compiled step ran (for tests)
+
+    def __call__(self, tokens: torch.Tensor, position: int) -> Sequence[torch.Tensor]:
+        if self.compiled is None and self.pending is not None and time.monotonic() >= self.next_poll:
+            self.next_poll = time.monotonic() + self.POLL_SECONDS
+            self._try_switch(position)
+        if self.compiled is not None:
+            return self.compiled(tokens, position)
+        return self.eager(tokens, position)
+
+    def _try_switch(self, position: int) -> None:
+        state = self.pending.state()
+        if state == "building":
+            return
+        pending, self.pending = self.pending, None
+        if state != "ready":
+            return
+        _recast_caches(self.model, static=True)
+        try:
+            compiled = pending.load(self.model)
+        except Exception as error:  # noqa: BLE001 - a step that cannot be loaded: eager decoding goes on
+            warnings.warn(
+                f"could not load the decode step built in the background ({error})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            compiled = None
+        if compiled is None:
+            _recast_caches(self.model, static=False)
+            return
+        run = self.stack.enter_context(compiled.bound_to(self.model))
+        self.compiled = _with_static_inputs(run, self.device)
+        self.switched_at = position
+
+
+def _recast_caches(model: Transformer, static: bool) -> None:
+    """Make each layer's KV cache a StaticKVCache (static) or a KVCache over the same buffers: the same keys
+    and values, read by the compiled step (the whole buffer under a mask) or by eager steps (the filled
+    prefix). A model without caches, or with ones of that kind already, is left as it is."""
+    wanted = StaticKVCache if static else KVCache
+    for layer in model.layers:
+        cache = layer.attention.cache
+        if cache is None or type(cache) is wanted or type(cache) not in (KVCache, StaticKVCache):
+            continue
+        recast = wanted.__new__(wanted)
+        nn.Module.__init__(recast)
+        recast.register_buffer("k_cache", cache.k_cache, persistent=False)
+        recast.register_buffer("v_cache", cache.v_cache, persistent=False)
+        layer.attention.cache = recast
+
+
+def _build_in_background(model: Transformer, step: StepFunction, options: DecodeOptions, batch: int):
+    """A `start_background_build` of the model's step (its static caches in place), announced on stderr;
+    None, with a warning, where one cannot be started."""
+    example_inputs = (torch.zeros((batch, 1), dtype=torch.long), torch.tensor(0))
+    try:
+        pending = start_background_build(step, model, example_inputs, options.compile_cache)
+    except Exception as error:  # noqa: BLE001 - no background build (no fork, a read-only cache): eager works
+        warnings.warn(
+            f"could not build the decode step in the background ({error})", RuntimeWarning, stacklevel=4
+        )
+        return None
+    if pending is not None and not _ANNOUNCED.get(pending.key):
+        _ANNOUNCED[pending.key] = True
+        print(
+            "compiling the decode step for this model shape in the background; decoding eagerly until it "
+            f"is ready (it is kept in {options.compile_cache} for later runs)",
+            file=sys.stderr,
+        )
+    return pending
+
+
+# How the default (compile=None with a compile cache) starts a background build; tests put a stand-in here.
+start_background_build = background.start_build
+_ANNOUNCED: dict[str, bool] = {}
 
 
 def _with_static_inputs(

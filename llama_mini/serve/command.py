@@ -80,10 +80,12 @@ class ServeConfig:
         f"require 'Authorization: Bearer KEY' on /v1 requests (none: ${API_KEY_VARIABLE} if set, which "
         "other users cannot read in the process list)",
     )
-    compile: bool = setting(
-        False,
+    compile: bool | None = setting(
+        None,
         "compile the batched decode step: on a CPU ahead of time for batches of 1, 2, 4, ... rows (built "
-        "once, 10-15 s each, kept in the compile cache), elsewhere with torch.compile",
+        "once, 10-15 s each, kept in the compile cache), elsewhere with torch.compile; none = the compiled "
+        "steps if the compile cache holds them, else eager ones while they are built in the background "
+        "for the next start",
     )
     threads: int | None = setting(None, "CPU threads for the model's arithmetic (none: torch's default)")
     draft: str | None = setting(
@@ -218,9 +220,10 @@ def build_app(
         draft_flags = argparse.Namespace(draft=config.draft, draft_tokens=config.draft_tokens)
         speculation = load_draft(draft_flags, model, tokenizer, device, dtype)
     step, compiled_in = None, None
-    if config.compile and device.type == "cpu" and aot_step.aot_compile_available():
+    if config.compile is not False and device.type == "cpu" and aot_step.aot_compile_available():
         compiled_in = str(aot_step.default_cache_folder())
-        print(f"compiling the decode steps (or loading them from {compiled_in})", file=sys.stderr)
+        if config.compile:
+            print(f"compiling the decode steps (or loading them from {compiled_in})", file=sys.stderr)
     elif config.compile:
         step = compiled_decode_step()
     scheduler = Scheduler(
@@ -230,6 +233,7 @@ def build_app(
         config.prefill_chunk,
         decode_step=step,
         compiled_in=compiled_in,
+        saved_only=config.compile is None,
         draft=speculation.draft if speculation else None,
         draft_tokens=config.draft_tokens,
     )

@@ -53,6 +53,7 @@ import torch
 
 from llama_mini.errors import LlamaMiniError
 from llama_mini.generation import SamplingConfig, next_token_logits, sample_next
+from llama_mini.generation.background import start_build
 from llama_mini.generation.speculative import DEFAULT_DRAFT_TOKENS, speculative_round
 from llama_mini.model.cache import KVCache, SlotKVCache, StaticSlotKVCache
 from llama_mini.model.transformer import Transformer
@@ -166,7 +167,9 @@ class Scheduler:
     `submit` raises QueueFull; prefill_chunk: prompt tokens fed per iteration at most. decode_step:
     step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V), by default
     next_token_logits (torch.compile of it also works); compiled_in: a folder (or "" for none kept) to
-    decode with steps compiled ahead of time instead (`CompiledDecode`, built or loaded here). draft: a
+    decode with steps compiled ahead of time instead (`CompiledDecode`, built or loaded here); with
+    saved_only, only if that folder holds them all, else eager steps while the missing ones are built in the
+    background for the next start (`CompiledDecode.saved`). draft: a
     model of the same vocabulary that proposes `draft_tokens` tokens per round for a sequence running
     alone (module docstring); its rounds run eagerly.
     """
@@ -179,6 +182,7 @@ class Scheduler:
         prefill_chunk: int = 128,
         decode_step: Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         compiled_in: str | None = None,
+        saved_only: bool = False,
         draft: Transformer | None = None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ):
@@ -198,10 +202,16 @@ class Scheduler:
         if compiled_in is not None:
             self._attach(self._slots)
             try:
-                self._compiled = CompiledDecode(model, max_batch_size, compiled_in or None)
+                if saved_only:
+                    self._compiled = CompiledDecode.saved(model, max_batch_size, compiled_in)
+                else:
+                    self._compiled = CompiledDecode(model, max_batch_size, compiled_in or None)
             finally:
                 model.clear_cache()
-            self.decode_step = self._compiled
+            if self._compiled is None:  # not all saved yet: eager steps, over slots of the eager kind
+                self._slots = [SlotKVCache(max_batch_size, context, **shape) for _ in model.layers]
+            else:
+                self.decode_step = self._compiled
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
         self._running: list[Sequence] = []  # row i of the slot caches is self._running[i]
@@ -532,13 +542,44 @@ class CompiledDecode:
     """
 
     def __init__(self, model: Transformer, max_batch_size: int, folder: str | None):
-        self.sizes = sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+        self.sizes = self.batch_sizes(max_batch_size)
         self._stack = contextlib.ExitStack()
         self._runs = {}
         for size in self.sizes:
-            example = (torch.zeros((size, 1), dtype=torch.long), torch.zeros((size, 1), dtype=torch.long))
-            step = aot_step.compiled_step(next_token_logits, model, example, folder)
+            step = aot_step.compiled_step(next_token_logits, model, self.example_inputs(size), folder)
             self._runs[size] = self._stack.enter_context(step.bound_to(model))
+
+    @staticmethod
+    def batch_sizes(max_batch_size: int) -> list[int]:
+        return sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+
+    @staticmethod
+    def example_inputs(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros((size, 1), dtype=torch.long), torch.zeros((size, 1), dtype=torch.long)
+
+    @classmethod
+    def saved(cls, model: Transformer, max_batch_size: int, folder: str) -> CompiledDecode | None:
+        """`serve`'s default: the steps for every batch size if `folder` holds them all (loaded, under a
+        second), else None, with the missing ones being built in a background process, one after another,
+        for the next start (llama_mini.generation.background; the model holds its static slot caches)."""
+        missing = [
+            size
+            for size in cls.batch_sizes(max_batch_size)
+            if aot_step.saved_step(next_token_logits, model, cls.example_inputs(size), folder) is None
+        ]
+        if not missing:
+            return cls(model, max_batch_size, folder)
+        started = [
+            start_build(next_token_logits, model, cls.example_inputs(size), folder) for size in missing
+        ]
+        if any(started):
+            log.warning(
+                "decoding with eager steps: the compiled steps for %s rows are being built in the background "
+                "(in %s), for the next start",
+                ", ".join(map(str, missing)),
+                folder,
+            )
+        return None
 
     def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
