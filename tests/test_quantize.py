@@ -14,9 +14,11 @@ from torch import nn
 
 from llama_mini import cli
 from llama_mini.checkpoint import save_pretrained
+from llama_mini.generation import decode as decode_module
 from llama_mini.generation import generate
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
 from llama_mini.ops import quantize as quantize_module
 from llama_mini.ops.quantize import Int4Linear, Int8Linear, quantize
 from llama_mini.tokenizer import train_tokenizer
@@ -95,6 +97,48 @@ def test_greedy_decoding_of_a_trained_model_keeps_most_tokens(scheme, trained_mo
         a == b for want, got in zip(reference, tokens, strict=True) for a, b in zip(want, got, strict=True)
     )
     assert same >= 0.9 * 80, (reference, tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+@pytest.mark.skipif(not aot_step.aot_compile_available(), reason="AOTInductor needs torch >= 2.8")
+@pytest.mark.skipif(
+    not aot_step.cpp_compiler_available(), reason="building a compiled step needs a C++ compiler"
+)
+def test_compiled_int8_decode_step_equals_the_eager_int8_model(trained_model, tmp_path):
+    """The ahead-of-time step fuses the int8-to-float conversion into its dot products (module docstring):
+    prefill eagerly, then one compiled step; its logits are the eager int8 model's logits for the whole
+    sequence to float32 rounding (the same products, summed in another order), its ids their argmax."""
+    model, sequence = trained_model
+    quantized = quantize(copy.deepcopy(model), "int8")
+    tokens = torch.tensor(sequence[:9])[None]
+    quantized.setup_cache(1, max_seq_len=64, static=True)
+    example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
+    step = aot_step.compiled_step(decode_module.decode_step, quantized, example, tmp_path)
+    # the library reads the int8 weights themselves (bound by reference), not a float copy of them
+    assert {"model.layers.0.attention.wq.weight", "model.layers.0.attention.wq.scales"} <= set(step.names)
+    try:
+        with torch.inference_mode(), step.bound_to(quantized) as run:
+            decode_module.next_token_logits(quantized, tokens[:, :-1], 0)  # fills positions 0..7
+            logits, ids = run(tokens[:, -1:].contiguous(), torch.tensor(8))
+            expected = quantized(tokens)[:, -1]
+    finally:
+        quantized.clear_cache()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert ids.tolist() == expected.argmax(-1).tolist()
+    with torch.inference_mode():  # and the quantized model is not the float one
+        assert (expected - model(tokens)[:, -1]).abs().max() > 1e-4
+
+
+@needs_int4
+def test_int4_models_are_refused_ahead_of_time_before_any_build(monkeypatch):
+    """Inductor makes the int4 kernel's group size a tensor of its own, which a library built without its
+    constants cannot bind: compiled_step refuses before building (generation then uses torch.compile)."""
+    monkeypatch.setattr(aot_step, "_build", lambda *args: pytest.fail("a step was built"))
+    quantized = quantize(Transformer(get_preset("tiny")).eval(), "int4", group_size=32)
+    example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
+    with pytest.raises(aot_step.UnsupportedStep, match="Int4Linear"):
+        aot_step.compiled_step(decode_module.decode_step, quantized, example, None)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,12 @@ The weights are not in the library. It is built with `package_constants_in_so=Fa
 every checkpoint of the same shape; `bound_to(model)` hands it the model's parameters and buffers (the KV
 cache included, which the step writes) by reference, with no copy (the decode loop binds once per request).
 
+A module whose computation inductor would turn into tensors of its own (values made at build time, which
+a library built without its constants cannot bind) says so with a class attribute `ahead_of_time = False`
+(llama_mini.ops.quantize.Int4Linear: inductor makes its group size a tensor); `compiled_step` refuses such
+a model before building, and any library that still names a tensor the model lacks is refused on loading.
+Either is an `UnsupportedStep` error, which generation answers by falling back (llama_mini.generation.steps).
+
 The file's name is a hash of everything the generated code depends on (`artifact_key`): torch's version,
 the CPU's vector instructions and the thread count, the model's structure and its tensors' shapes and
 dtypes, the inputs' shapes, and the source of the function and of every module class it runs. Change any
@@ -55,6 +61,7 @@ from torch import nn
 __all__ = [
     "MATVEC_MAX_ROWS",
     "CompiledStep",
+    "UnsupportedStep",
     "aot_compile_available",
     "artifact_key",
     "compiled_step",
@@ -192,6 +199,17 @@ class _Step(nn.Module):
         return self.function(self.model, *inputs)
 
 
+class UnsupportedStep(RuntimeError):
+    """This model's step cannot be compiled ahead of time (or a library names tensors it lacks)."""
+
+
+def _check_compilable(model: nn.Module) -> None:
+    """UnsupportedStep for a model with a module that declares `ahead_of_time = False` (module docstring)."""
+    refused = sorted({type(m).__name__ for m in model.modules() if not getattr(m, "ahead_of_time", True)})
+    if refused:
+        raise UnsupportedStep(f"{', '.join(refused)} cannot be compiled ahead of time")
+
+
 class CompiledStep:
     """A loaded AOTInductor library of function(model, *inputs). It runs while bound to a model:
 
@@ -211,7 +229,14 @@ class CompiledStep:
         tensors.update(
             {f"model.{name}": value for name, value in model.named_buffers(remove_duplicate=False)}
         )
-        return {name: tensors[name] for name in self.names}
+        return {name: tensors[name] for name in self.names if name in tensors}
+
+    def check_binds(self, binding: dict[str, torch.Tensor]) -> None:
+        """UnsupportedStep if the library reads tensors `binding` lacks: constants inductor made for itself
+        (module docstring), which a library built without its constants cannot run with."""
+        missing = [name for name in self.names if name not in binding]
+        if missing:
+            raise UnsupportedStep(f"the compiled step needs tensors the model does not have: {missing[:3]}")
 
     @contextlib.contextmanager
     def bound_to(self, model: nn.Module) -> Iterator[Callable[..., list[torch.Tensor]]]:
@@ -220,6 +245,7 @@ class CompiledStep:
         again after replacing them). Blocks may interleave (two generators decoding in turn): a run whose
         model is not the one bound last binds its own again first (about 0.2 ms)."""
         binding = self.tensors_of(model)
+        self.check_binds(binding)
 
         def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
             if self._binding is not binding:
@@ -285,7 +311,11 @@ def saved_step(
 ) -> CompiledStep | None:
     """The compiled step for these arguments if `folder` holds it (loaded once per process), else None.
     Never compiles."""
-    return _saved_step(artifact_key(function, model, example_inputs), folder)
+    _check_compilable(model)
+    step = _saved_step(artifact_key(function, model, example_inputs), folder)
+    if step is not None:
+        step.check_binds(step.tensors_of(model))
+    return step
 
 
 def _saved_step(key: str, folder: str | Path | None) -> CompiledStep | None:
@@ -313,6 +343,7 @@ def compiled_step(
     mode; the example inputs' values do not matter, only their shapes and dtypes. `before_building(path)`
     is called before a build starts, so a command can say why it is waiting.
     """
+    _check_compilable(model)
     key = artifact_key(function, model, example_inputs)
     target = Path(folder) / f"{key}{ARTIFACT_SUFFIX}" if folder is not None else None
     step = _LOADED.get(key)
@@ -326,13 +357,20 @@ def compiled_step(
             _describe(target, function, model, example_inputs)
     step = step or _saved_step(key, folder)
     if step is not None:
+        step.check_binds(step.tensors_of(model))
         return step
     path = target if target is not None else _scratch_folder() / f"{key}{ARTIFACT_SUFFIX}"
     if before_building is not None:
         before_building(path)
     _build(function, model, example_inputs, path)
-    _LOADED[key] = CompiledStep(path, key)
-    return _LOADED[key]
+    step = CompiledStep(path, key)
+    try:
+        step.check_binds(step.tensors_of(model))
+    except UnsupportedStep:
+        path.unlink()  # never loaded again
+        raise
+    _LOADED[key] = step
+    return step
 
 
 def _scratch_folder() -> Path:

@@ -121,6 +121,10 @@ class Int4Linear(nn.Module):
     """A bias-free linear layer with int4 weights in torch's packed layout, a scale and zero per
     `group_size` inputs of each output channel: (..., in_features) -> (..., out_features)."""
 
+    # Inductor turns the group size into a tensor of its own, which a decode step compiled ahead of time
+    # without its constants cannot bind (llama_mini.ops.aot_step): generation falls back to torch.compile.
+    ahead_of_time = False
+
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, shape, group_size: int):
         super().__init__()
         self.out_features, self.in_features = shape
