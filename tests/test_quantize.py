@@ -105,18 +105,21 @@ def test_greedy_decoding_of_a_trained_model_keeps_most_tokens(scheme, trained_mo
 @pytest.mark.skipif(
     not aot_step.cpp_compiler_available(), reason="building a compiled step needs a C++ compiler"
 )
-def test_compiled_int8_decode_step_equals_the_eager_int8_model(trained_model, tmp_path):
-    """The ahead-of-time step fuses the int8-to-float conversion into its dot products (module docstring):
-    prefill eagerly, then one compiled step; its logits are the eager int8 model's logits for the whole
-    sequence to float32 rounding (the same products, summed in another order), its ids their argmax."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantized_decode_step_equals_the_eager_quantized_model(scheme, trained_model, tmp_path):
+    """The ahead-of-time step fuses the int8-to-float conversion (int4: the unpacking) into its dot products
+    (llama_mini.ops.quantize): prefill eagerly, then one compiled step; its logits are the eager quantized
+    model's logits for the whole sequence to float32 rounding (the same products, summed in another
+    order), its ids their argmax."""
     model, sequence = trained_model
-    quantized = quantize(copy.deepcopy(model), "int8")
+    quantized = quantize(copy.deepcopy(model), scheme, group_size=32)
     tokens = torch.tensor(sequence[:9])[None]
     quantized.setup_cache(1, max_seq_len=64, static=True)
     example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
     step = aot_step.compiled_step(decode_module.decode_step, quantized, example, tmp_path)
-    # the library reads the int8 weights themselves (bound by reference), not a float copy of them
-    assert {"model.layers.0.attention.wq.weight", "model.layers.0.attention.wq.scales"} <= set(step.names)
+    # the library reads the quantized weights themselves (bound by reference), not a float copy of them
+    weight = {"int8": "weight", "int4": "packed"}[scheme]
+    assert f"model.layers.0.attention.wq.{weight}" in step.names
     try:
         with torch.inference_mode(), step.bound_to(quantized) as run:
             decode_module.next_token_logits(quantized, tokens[:, :-1], 0)  # fills positions 0..7
@@ -130,15 +133,16 @@ def test_compiled_int8_decode_step_equals_the_eager_int8_model(trained_model, tm
         assert (expected - model(tokens)[:, -1]).abs().max() > 1e-4
 
 
-@needs_int4
-def test_int4_models_are_refused_ahead_of_time_before_any_build(monkeypatch):
-    """Inductor makes the int4 kernel's group size a tensor of its own, which a library built without its
-    constants cannot bind: compiled_step refuses before building (generation then uses torch.compile)."""
-    monkeypatch.setattr(aot_step, "_build", lambda *args: pytest.fail("a step was built"))
-    quantized = quantize(Transformer(get_preset("tiny")).eval(), "int4", group_size=32)
-    example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
-    with pytest.raises(aot_step.UnsupportedStep, match="Int4Linear"):
-        aot_step.compiled_step(decode_module.decode_step, quantized, example, None)
+def test_a_library_naming_tensors_the_model_lacks_is_refused_not_a_key_error(monkeypatch):
+    """A library whose code reads a constant inductor made for itself (not saved: built without constants)
+    cannot run bound to a model: refused with UnsupportedStep, which generation answers by falling back."""
+    model = Transformer(get_preset("tiny")).eval()
+    step = object.__new__(aot_step.CompiledStep)
+    step.names = ["model.tok_embeddings.weight", "constant7"]
+    with pytest.raises(aot_step.UnsupportedStep, match="constant7"):
+        step.check_binds(step.tensors_of(model))
+    step.names = ["model.tok_embeddings.weight"]
+    step.check_binds(step.tensors_of(model))
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,10 @@ The weights are not in the library. It is built with `package_constants_in_so=Fa
 every checkpoint of the same shape; `bound_to(model)` hands it the model's parameters and buffers (the KV
 cache included, which the step writes) by reference, with no copy (the decode loop binds once per request).
 
-A module whose computation inductor would turn into tensors of its own (values made at build time, which
-a library built without its constants cannot bind) says so with a class attribute `ahead_of_time = False`
-(llama_mini.ops.quantize.Int4Linear: inductor makes its group size a tensor); `compiled_step` refuses such
-a model before building, and any library that still names a tensor the model lacks is refused on loading.
-Either is an `UnsupportedStep` error, which generation answers by falling back (llama_mini.generation.steps).
+Inductor may make tensors of its own while lowering (torch's CPU int4 kernel, for one, gets its group size
+as a new constant), which a library built without its constants cannot bind. A library that names a
+tensor the model lacks is refused when built or loaded, with an `UnsupportedStep` error, which generation
+answers by falling back (llama_mini.generation.steps), rather than failing when it is bound.
 
 The file's name is a hash of everything the generated code depends on (`artifact_key`): torch's version,
 the CPU's vector instructions and the thread count, the model's structure and its tensors' shapes and
@@ -203,13 +202,6 @@ class UnsupportedStep(RuntimeError):
     """This model's step cannot be compiled ahead of time (or a library names tensors it lacks)."""
 
 
-def _check_compilable(model: nn.Module) -> None:
-    """UnsupportedStep for a model with a module that declares `ahead_of_time = False` (module docstring)."""
-    refused = sorted({type(m).__name__ for m in model.modules() if not getattr(m, "ahead_of_time", True)})
-    if refused:
-        raise UnsupportedStep(f"{', '.join(refused)} cannot be compiled ahead of time")
-
-
 class CompiledStep:
     """A loaded AOTInductor library of function(model, *inputs). It runs while bound to a model:
 
@@ -311,7 +303,6 @@ def saved_step(
 ) -> CompiledStep | None:
     """The compiled step for these arguments if `folder` holds it (loaded once per process), else None.
     Never compiles."""
-    _check_compilable(model)
     step = _saved_step(artifact_key(function, model, example_inputs), folder)
     if step is not None:
         step.check_binds(step.tensors_of(model))
@@ -343,7 +334,6 @@ def compiled_step(
     mode; the example inputs' values do not matter, only their shapes and dtypes. `before_building(path)`
     is called before a build starts, so a command can say why it is waiting.
     """
-    _check_compilable(model)
     key = artifact_key(function, model, example_inputs)
     target = Path(folder) / f"{key}{ARTIFACT_SUFFIX}" if folder is not None else None
     step = _LOADED.get(key)
