@@ -23,8 +23,8 @@ and, when named in --engines, the same weights stored in 8 or 4 bits:
 
     llama_mini int8 eager / compiled    `quantize(model, "int8")` (llama_mini.ops.quantize): int8 weights
                                         with a scale per output channel, the output layer in float32
-    llama_mini int4 eager / compiled    `quantize(model, "int4", --group-size)`: torch's packed int4
-                                        kernel, a scale and zero per group of inputs (where torch has it)
+    llama_mini int4 eager / compiled    `quantize(model, "int4", --group-size)`: int4 weights two a byte
+                                        with a scale and zero per group of inputs, the output layer in float32
     llama.cpp q8_0                      the GGUF file written with q8_0 matrices (blocks of 32 int8
                                         weights with one float16 scale), the output layer included
 
