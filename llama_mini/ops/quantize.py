@@ -72,7 +72,7 @@ class QuantizeSettings:
     quantize: Scheme = setting(
         "none",
         "store the linear layers' weights in fewer bits for inference: int8 (a scale per output channel) "
-        "or int4 (a scale and zero per --group-size inputs; needs torch's int4 kernel for the device)",
+        "or int4 (a scale and zero per --group-size inputs; on CUDA it needs torch's int4 kernel)",
     )
     group_size: int = setting(128, "with --quantize int4: inputs sharing one scale and zero (32 or 128)")
 
