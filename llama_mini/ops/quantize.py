@@ -15,9 +15,9 @@ Int8WeightOnlyConfig or torch's `_weight_int8pack_mm` because the form matters t
 the ahead-of-time step (llama_mini.ops.aot_step) rewrites each small matrix product as a multiply-and-sum
 that inductor fuses with the int8-to-float conversion, so the step reads one byte per weight instead of
 four. torch's `_weight_int8pack_mm` and torchao's tensor subclass are opaque calls there, and eagerly at
-batch 1 both ran slower than the float32 product on this project's CPU (docs/BENCHMARKS.md, "Weight-only
-quantization"); in eager mode this form dequantizes each weight per call, which is slower than float too:
-the speed of int8 comes from the compiled step.
+batch 1 every int8 form ran at 0.34-0.45x the float32 product on this project's CPU, this one included
+(bench/int8_matvec.py; docs/BENCHMARKS.md, "Weight-only quantization: quality and speed"): the speed of
+int8 comes from the compiled step.
 
 int4, groups of `group_size` (32 or 128) along the input dimension, asymmetric, as torch's int4 kernels
 define it: for each row n and group g,
