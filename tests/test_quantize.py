@@ -107,8 +107,8 @@ def test_greedy_decoding_of_a_trained_model_keeps_most_tokens(scheme, trained_mo
 )
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_compiled_quantized_decode_step_equals_the_eager_quantized_model(scheme, trained_model, tmp_path):
-    """The ahead-of-time step fuses the int8-to-float conversion (int4: the unpacking) into its dot products
-    (llama_mini.ops.quantize): prefill eagerly, then one compiled step; its logits are the eager quantized
+    """The ahead-of-time step computes the quantized layers in its own loops (int8: the conversion fused
+    into its dot products; llama_mini.ops.quantize): prefill eagerly, then one compiled step; its logits are the eager quantized
     model's logits for the whole sequence to float32 rounding (the same products, summed in another
     order), its ids their argmax."""
     model, sequence = trained_model

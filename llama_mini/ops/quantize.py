@@ -30,8 +30,9 @@ k + K/2 in the high one) and computes F.linear(x, dequantized weight), written o
 torch's CPU kernel (`_weight_int4pack_mm_for_cpu`) ran float32 inputs 40x slower than the float product
 at 2,048 rows (an evaluation's windows) and below it at one row on this project's CPU, and inductor lowers
 it with a constant of its own that a decode step compiled without its constants cannot bind
-(llama_mini.ops.aot_step). Written out, the compiled step fuses the unpacking into its dot products as it
-does int8's conversion; eagerly each call unpacks the whole weight, slower than float.
+(llama_mini.ops.aot_step). Written out, it compiles: the step unpacks each weight to a byte in a loop of
+its own (not yet fused into the dot products as int8's conversion is, so int4 decodes slower than int8);
+eagerly each call unpacks the whole weight, slower than float.
 
 The output layer is left in the model's dtype: its errors land on the logits directly (greedy choices flip
 first there), it often shares its matrix with the token embeddings, and at small vocabularies it is a
