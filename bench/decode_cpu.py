@@ -19,12 +19,18 @@ float32, never stopping at eos:
     transformers           LlamaForCausalLM.generate(do_sample=False), its default dynamic cache
     llama.cpp              Llama.eval of the prompt, then argmax and eval of one token at a time
 
-and, when named in --engines, the same weights stored in 8 bits:
+and, when named in --engines, the same weights stored in 8 or 4 bits:
 
     llama_mini int8 eager / compiled    `quantize(model, "int8")` (llama_mini.ops.quantize): int8 weights
                                         with a scale per output channel, the output layer in float32
+    llama_mini int4 eager / compiled    `quantize(model, "int4", --group-size)`: int4 weights two a byte
+                                        with a scale and zero per group of inputs, the output layer in float32
     llama.cpp q8_0                      the GGUF file written with q8_0 matrices (blocks of 32 int8
                                         weights with one float16 scale), the output layer included
+
+llama.cpp runs with its CPU backend's extra weight layouts off (`use_extra_bufts=False`): llama-cpp-python
+0.3.36's AMX kernels crash on q8_0 files on Intel Xeons with AMX (tests/test_gguf.py); the portable kernels
+(AVX-512 / AVX2) read the same bytes.
 
 The time of one call covers the prompt's prefill and every new token, as a user waits for it; tokens/s is
 new tokens / that time, the median of 3 calls after warm-up (compiling happens in warm-up), the engines
@@ -82,9 +88,11 @@ ENGINES = (
     "llama_mini int8 eager",
     "llama_mini int8 compiled",
     "llama.cpp q8_0",
+    "llama_mini int4 eager",
+    "llama_mini int4 compiled",
 )
-DEFAULT_ENGINES = ENGINES[:4]  # the int8 engines when asked for (--engines)
-FIRST_CALL_REPORTED = ("llama_mini compiled", "llama_mini int8 compiled")
+DEFAULT_ENGINES = ENGINES[:4]  # the quantized engines when asked for (--engines)
+FIRST_CALL_REPORTED = ("llama_mini compiled", "llama_mini int8 compiled", "llama_mini int4 compiled")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -183,17 +191,29 @@ def llama_cpp_engine(gguf_path: Path, prompt: list[int], new_tokens: int, thread
     except ImportError:
         return None
     cache_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache]
-    model = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=len(prompt) + new_tokens,
-        n_batch=max(len(prompt), 1),
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=False,
-        type_k=cache_type,
-        type_v=cache_type,
-        verbose=False,
-    )
+    # Llama() takes no model parameter for the extra layouts: swap the function it reads its defaults from.
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def portable_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = portable_params
+    try:
+        model = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            n_ctx=len(prompt) + new_tokens,
+            n_batch=max(len(prompt), 1),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            type_k=cache_type,
+            type_v=cache_type,
+            verbose=False,
+        )
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
 
     vocab_size = model.n_vocab()
 
@@ -379,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every engine alike")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
     parser.add_argument(
+        "--group-size", type=int, default=128, help="the int4 engines' inputs per scale and zero"
+    )
+    parser.add_argument(
         "--llama-cpp-kv-cache", choices=["f32", "f16"], default="f32", help="f16 is llama.cpp's own default"
     )
     parser.add_argument("--profile", action="store_true", help="also profile llama_mini's decoding")
@@ -414,9 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             if "llama.cpp q8_0" in args.engines:
                 q8_path = scratch / f"{preset}-q8_0.gguf"
                 write_gguf(model, q8_path, sentencepiece_vocab(tokenizer.model_path), "q8_0")
-            int8_model = None
-            if any(engine.startswith("llama_mini int8") for engine in args.engines):
-                int8_model = quantize(copy.deepcopy(model), "int8")
+            quantized = {
+                scheme: quantize(copy.deepcopy(model), scheme, args.group_size)
+                for scheme in ("int8", "int4")
+                if any(engine.startswith(f"llama_mini {scheme}") for engine in args.engines)
+            }
             prompt = torch.randint(
                 3, model_args.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)
             ).tolist()
@@ -434,10 +459,12 @@ def main(argv: list[str] | None = None) -> int:
                     engines[engine] = llama_mini_engine(
                         model, prompt, args.new_tokens, compile=True, compile_cache=compile_cache
                     )
-                elif engine.startswith("llama_mini int8"):
+                elif engine.startswith(("llama_mini int8", "llama_mini int4")):
                     compiled = engine.endswith("compiled")
                     cache = compile_cache if compiled else None
-                    engines[engine] = llama_mini_engine(int8_model, prompt, args.new_tokens, compiled, cache)
+                    engines[engine] = llama_mini_engine(
+                        quantized[engine.split()[1]], prompt, args.new_tokens, compiled, cache
+                    )
                 elif engine == "transformers":
                     engines[engine] = transformers_engine(folder, prompt, args.new_tokens)
                 else:
@@ -461,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             speeds = {engine: args.new_tokens / seconds for engine, (seconds, _) in results.items()}
             for index, (engine, (_, tokens)) in enumerate(results.items()):
                 row = {"shape": shape if index == 0 else "", "engine": engine, "tok/s": speeds[engine]}
-                for peer in ("llama.cpp", "transformers", "llama.cpp q8_0"):
+                for peer in ("llama.cpp", "transformers", "llama.cpp q8_0", "llama_mini compiled"):
                     row[f"vs {peer}"] = f"{speeds[engine] / speeds[peer]:.2f}x" if peer in speeds else "-"
                 row["agree"] = f"{agreement(tokens, reference)}/{args.new_tokens}"
                 rows.append(row)

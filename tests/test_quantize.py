@@ -14,9 +14,11 @@ from torch import nn
 
 from llama_mini import cli
 from llama_mini.checkpoint import save_pretrained
+from llama_mini.generation import decode as decode_module
 from llama_mini.generation import generate
 from llama_mini.model.presets import get_preset
 from llama_mini.model.transformer import Transformer
+from llama_mini.ops import aot_step
 from llama_mini.ops import quantize as quantize_module
 from llama_mini.ops.quantize import Int4Linear, Int8Linear, quantize
 from llama_mini.tokenizer import train_tokenizer
@@ -95,6 +97,52 @@ def test_greedy_decoding_of_a_trained_model_keeps_most_tokens(scheme, trained_mo
         a == b for want, got in zip(reference, tokens, strict=True) for a, b in zip(want, got, strict=True)
     )
     assert same >= 0.9 * 80, (reference, tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+@pytest.mark.skipif(not aot_step.aot_compile_available(), reason="AOTInductor needs torch >= 2.8")
+@pytest.mark.skipif(
+    not aot_step.cpp_compiler_available(), reason="building a compiled step needs a C++ compiler"
+)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantized_decode_step_equals_the_eager_quantized_model(scheme, trained_model, tmp_path):
+    """The ahead-of-time step computes the quantized layers in its own loops (int8: the conversion fused
+    into its dot products; llama_mini.ops.quantize): prefill eagerly, then one compiled step; its logits are the eager quantized
+    model's logits for the whole sequence to float32 rounding (the same products, summed in another
+    order), its ids their argmax."""
+    model, sequence = trained_model
+    quantized = quantize(copy.deepcopy(model), scheme, group_size=32)
+    tokens = torch.tensor(sequence[:9])[None]
+    quantized.setup_cache(1, max_seq_len=64, static=True)
+    example = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
+    step = aot_step.compiled_step(decode_module.decode_step, quantized, example, tmp_path)
+    # the library reads the quantized weights themselves (bound by reference), not a float copy of them
+    weight = {"int8": "weight", "int4": "packed"}[scheme]
+    assert f"model.layers.0.attention.wq.{weight}" in step.names
+    try:
+        with torch.inference_mode(), step.bound_to(quantized) as run:
+            decode_module.next_token_logits(quantized, tokens[:, :-1], 0)  # fills positions 0..7
+            logits, ids = run(tokens[:, -1:].contiguous(), torch.tensor(8))
+            expected = quantized(tokens)[:, -1]
+    finally:
+        quantized.clear_cache()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert ids.tolist() == expected.argmax(-1).tolist()
+    with torch.inference_mode():  # and the quantized model is not the float one
+        assert (expected - model(tokens)[:, -1]).abs().max() > 1e-4
+
+
+def test_a_library_naming_tensors_the_model_lacks_is_refused_not_a_key_error(monkeypatch):
+    """A library whose code reads a constant inductor made for itself (not saved: built without constants)
+    cannot run bound to a model: refused with UnsupportedStep, which generation answers by falling back."""
+    model = Transformer(get_preset("tiny")).eval()
+    step = object.__new__(aot_step.CompiledStep)
+    step.names = ["model.tok_embeddings.weight", "constant7"]
+    with pytest.raises(aot_step.UnsupportedStep, match="constant7"):
+        step.check_binds(step.tensors_of(model))
+    step.names = ["model.tok_embeddings.weight"]
+    step.check_binds(step.tensors_of(model))
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,11 @@ The weights are not in the library. It is built with `package_constants_in_so=Fa
 every checkpoint of the same shape; `bound_to(model)` hands it the model's parameters and buffers (the KV
 cache included, which the step writes) by reference, with no copy (the decode loop binds once per request).
 
+Inductor may make tensors of its own while lowering (torch's CPU int4 kernel, for one, gets its group size
+as a new constant), which a library built without its constants cannot bind. A library that names a
+tensor the model lacks is refused when built or loaded, with an `UnsupportedStep` error, which generation
+answers by falling back (llama_mini.generation.steps), rather than failing when it is bound.
+
 The file's name is a hash of everything the generated code depends on (`artifact_key`): torch's version,
 the CPU's vector instructions and the thread count, the model's structure and its tensors' shapes and
 dtypes, the inputs' shapes, and the source of the function and of every module class it runs. Change any
@@ -55,6 +60,7 @@ from torch import nn
 __all__ = [
     "MATVEC_MAX_ROWS",
     "CompiledStep",
+    "UnsupportedStep",
     "aot_compile_available",
     "artifact_key",
     "compiled_step",
@@ -192,6 +198,10 @@ class _Step(nn.Module):
         return self.function(self.model, *inputs)
 
 
+class UnsupportedStep(RuntimeError):
+    """This model's step cannot be compiled ahead of time (or a library names tensors it lacks)."""
+
+
 class CompiledStep:
     """A loaded AOTInductor library of function(model, *inputs). It runs while bound to a model:
 
@@ -211,7 +221,14 @@ class CompiledStep:
         tensors.update(
             {f"model.{name}": value for name, value in model.named_buffers(remove_duplicate=False)}
         )
-        return {name: tensors[name] for name in self.names}
+        return {name: tensors[name] for name in self.names if name in tensors}
+
+    def check_binds(self, binding: dict[str, torch.Tensor]) -> None:
+        """UnsupportedStep if the library reads tensors `binding` lacks: constants inductor made for itself
+        (module docstring), which a library built without its constants cannot run with."""
+        missing = [name for name in self.names if name not in binding]
+        if missing:
+            raise UnsupportedStep(f"the compiled step needs tensors the model does not have: {missing[:3]}")
 
     @contextlib.contextmanager
     def bound_to(self, model: nn.Module) -> Iterator[Callable[..., list[torch.Tensor]]]:
@@ -220,6 +237,7 @@ class CompiledStep:
         again after replacing them). Blocks may interleave (two generators decoding in turn): a run whose
         model is not the one bound last binds its own again first (about 0.2 ms)."""
         binding = self.tensors_of(model)
+        self.check_binds(binding)
 
         def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
             if self._binding is not binding:
@@ -285,7 +303,10 @@ def saved_step(
 ) -> CompiledStep | None:
     """The compiled step for these arguments if `folder` holds it (loaded once per process), else None.
     Never compiles."""
-    return _saved_step(artifact_key(function, model, example_inputs), folder)
+    step = _saved_step(artifact_key(function, model, example_inputs), folder)
+    if step is not None:
+        step.check_binds(step.tensors_of(model))
+    return step
 
 
 def _saved_step(key: str, folder: str | Path | None) -> CompiledStep | None:
@@ -326,13 +347,20 @@ def compiled_step(
             _describe(target, function, model, example_inputs)
     step = step or _saved_step(key, folder)
     if step is not None:
+        step.check_binds(step.tensors_of(model))
         return step
     path = target if target is not None else _scratch_folder() / f"{key}{ARTIFACT_SUFFIX}"
     if before_building is not None:
         before_building(path)
     _build(function, model, example_inputs, path)
-    _LOADED[key] = CompiledStep(path, key)
-    return _LOADED[key]
+    step = CompiledStep(path, key)
+    try:
+        step.check_binds(step.tensors_of(model))
+    except UnsupportedStep:
+        path.unlink()  # never loaded again
+        raise
+    _LOADED[key] = step
+    return step
 
 
 def _scratch_folder() -> Path:

@@ -1,7 +1,7 @@
 """Weight-only quantization for inference: a built model's linear layers, converted from outside.
 
     quantize(model, "int8")                    every nn.Linear but the output layer -> Int8Linear
-    quantize(model, "int4", group_size=32)     -> Int4Linear (torch's packed int4 kernels)
+    quantize(model, "int4", group_size=32)     -> Int4Linear (two weights a byte, groups of 32)
     QuantizeSettings                           --quantize and --group-size of generate, serve and eval
 
 Only the weights of the linear layers change; activations, the KV cache, embeddings and norms stay in the
@@ -15,17 +15,24 @@ Int8WeightOnlyConfig or torch's `_weight_int8pack_mm` because the form matters t
 the ahead-of-time step (llama_mini.ops.aot_step) rewrites each small matrix product as a multiply-and-sum
 that inductor fuses with the int8-to-float conversion, so the step reads one byte per weight instead of
 four. torch's `_weight_int8pack_mm` and torchao's tensor subclass are opaque calls there, and eagerly at
-batch 1 both ran slower than the float32 product on this project's CPU (docs/BENCHMARKS.md, "Weight-only
-quantization"); in eager mode this form dequantizes each weight per call, which is slower than float too:
-the speed of int8 comes from the compiled step.
+batch 1 every int8 form ran at 0.34-0.45x the float32 product on this project's CPU, this one included
+(bench/int8_matvec.py; docs/BENCHMARKS.md, "Weight-only quantization: quality and speed"): the speed of
+int8 comes from the compiled step.
 
 int4, groups of `group_size` (32 or 128) along the input dimension, asymmetric, as torch's int4 kernels
 define it: for each row n and group g,
     scale = (max - min) / 15,   q = round((w - min) / scale) in [0, 15],
     w ~ (q - 8) * scale + zero,  zero = min + 8 * scale
-`Int4Linear` runs torch's own kernels (`_weight_int4pack_mm_for_cpu` on a CPU, `_weight_int4pack_mm` on
-CUDA, the ones torchao's Int4WeightOnlyConfig wraps), which unpack each group as they multiply. Where this
-torch has no such kernel for the device, --quantize int4 is refused in one line.
+On CUDA `Int4Linear` runs torch's own kernel (`_weight_int4pack_mm`, the one torchao's Int4WeightOnlyConfig
+wraps), which unpacks each group as it multiplies; where this torch has none, --quantize int4 is refused
+in one line. On a CPU it keeps two values per byte in a plain layout (column k in the low nibble, column
+k + K/2 in the high one) and computes F.linear(x, dequantized weight), written out in torch operations:
+torch's CPU kernel (`_weight_int4pack_mm_for_cpu`) ran float32 inputs 40x slower than the float product
+at 2,048 rows (an evaluation's windows) and below it at one row on this project's CPU, and inductor lowers
+it with a constant of its own that a decode step compiled without its constants cannot bind
+(llama_mini.ops.aot_step). Written out, it compiles: the step unpacks each weight to a byte in a loop of
+its own (not yet fused into the dot products as int8's conversion is, so int4 decodes slower than int8);
+eagerly each call unpacks the whole weight, slower than float.
 
 The output layer is left in the model's dtype: its errors land on the logits directly (greedy choices flip
 first there), it often shares its matrix with the token embeddings, and at small vocabularies it is a
@@ -66,16 +73,16 @@ class QuantizeSettings:
     quantize: Scheme = setting(
         "none",
         "store the linear layers' weights in fewer bits for inference: int8 (a scale per output channel) "
-        "or int4 (a scale and zero per --group-size inputs; needs torch's int4 kernel for the device)",
+        "or int4 (a scale and zero per --group-size inputs; on CUDA it needs torch's int4 kernel)",
     )
     group_size: int = setting(128, "with --quantize int4: inputs sharing one scale and zero (32 or 128)")
 
 
 def int4_kernel_available(device: torch.device | str) -> bool:
-    """True where this torch has a packed-int4 matrix kernel for `device` (a CPU or CUDA)."""
+    """True where --quantize int4 runs on `device`: always on a CPU (written out, module docstring); on CUDA
+    where this torch has its packed-int4 matrix kernel."""
     kind = torch.device(device).type
-    names = {"cpu": "_weight_int4pack_mm_for_cpu", "cuda": "_weight_int4pack_mm"}
-    return kind in names and hasattr(torch.ops.aten, names[kind])
+    return kind == "cpu" or (kind == "cuda" and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
 
 
 def check_quantize(scheme: str, group_size: int, device: torch.device | str) -> None:
@@ -118,14 +125,16 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A bias-free linear layer with int4 weights in torch's packed layout, a scale and zero per
-    `group_size` inputs of each output channel: (..., in_features) -> (..., out_features)."""
+    """A bias-free linear layer with int4 weights, two per byte (CUDA: torch's packed layout), a scale
+    and zero per `group_size` inputs of each output channel: (..., in_features) -> (..., out_features)."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, shape, group_size: int):
         super().__init__()
         self.out_features, self.in_features = shape
         self.group_size = group_size
-        self.register_buffer("packed", packed)  # the kernel's own layout
+        self.register_buffer(
+            "packed", packed
+        )  # CPU: (N, K / 2) uint8, low nibble k, high k + K/2; CUDA: the kernel's
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / group, N, 2)
 
     @staticmethod
@@ -144,26 +153,30 @@ class Int4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         weight = linear.weight
         q, scales_and_zeros = cls.quantize_weight(weight, group_size)
-        if weight.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if weight.device.type == "cpu":  # two values per byte (module docstring)
+            half = q.shape[1] // 2
+            packed = (q[:, :half] | q[:, half:] << 4).to(torch.uint8)
         else:  # CUDA: two values per byte, then the kernel's tiled layout
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
-        # The kernels take float32 scales on a CPU, and the activations' dtype (bf16) on CUDA.
+        # float32 scales on a CPU (dequantized in float32, then rounded once to the activations' dtype); the
+        # CUDA kernel takes the activations' dtype (bf16).
         dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
         return cls(packed, scales_and_zeros.to(dtype), tuple(weight.shape), group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
         if x.device.type == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                rows, self.packed, self.group_size, self.scales_and_zeros.to(rows.dtype)
-            )
-        else:
-            out = torch.ops.aten._weight_int4pack_mm(
-                rows, self.packed, self.group_size, self.scales_and_zeros
-            )
+            return F.linear(x, self.dequantized().to(x.dtype))
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The CPU layout's weight in float32, (N, K): (q - 8) * scale + zero for each group."""
+        q = torch.cat([self.packed & 15, self.packed >> 4], dim=1).float()  # (N, K) in [0, 15]
+        groups = q.reshape(self.out_features, -1, self.group_size)  # (N, K / group, group)
+        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K / group) each
+        return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return (
