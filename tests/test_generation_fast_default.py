@@ -218,3 +218,37 @@ def test_a_step_built_in_a_child_process_takes_over_mid_request(tmp_path, monkey
     started.clear()
     assert generate(model, PROMPTS[:1], 40, temperature=0, compile_cache=tmp_path) == eager
     assert started == []
+
+
+# ------------------------------------------------------------------------------------- quantized models
+
+
+@needs_aot
+@pytest.mark.parametrize(("scheme", "group_size"), [("int8", 128), ("int4", 32)])
+def test_the_child_rebuilds_a_quantized_model_as_the_step_the_parent_waits_for(
+    tmp_path, monkeypatch, scheme, group_size
+):
+    """`--quantize` with the default: the child quantizes its own random weights as the parent's model was
+    quantized, which gives the same step key (shapes, dtypes, modules); the child builds it (the compiler is
+    stood in for here: the real build is the slow test above, on a float model)."""
+    from llama_mini.generation import background
+    from llama_mini.ops.quantize import quantize
+
+    monkeypatch.setenv("LLAMA_MINI_BACKGROUND_BUILDS", "1")
+    model = quantize(tiny_model(), scheme, group_size)
+    steps.ensure_cache(model, 1, 32, static=True)
+    inputs = (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0))
+    launched, built = [], []
+    monkeypatch.setattr(
+        background.subprocess, "Popen", lambda command, **kwargs: launched.append(command[-1])
+    )
+    pending = start_build(decode_module.decode_step, model, inputs, tmp_path)
+    assert pending is not None and len(launched) == 1  # a child was started for it, with its spec
+
+    def compiled_step(function, rebuilt, example_inputs, folder):
+        built.append(aot_step.artifact_key(function, rebuilt, example_inputs))
+
+    monkeypatch.setattr(background.aot_step, "compiled_step", compiled_step)
+    assert background.build(launched[0]) == 0
+    assert built == [pending.key]
+    assert not (tmp_path / f"{pending.key}{background.UNBUILDABLE_SUFFIX}").exists()

@@ -12,7 +12,9 @@ library holds no weights: `aot_step` binds the caller's at run time), at a lower
 process. It outlives a short command: the step lands in the compile cache, and the next run loads it (well
 under a second) instead of decoding eagerly again.
 
-The child rebuilds only what `Transformer(args)` makes; a model changed after it was built (quantized linear
+The child rebuilds what `Transformer(args)` makes, quantized as the parent's model is (`--quantize int8` or
+int4 and its group size: `llama_mini.ops.quantize` applied to the child's random weights gives layers of the
+same shapes, which is all the compiled step depends on); a model changed otherwise after it was built (LoRA
 layers, say) names a different step (`aot_step.artifact_key`). The child checks that the key it would build
 is the one the parent waits for, and otherwise builds nothing and leaves a note, `<key>.unbuildable`, so that
 later runs do not try again: those models decode eagerly unless `--compile` builds their step in the process.
@@ -40,6 +42,7 @@ from llama_mini.model import cache as cache_module
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops import aot_step
+from llama_mini.ops.quantize import Int4Linear, Int8Linear, quantize
 
 __all__ = ["PendingStep", "build", "start_build"]
 
@@ -94,7 +97,8 @@ def start_build(
         return None
     folder = Path(folder)
     key = aot_step.artifact_key(step, model, example_inputs)
-    if (folder / f"{key}{UNBUILDABLE_SUFFIX}").is_file() or not _rebuildable(model):
+    quantized = _quantization(model)
+    if (folder / f"{key}{UNBUILDABLE_SUFFIX}").is_file() or quantized is None or not _rebuildable(model):
         return None
     child = _RUNNING.get(key)
     if child is None or child.poll() is not None:
@@ -106,6 +110,7 @@ def start_build(
             "function": f"{step.__module__}:{step.__qualname__}",
             "args": model.args.to_dict(),
             "dtype": _dtype_name(model.tok_embeddings.weight.dtype),
+            "quantize": quantized,
             "cache": [type(cache).__name__, cache.max_batch_size, cache.max_seq_len],
             "inputs": [[list(value.shape), _dtype_name(value.dtype)] for value in example_inputs],
             "threads": torch.get_num_threads(),
@@ -132,12 +137,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _rebuildable(model: Transformer) -> bool:
-    """True where every module of `model` is one `Transformer(args)` makes (or a KV cache): a quick look
-    that spares a child for models it could not rebuild (the child checks the key itself in any case)."""
+    """True where every module of `model` is one `Transformer(args)` makes (or a KV cache, or a quantized
+    linear layer): a quick look that spares a child for models it could not rebuild (the child checks the
+    key itself in any case)."""
     plain = Transformer.__module__.rsplit(".", 1)[0]  # llama_mini.model
     return isinstance(model, Transformer) and all(
-        type(module).__module__.startswith((plain, "torch.nn")) for module in model.modules()
+        type(module).__module__.startswith((plain, "torch.nn")) or type(module) in (Int8Linear, Int4Linear)
+        for module in model.modules()
     )
+
+
+def _quantization(model: torch.nn.Module) -> list | None:
+    """[scheme, group size] as `quantize` was called on `model` (["none", 0] if it was not), or None where
+    no one call gives its layers (int8 beside int4, or two group sizes)."""
+    int8 = any(isinstance(module, Int8Linear) for module in model.modules())
+    groups = {module.group_size for module in model.modules() if isinstance(module, Int4Linear)}
+    if int8 and groups or len(groups) > 1:
+        return None
+    if groups:
+        return ["int4", groups.pop()]
+    return ["int8", 0] if int8 else ["none", 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,6 +178,12 @@ def build(spec_json: str) -> int:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_dict(spec["args"]))
     model = model.to_empty(device="cpu").to(getattr(torch, spec["dtype"])).eval()
+    scheme, group_size = spec.get("quantize", ["none", 0])
+    if scheme != "none":  # quantized from random weights: the same layers, shapes and dtypes as the parent's
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(std=0.02)
+        quantize(model, scheme, group_size or 128)
     cache_class, batch, length = getattr(cache_module, spec["cache"][0]), *spec["cache"][1:]
     args = model.args
     for layer in model.layers:
