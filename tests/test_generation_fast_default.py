@@ -59,6 +59,9 @@ def test_eager_step_is_not_used_for_models_it_does_not_cover():
     covered = tiny_model()
     covered.setup_cache(1, max_seq_len=16, static=True)  # another cache: the model's forward runs instead
     assert eager_logits(covered)(torch.tensor([[3]]), 0) is None
+    hooked = tiny_model()  # FSDP gathers a block's weights in a forward pre-hook, which the step would skip
+    hooked.layers[1].register_forward_pre_hook(lambda module, inputs: None)
+    assert eager_step(hooked) is None
 
 
 def test_generate_takes_the_eager_step_and_gives_the_same_tokens(monkeypatch):

@@ -63,7 +63,19 @@ def _covered(model: Transformer) -> bool:
         and rotations.is_contiguous()
         and all(type(layer.attention) is Attention for layer in model.layers)
         and all(type(norm) is RMSNorm for norm in _norms(model))
+        and not any(_hooked(module) for module in _skipped(model))
     )
+
+
+def _skipped(model: Transformer) -> list:
+    """The modules whose forward this step does the work of instead of calling."""
+    return [model, *model.layers, *(layer.attention for layer in model.layers), *_norms(model)]
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether `module` has forward hooks, which calling around its forward would skip: FSDP's, which
+    gather each block's weights before its forward (a sample during an FSDP run), or a user's."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 def _norms(model: Transformer) -> list:
