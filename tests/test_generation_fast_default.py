@@ -92,8 +92,11 @@ class StandInBuild:
 
     def __init__(self, after: int, fails: bool = False):
         self.after, self.fails, self.polls, self.compiled_positions = after, fails, 0, []
+        self.compiled_threads: set[int] = set()
+        self.threads_while_building: set[int] = set()
 
     def state(self) -> str:
+        self.threads_while_building.add(torch.get_num_threads())
         self.polls += 1
         if self.polls <= self.after:
             return "building"
@@ -108,9 +111,19 @@ class StandInBuild:
         def run(tokens, position):
             assert position.dim() == 0
             self.compiled_positions.append(int(position))
+            self.compiled_threads.add(torch.get_num_threads())
             return list(decode_module.decode_step(model, tokens, position))
 
         yield run
+
+
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads for the test (whatever the machine has), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -128,11 +141,15 @@ def builds(monkeypatch):
 
 
 @needs_aot
-def test_default_switches_to_the_built_step_mid_request_with_the_same_tokens(builds, tmp_path):
+def test_default_switches_to_the_built_step_mid_request_with_the_same_tokens(builds, tmp_path, two_threads):
+    threads = two_threads
     model = tiny_model()
     eager = generate(model, PROMPTS, 16, temperature=0, compile=False)
     assert generate(model, PROMPTS, 16, temperature=0, compile_cache=tmp_path) == eager
     (build,) = builds
+    # While it builds, decoding runs one thread fewer; the step runs with the thread count it was built for.
+    assert build.threads_while_building == {threads, threads - 1} and build.compiled_threads == {threads}
+    assert torch.get_num_threads() == threads
     # Eager for the first positions, the built step from the 4th decode step on, to the end.
     first = min(len(prompt) for prompt in PROMPTS)
     assert build.compiled_positions == list(range(first + 3, max(map(len, PROMPTS)) + 16 - 1))
@@ -255,3 +272,35 @@ def test_the_child_rebuilds_a_quantized_model_as_the_step_the_parent_waits_for(
     assert background.build(launched[0]) == 0
     assert built == [pending.key]
     assert not (tmp_path / f"{pending.key}{background.UNBUILDABLE_SUFFIX}").exists()
+
+
+def test_while_a_build_runs_decoding_leaves_it_a_core_and_takes_it_back_after():
+    """CoreForBuilds: one torch thread fewer while a child builds (every core busy with a thread of ours
+    would make each parallel operation wait for the one sharing its core with the compiler), the count
+    put back once the build is over and at release()."""
+    from llama_mini.generation.background import CoreForBuilds
+
+    class Pending:
+        def __init__(self, states):
+            self.states = iter(states)
+
+        def state(self):
+            return next(self.states)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        core = CoreForBuilds([Pending(["building", "building", "ready"]), None])
+        core.POLL_SECONDS = 0.0
+        seen = []
+        for _ in range(4):
+            core()
+            seen.append(torch.get_num_threads())
+        assert seen == [2, 2, 3, 3]
+        core = CoreForBuilds([Pending(["building"] * 5)])
+        core()
+        assert torch.get_num_threads() == 2
+        core.release()  # the request ended before the build did
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -157,6 +157,8 @@ class _SwitchingRun:
         self.compiled: RunStep | None = None
         self.next_poll = time.monotonic()
         self.switched_at: int | None = None  # the first position the compiled step ran (for tests)
+        self.core = background.CoreForBuilds([])  # a core for the build while it runs (`_try_switch`)
+        stack.callback(self.core.release)
 
     def __call__(self, tokens: torch.Tensor, position: int) -> Sequence[torch.Tensor]:
         if self.compiled is None and self.pending is not None and time.monotonic() >= self.next_poll:
@@ -169,8 +171,10 @@ class _SwitchingRun:
     def _try_switch(self, position: int) -> None:
         state = self.pending.state()
         if state == "building":
+            self.core.take()  # the build has a core of its own meanwhile
             return
         pending, self.pending = self.pending, None
+        self.core.release()  # the thread count the step was built for, before it is looked for
         if state != "ready":
             return
         _recast_caches(self.model, static=True)

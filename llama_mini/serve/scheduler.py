@@ -53,7 +53,7 @@ import torch
 
 from llama_mini.errors import LlamaMiniError
 from llama_mini.generation import SamplingConfig, next_token_logits, sample_next
-from llama_mini.generation.background import start_build
+from llama_mini.generation.background import CoreForBuilds, start_build
 from llama_mini.generation.speculative import DEFAULT_DRAFT_TOKENS, speculative_round
 from llama_mini.model.cache import KVCache, SlotKVCache, StaticSlotKVCache
 from llama_mini.model.transformer import Transformer
@@ -199,11 +199,12 @@ class Scheduler:
         self._slots = [slot_class(max_batch_size, context, **shape) for _ in model.layers]
         self._prefill_cache = [KVCache(1, context, **shape) for _ in model.layers]
         self._compiled = None
+        self._building: CoreForBuilds | None = None  # builds of the default's compiled steps, if running
         if compiled_in is not None:
             self._attach(self._slots)
             try:
                 if saved_only:
-                    self._compiled = CompiledDecode.saved(model, max_batch_size, compiled_in)
+                    self._compiled, self._building = CompiledDecode.saved(model, max_batch_size, compiled_in)
                 else:
                     self._compiled = CompiledDecode(model, max_batch_size, compiled_in or None)
             finally:
@@ -325,6 +326,8 @@ class Scheduler:
         """One iteration: drop cancelled sequences, feed waiting prompts (prefill_chunk tokens in all, at
         most), one decode step for the batch."""
         self._drop_cancelled()
+        if self._building is not None:
+            self._building()
         try:
             budget = self.prefill_chunk  # several short prompts may start in one step, a long one in many
             while budget > 0:
@@ -558,17 +561,20 @@ class CompiledDecode:
         return torch.zeros((size, 1), dtype=torch.long), torch.zeros((size, 1), dtype=torch.long)
 
     @classmethod
-    def saved(cls, model: Transformer, max_batch_size: int, folder: str) -> CompiledDecode | None:
+    def saved(
+        cls, model: Transformer, max_batch_size: int, folder: str
+    ) -> tuple[CompiledDecode | None, CoreForBuilds | None]:
         """`serve`'s default: the steps for every batch size if `folder` holds them all (loaded, under a
         second), else None, with the missing ones being built in a background process, one after another,
-        for the next start (llama_mini.generation.background; the model holds its static slot caches)."""
+        for the next start (llama_mini.generation.background; the model holds its static slot caches), and
+        the CoreForBuilds the scheduler's thread calls before each step meanwhile."""
         missing = [
             size
             for size in cls.batch_sizes(max_batch_size)
             if aot_step.saved_step(next_token_logits, model, cls.example_inputs(size), folder) is None
         ]
         if not missing:
-            return cls(model, max_batch_size, folder)
+            return cls(model, max_batch_size, folder), None
         started = [
             start_build(next_token_logits, model, cls.example_inputs(size), folder) for size in missing
         ]
@@ -579,7 +585,7 @@ class CompiledDecode:
                 ", ".join(map(str, missing)),
                 folder,
             )
-        return None
+        return None, CoreForBuilds(started)
 
     def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
