@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from llama_mini.data.sources import first_line, require
+from llama_mini.data.sources import open_hub_dataset, open_saved_dataset
 from llama_mini.data.split import exact_threshold, validates, validation_score
 from llama_mini.errors import DataError
 from llama_mini.files import atomic_file
@@ -114,38 +114,10 @@ def preference_records(spec: str, data_split: str = "train") -> Iterator[tuple[s
 
 def _dataset_rows(spec: str, data_split: str) -> Iterator[tuple[str, Any]]:
     """The rows of a Hugging Face dataset: hf:NAME[:CONFIG] streamed, or a save_to_disk folder."""
-    datasets = require("datasets", "a Hugging Face dataset")
     if spec.startswith("hf:"):
-        name, _, config = spec[len("hf:") :].partition(":")
-        if not name:
-            raise DataError(
-                f"--data {spec} names no dataset: pass hf:NAME, e.g. hf:trl-lib/ultrafeedback_binarized"
-            )
-        try:
-            dataset = datasets.load_dataset(name, config or None, split=data_split, streaming=True)
-        except ValueError as error:  # an unknown split or config
-            raise DataError(
-                f"cannot load {spec} split {data_split!r} ({first_line(error)}): check --data-split and "
-                f"the config"
-            ) from None
-        except Exception as error:  # not found, no network, no access: datasets raises many kinds
-            raise DataError(
-                f"cannot load dataset {name} ({first_line(error)}): check the name and the network"
-            ) from None
+        dataset = open_hub_dataset(spec, data_split)
     else:
-        try:
-            dataset = datasets.load_from_disk(str(Path(spec).expanduser()))
-        except Exception as error:  # datasets raises FileNotFoundError, ValueError and its own errors
-            raise DataError(
-                f"cannot read the saved dataset {spec} ({first_line(error)}): save it again with save_to_disk"
-            ) from None
-        if isinstance(dataset, datasets.DatasetDict):
-            if data_split not in dataset:
-                raise DataError(
-                    f"saved dataset {spec} has no split {data_split!r} (its splits: {', '.join(dataset)}): "
-                    f"pass --data-split with one of them"
-                )
-            dataset = dataset[data_split]
+        dataset = open_saved_dataset(Path(spec).expanduser(), data_split)
     for number, row in enumerate(dataset, start=1):
         yield f"{spec} row {number}", row
 

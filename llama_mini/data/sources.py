@@ -54,10 +54,10 @@ __all__ = [
     "MAX_DOCUMENT_CHARACTERS",
     "TEXT_FILE_DOCUMENT_CHARACTERS",
     "Source",
-    "first_line",
     "load_documents",
+    "open_hub_dataset",
+    "open_saved_dataset",
     "open_source",
-    "require",
 ]
 
 HELP_DATA = (
@@ -548,7 +548,7 @@ class TinyStories(Source):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def require(module: str, what: str) -> Any:
+def _require(module: str, what: str) -> Any:
     """Import an optional dependency, or say in one line how to install it."""
     import importlib
 
@@ -570,7 +570,7 @@ class Parquet(Source):
 
     def __init__(self, spec: str, files: list[Path], root: Path, text_field: str):
         self.spec, self.files, self.root, self.text_field = spec, files, root, text_field
-        self.parquet = require("pyarrow.parquet", "Parquet files")
+        self.parquet = _require("pyarrow.parquet", "Parquet files")
         self._size = 0
         for path in files:  # only the footers are read: columns, types and sizes
             file = self._open(path)
@@ -600,7 +600,7 @@ class Parquet(Source):
             ) from None
 
     def _check_column(self, path: Path, schema: Any) -> int:
-        pyarrow = require("pyarrow", "Parquet files")
+        pyarrow = _require("pyarrow", "Parquet files")
         if self.text_field not in schema.names:
             raise DataError(
                 f"{path} has no column {self.text_field!r} (its columns: {', '.join(schema.names)}): "
@@ -633,26 +633,12 @@ class HubDataset(Source):
 
     def __init__(self, spec: str, text_field: str, data_split: str):
         self.spec, self.text_field, self.data_split = spec, text_field, data_split
-        self.name, _, config = spec[len("hf:") :].partition(":")
-        self.config = config or None
-        if not self.name:
+        if not spec[len("hf:") :].partition(":")[0]:
             raise DataError(f"--data {spec} names no dataset: pass hf:NAME, e.g. hf:roneneldan/TinyStories")
-        self.datasets = require("datasets", "Hugging Face datasets")
+        _require("datasets", "Hugging Face datasets")
 
     def documents(self) -> Iterator[str]:
-        try:
-            dataset = self.datasets.load_dataset(
-                self.name, self.config, split=self.data_split, streaming=True
-            )
-        except ValueError as error:  # an unknown split or config
-            raise DataError(
-                f"cannot load {self.spec} split {self.data_split!r} ({first_line(error)}): "
-                f"check --data-split and the config"
-            ) from None
-        except Exception as error:  # not found, no network, no access: datasets raises many kinds
-            raise DataError(
-                f"cannot load dataset {self.name} ({first_line(error)}): check the name and the network"
-            ) from None
+        dataset = open_hub_dataset(self.spec, self.data_split)
         _column_check(self.spec, dataset.column_names, self.text_field)
         for row, record in enumerate(dataset, start=1):
             _column_check(self.spec, list(record), self.text_field)
@@ -673,21 +659,7 @@ class SavedDataset(Source):
 
     def __init__(self, spec: str, folder: Path, text_field: str, data_split: str):
         self.spec, self.folder, self.text_field, self.data_split = spec, folder, text_field, data_split
-        datasets = require("datasets", "a saved Hugging Face dataset")
-        try:
-            dataset = datasets.load_from_disk(str(folder))
-        except Exception as error:  # datasets raises FileNotFoundError, ValueError and its own errors
-            raise DataError(
-                f"cannot read the saved dataset {folder} ({first_line(error)}): "
-                f"save it again with save_to_disk"
-            ) from None
-        if isinstance(dataset, datasets.DatasetDict):
-            if data_split not in dataset:
-                raise DataError(
-                    f"saved dataset {folder} has no split {data_split!r} (its splits: {', '.join(dataset)}): "
-                    f"pass --data-split with one of them"
-                )
-            dataset = dataset[data_split]
+        dataset = open_saved_dataset(folder, data_split)
         _column_check(spec, dataset.column_names, text_field)
         kind = getattr(dataset.features[text_field], "dtype", None)
         if kind not in ("string", "large_string"):
@@ -711,5 +683,45 @@ class SavedDataset(Source):
         return _stat_records(files, self.folder)
 
 
-def first_line(error: BaseException) -> str:
+def open_hub_dataset(spec: str, data_split: str) -> Any:
+    """`hf:NAME` or `hf:NAME:CONFIG`'s split `data_split`, streamed (an iterable of row dicts); a DataError
+    in one line where it cannot be opened."""
+    datasets = _require("datasets", "Hugging Face datasets")
+    name, _, config = spec[len("hf:") :].partition(":")
+    if not name:
+        raise DataError(f"--data {spec} names no dataset: pass hf:NAME, e.g. hf:roneneldan/TinyStories")
+    try:
+        return datasets.load_dataset(name, config or None, split=data_split, streaming=True)
+    except ValueError as error:  # an unknown split or config
+        raise DataError(
+            f"cannot load {spec} split {data_split!r} ({_first_line(error)}): check --data-split and "
+            f"the config"
+        ) from None
+    except Exception as error:  # not found, no network, no access: datasets raises many kinds
+        raise DataError(
+            f"cannot load dataset {name} ({_first_line(error)}): check the name and the network"
+        ) from None
+
+
+def open_saved_dataset(folder: Path, data_split: str) -> Any:
+    """The dataset `save_to_disk` wrote into `folder` (of a DatasetDict, split `data_split`); a DataError in
+    one line where it cannot be read."""
+    datasets = _require("datasets", "a saved Hugging Face dataset")
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as error:  # datasets raises FileNotFoundError, ValueError and its own errors
+        raise DataError(
+            f"cannot read the saved dataset {folder} ({_first_line(error)}): save it again with save_to_disk"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if data_split not in dataset:
+            raise DataError(
+                f"saved dataset {folder} has no split {data_split!r} (its splits: {', '.join(dataset)}): "
+                f"pass --data-split with one of them"
+            )
+        dataset = dataset[data_split]
+    return dataset
+
+
+def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
