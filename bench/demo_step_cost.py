@@ -7,8 +7,12 @@ Each variant is a full training step as train.py takes it (forward, chunked loss
 demo's model (dim 192, 4 layers, SwiGLU) with train.py's fast paths for the CPU. The variants are timed
 round-robin, two steps each per round, so a shared machine's load hits them alike; each reports its
 median seconds per step and the ratio to the first variant (today's `make demo`: fp32, vocab 4096,
-16 x 256 tokens). A variant is NAME=KEY:VALUE,...: dtype (fp32 or bf16), vocab, seq, batch, dim,
-n_layers, n_heads.
+16 x 256 tokens). A variant is NAME=KEY:VALUE,...: dtype (fp32 or bf16), vocab, seq, batch, optimizer
+(adamw or muon, as train.py --optimizer), tie (1: tied embeddings), and any other ModelArgs number (dim,
+n_layers, n_heads, multiple_of).
+
+    python bench/demo_step_cost.py --threads 1 --variants adamw=seq:128,batch:8 \
+        muon=seq:128,batch:8,optimizer:muon   # a Muon step against an AdamW one (bench/optimizer_sweep.py)
 """
 
 from __future__ import annotations
@@ -44,13 +48,18 @@ def make_step(spec: str):
     dtype = DTYPES[fields.pop("dtype", "fp32")]
     seq, batch = int(fields.pop("seq", 256)), int(fields.pop("batch", 16))
     vocab = int(fields.pop("vocab", 4096))
-    model_args = ModelArgs(max_seq_len=seq, vocab_size=vocab, **{k: int(v) for k, v in fields.items()})
+    optimizer_name, tie = fields.pop("optimizer", "adamw"), fields.pop("tie", "0") == "1"
+    model_args = ModelArgs(
+        max_seq_len=seq, vocab_size=vocab, tie_embeddings=tie, **{k: int(v) for k, v in fields.items()}
+    )
     device = torch.device("cpu")
     paths = choose_fast_paths(device, batch * seq, vocab, dtype=dtype)
     torch.manual_seed(0)
     model = Transformer(model_args)
     forward = apply_fast_paths(model, paths)
-    optimizer = make_optimizer(model, TrainConfig(max_steps=10, eval_interval=10), paths.fused_adamw)
+    optimizer = make_optimizer(
+        model, TrainConfig(max_steps=10, eval_interval=10, optimizer=optimizer_name), paths.fused_adamw
+    )
     tokens = torch.randint(0, vocab, (batch, seq + 1))
 
     def step() -> None:

@@ -13,8 +13,10 @@ a sweep. `--shape stories15m` trains llama2.c's 15M shape (dim 288, 6 layers; th
 the corpus's). Every other flag after `--` goes to train.py unchanged (`-- --batch-size 8 --max-seq-len 128`).
 
 `report` prints, per shape, optimizer and learning rate, the final validation bits per byte (mean and
-standard deviation over seeds) and the training seconds per step, and draws bits per byte against step and
-against seconds, each optimizer at its best learning rate, one curve per seed.
+standard deviation over seeds) and the training seconds per step; then, per shape, each optimizer at its best
+learning rate at every evaluation (bits per byte, training seconds, Muon minus AdamW paired by seed); and
+draws bits per byte against step and against seconds, each optimizer at its best learning rate, one curve
+per seed, one row of panels per shape.
 
 The wall time of a run is its training time, summed from metrics.jsonl's windows (tokens / tokens per
 second, evaluations excluded). On a shared machine it is noisy: compare optimizers by steps first.
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama_mini.console import ArgumentParser  # noqa: E402
+from llama_mini.train.config import read_run_config  # noqa: E402
 
 SHAPES = {"default": [], "stories15m": ["--preset", "stories15m"]}
 
@@ -96,6 +99,7 @@ def curve(folder: Path) -> list[tuple[int, float, float]]:
 
 
 def collect(out: Path) -> dict[tuple[str, str, float], dict[int, list]]:
+    """The finished runs' curves, by (shape, optimizer, learning rate) and seed."""
     runs: dict[tuple[str, str, float], dict[int, list]] = defaultdict(dict)
     for folder in sorted(out.iterdir()):
         parts = folder.name.split("-")
@@ -103,21 +107,18 @@ def collect(out: Path) -> dict[tuple[str, str, float], dict[int, list]]:
             continue
         shape, optimizer, lr, seed = "-".join(parts[:-3]), parts[-3], float(parts[-2][2:]), int(parts[-1][1:])
         points = curve(folder)
-        if points:
-            runs[(shape, optimizer, lr)][seed] = points
+        if points and points[-1][0] == read_run_config(folder / "config.toml")[0]["max_steps"]:
+            runs[(shape, optimizer, lr)][seed] = points  # finished: a run still training is left out
     return runs
 
 
 def report(args: argparse.Namespace) -> None:
     runs = collect(Path(args.out))
-    steps = {max(p[0] for p in points) for seeds in runs.values() for points in seeds.values()}
     print("| shape | optimizer | lr | seeds | final val bits/byte | train s/step |")
     print("|---|---|--:|--:|--:|--:|")
     best: dict[tuple[str, str], tuple[float, float]] = {}
     for (shape, optimizer, lr), seeds in sorted(runs.items()):
-        finals = [points[-1][2] for points in seeds.values() if points[-1][0] == max(steps)]
-        if not finals:
-            continue
+        finals = [points[-1][2] for points in seeds.values()]
         per_step = statistics.mean(points[-1][1] / points[-1][0] for points in seeds.values())
         mean = statistics.mean(finals)
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
@@ -126,8 +127,39 @@ def report(args: argparse.Namespace) -> None:
         )
         if (shape, optimizer) not in best or mean < best[(shape, optimizer)][1]:
             best[(shape, optimizer)] = (lr, mean)
+    for shape in sorted({shape for shape, _ in best}):
+        print_by_step(shape, runs, best)
     if args.figure:
         draw(runs, best, Path(args.figure))
+
+
+def print_by_step(shape: str, runs: dict, best: dict) -> None:
+    """Each optimizer at its best learning rate, at every evaluation: validation bits per byte and training
+    seconds (means over seeds), and Muon minus AdamW paired by seed (a seed fixes the initial weights and
+    the batches, whichever the optimizer)."""
+    if (shape, "adamw") not in best or (shape, "muon") not in best:
+        return
+    (adamw_lr, _), (muon_lr, _) = best[(shape, "adamw")], best[(shape, "muon")]
+    adamw, muon = runs[(shape, "adamw", adamw_lr)], runs[(shape, "muon", muon_lr)]
+    seeds = sorted(set(adamw) & set(muon))
+    print(f"\n{shape} shape, each optimizer at its best learning rate, means over seeds {seeds}:\n")
+    print(f"| step | adamw {adamw_lr:g}: bits/byte | s | muon {muon_lr:g}: bits/byte | s | muon - adamw |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    evaluations = min(min(len(adamw[seed]), len(muon[seed])) for seed in seeds)
+    for index in range(evaluations):
+        at_adamw = [adamw[seed][index] for seed in seeds]
+        at_muon = [muon[seed][index] for seed in seeds]
+        gaps = [m[2] - a[2] for a, m in zip(at_adamw, at_muon, strict=True)]
+        spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        columns = [
+            str(at_adamw[0][0]),
+            f"{statistics.mean(p[2] for p in at_adamw):.4f}",
+            f"{statistics.mean(p[1] for p in at_adamw):.0f}",
+            f"{statistics.mean(p[2] for p in at_muon):.4f}",
+            f"{statistics.mean(p[1] for p in at_muon):.0f}",
+            f"{statistics.mean(gaps):+.4f} ± {spread:.4f}",
+        ]
+        print("| " + " | ".join(columns) + " |")
 
 
 def draw(runs: dict, best: dict, path: Path) -> None:

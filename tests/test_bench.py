@@ -260,6 +260,12 @@ def test_optimizer_sweep_and_demo_speedrun_run_and_report(tmp_path):
                             check=True, capture_output=True, text=True)  # fmt: skip
     rows = [line for line in report.stdout.splitlines() if line.startswith("| default |")]
     assert [row.split(" | ")[1:3] for row in rows] == [["adamw", "0.002"], ["muon", "0.01"]]
+    # the by-step table: the last evaluation's bits per byte are the first table's, their gap Muon's minus AdamW's
+    finals = [float(row.split(" | ")[4].split(" ± ")[0]) for row in rows]
+    assert "| step | adamw 0.002: bits/byte | s | muon 0.01: bits/byte | s | muon - adamw |" in report.stdout
+    last = next(line for line in report.stdout.splitlines() if line.startswith("| 4 |")).split(" | ")
+    assert [float(last[1]), float(last[3])] == finals
+    assert float(last[5].split(" ± ")[0]) == pytest.approx(finals[1] - finals[0], abs=2e-4)
     assert figure.read_bytes().startswith(b"\x89PNG")
     speedrun = [sys.executable, "bench/demo_speedrun.py", "--seeds", "0", "--baseline-steps", "4",
                 "--out", str(tmp_path / "speed"), "--candidate", "muon=--optimizer muon --max-steps 2",
@@ -273,8 +279,12 @@ def test_optimizer_sweep_and_demo_speedrun_run_and_report(tmp_path):
 def test_demo_step_cost_times_every_variant_against_the_first(capsys):
     """bench/demo_step_cost.py at a tiny size: one row per variant, the first at ratio 1."""
     tiny = "dim:32,n_layers:1,n_heads:2,multiple_of:16,vocab:128,seq:16,batch:2"
-    demo_step_cost.main(["--rounds", "1", "--variants", f"a={tiny}", f"b={tiny},dtype:bf16"])
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| a |")
-            or line.startswith("| b |")]  # fmt: skip
-    assert [row[0] for row in rows] == ["| a", "| b"] and rows[0][3] == "1.000 |"
-    assert float(rows[1][3].rstrip(" |")) > 0
+    demo_step_cost.main(["--rounds", "1", "--variants", f"a={tiny}", f"b={tiny},dtype:bf16",
+                         f"c={tiny},optimizer:muon,tie:1"])  # fmt: skip
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line[:4] in ("| a ", "| b ", "| c ")
+    ]
+    assert [row[0] for row in rows] == ["| a", "| b", "| c"] and rows[0][3] == "1.000 |"
+    assert float(rows[1][3].rstrip(" |")) > 0 and float(rows[2][3].rstrip(" |")) > 0
