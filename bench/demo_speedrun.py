@@ -4,12 +4,14 @@
     python bench/demo_speedrun.py --seeds 0 --baseline-steps 200 --out runs/speedrun_small \\
         --candidate muon-half="--optimizer muon --muon-lr 0.01 --max-steps 100" -- --batch-size 8
 
-For each seed, the baseline (train.py's defaults: AdamW, warmup then cosine, --baseline-steps steps) and
-every candidate (NAME="train.py flags") are trained one after the other, so the load of the machine hits
-them alike. A candidate's result is its final validation bits per byte against the baseline's, and its
-training time (metrics.jsonl's windows, evaluations excluded) and whole wall time against the baseline's,
-as ratios. The target of issue 28: the baseline's bits per byte in at most half its time. Flags after `--`
-go to every run (a smaller --batch-size or --max-seq-len for a quick check).
+For each seed, the baseline (`make demo`'s settings before issue 28 changed train.py's defaults, BASELINE:
+float32, not compiled, AdamW at 2e-3 with 50 warmup steps and a cosine to 2e-4, weight decay 0.1,
+--baseline-steps steps) and every candidate (NAME="train.py flags"; by default train.py's own defaults,
+today's `make demo`) are trained one after the other, so the load of the machine hits them alike. A
+candidate's result is its final validation bits per byte against the baseline's, and its training time
+(metrics.jsonl's windows, evaluations excluded) and whole wall time against the baseline's, as ratios. The
+target of issue 28: the baseline's bits per byte in at most half its time. Flags after `--` go to every run
+(a smaller --batch-size or --max-seq-len for a quick check).
 """
 
 from __future__ import annotations
@@ -29,13 +31,10 @@ sys.path.insert(0, str(REPO))
 from bench.optimizer_sweep import curve  # noqa: E402
 from llama_mini.console import ArgumentParser  # noqa: E402
 
-# The candidates of docs/BENCHMARKS.md ("`make demo` in half the time, second try"): the best found by
-# steps there (bf16 autocast, peak 4e-3 decaying to about 0, 20 warmup steps) at the 450 steps measured and
-# at the 570 estimated to reach the baseline.
-DEFAULT_CANDIDATES = {
-    "bf16-lr4e-3-450": "--dtype bf16 --lr 4e-3 --min-lr 4e-5 --warmup-steps 20 --max-steps 450",
-    "bf16-lr4e-3-570": "--dtype bf16 --lr 4e-3 --min-lr 4e-5 --warmup-steps 20 --max-steps 570",
-}
+# `make demo` before issue 28 changed train.py's defaults (--max-steps is --baseline-steps).
+BASELINE = "--dtype fp32 --no-compile --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --weight-decay 0.1"
+# train.py's defaults: today's `make demo`.
+DEFAULT_CANDIDATES = {"defaults": ""}
 
 
 def train(folder: Path, flags: list[str], shared: list[str]) -> float:
@@ -70,7 +69,7 @@ def main() -> None:
         tokenizer = out / "tokenizer.model"
         if tokenizer.exists():
             shared += ["--tokenizer", str(tokenizer)]
-        runs = {"baseline": ["--max-steps", str(args.baseline_steps)]}
+        runs = {"baseline": [*shlex.split(BASELINE), "--max-steps", str(args.baseline_steps)]}
         runs.update({name: shlex.split(flags) for name, flags in candidates.items()})
         for name, flags in runs.items():
             folder = out / f"{name}-s{seed}"

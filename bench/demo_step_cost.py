@@ -2,14 +2,18 @@
 
     python bench/demo_step_cost.py              # fp32 / bf16 autocast, vocab 4096 / 2048, context 128
     python bench/demo_step_cost.py --rounds 8 --threads 2
+    python bench/demo_step_cost.py --variants demo=dtype:fp32 bf16=dtype:bf16 compiled=dtype:bf16,compile:1
 
 Each variant is a full training step as train.py takes it (forward, chunked loss, backward, AdamW) on the
 demo's model (dim 192, 4 layers, SwiGLU) with train.py's fast paths for the CPU. The variants are timed
 round-robin, two steps each per round, so a shared machine's load hits them alike; each reports its
-median seconds per step and the ratio to the first variant (today's `make demo`: fp32, vocab 4096,
-16 x 256 tokens). A variant is NAME=KEY:VALUE,...: dtype (fp32 or bf16), vocab, seq, batch, optimizer
-(adamw or muon, as train.py --optimizer), tie (1: tied embeddings), and any other ModelArgs number (dim,
-n_layers, n_heads, multiple_of).
+median seconds per step, the ratio to the first variant (today's `make demo`: fp32, vocab 4096, 16 x 256
+tokens) and the time of its first step (with compile: mostly compiling, from an empty cache when
+TORCHINDUCTOR_CACHE_DIR names an empty folder). A variant is NAME=KEY:VALUE,...: dtype (fp32 or bf16),
+vocab, seq, batch, optimizer (adamw or muon, as train.py --optimizer), tie (1: tied embeddings), attention
+(train.py's --attention: auto, flash or math), compile (0 or 1: train.py's --compile, each block
+compiled), chunk (--loss-chunk-size; none = the default), and any other ModelArgs number (dim, n_layers,
+n_heads, multiple_of).
 
     python bench/demo_step_cost.py --threads 1 --variants adamw=seq:128,batch:8 \
         muon=seq:128,batch:8,optimizer:muon   # a Muon step against an AdamW one (bench/optimizer_sweep.py)
@@ -49,11 +53,15 @@ def make_step(spec: str):
     seq, batch = int(fields.pop("seq", 256)), int(fields.pop("batch", 16))
     vocab = int(fields.pop("vocab", 4096))
     optimizer_name, tie = fields.pop("optimizer", "adamw"), fields.pop("tie", "0") == "1"
+    attention, compile = fields.pop("attention", "auto"), bool(int(fields.pop("compile", 0)))
+    chunk = int(fields.pop("chunk")) if "chunk" in fields else None
     model_args = ModelArgs(
         max_seq_len=seq, vocab_size=vocab, tie_embeddings=tie, **{k: int(v) for k, v in fields.items()}
     )
     device = torch.device("cpu")
-    paths = choose_fast_paths(device, batch * seq, vocab, dtype=dtype)
+    paths = choose_fast_paths(
+        device, batch * seq, vocab, dtype=dtype, compile=compile, attention=attention, loss_chunk_size=chunk
+    )
     torch.manual_seed(0)
     model = Transformer(model_args)
     forward = apply_fast_paths(model, paths)
@@ -84,20 +92,25 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.variants:
         name, spec = item.split("=", 1)
         step, tokens = make_step(spec)
-        step(), step()  # warm-up: allocations, oneDNN's kernel choice
-        variants[name] = (step, tokens, [])
+        started = time.perf_counter()
+        step()  # warm-up: allocations, oneDNN's kernel choice, compiling
+        first = time.perf_counter() - started
+        step()
+        variants[name] = (step, tokens, [], first)
     for _ in range(args.rounds):
-        for step, _tokens, times in variants.values():
+        for step, _tokens, times, _first in variants.values():
             started = time.perf_counter()
             step(), step()
             times.append((time.perf_counter() - started) / 2)
     base = statistics.median(next(iter(variants.values()))[2])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print("| variant | ms/step | tokens/s | time / first |")
-    print("|---|--:|--:|--:|")
-    for name, (_step, tokens, times) in variants.items():
+    print("| variant | first step s | ms/step | tokens/s | time / first |")
+    print("|---|--:|--:|--:|--:|")
+    for name, (_step, tokens, times, first) in variants.items():
         median = statistics.median(times)
-        print(f"| {name} | {1000 * median:.0f} | {tokens / median:,.0f} | {median / base:.3f} |")
+        print(
+            f"| {name} | {first:.1f} | {1000 * median:.0f} | {tokens / median:,.0f} | {median / base:.3f} |"
+        )
 
 
 if __name__ == "__main__":

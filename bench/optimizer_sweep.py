@@ -11,6 +11,8 @@ OUT/SHAPE-OPTIMIZER-lrLR-sSEED, all runs on one tokenizer and one set of prepare
 a finished run (its metrics end with the last step's evaluation) is skipped, so the same command resumes
 a sweep. `--shape stories15m` trains llama2.c's 15M shape (dim 288, 6 layers; the tokenizer still
 the corpus's). Every other flag after `--` goes to train.py unchanged (`-- --batch-size 8 --max-seq-len 128`).
+The runs keep the settings the sweep in docs/BENCHMARKS.md was made with (SWEEP_SETTINGS: float32, weight
+decay 0.1, the schedule decaying to lr / 10, AdamW at 2e-3 beside Muon), not train.py's later defaults.
 
 `report` prints, per shape, optimizer and learning rate, the final validation bits per byte (mean and
 standard deviation over seeds) and the training seconds per step; then, per shape, each optimizer at its best
@@ -38,6 +40,10 @@ sys.path.insert(0, str(REPO))
 
 from llama_mini.console import ArgumentParser  # noqa: E402
 from llama_mini.train.config import read_run_config  # noqa: E402
+
+# train.py's defaults when the sweep was made (issue 28 changed them for `make demo` afterwards)
+SWEEP_SETTINGS = ["--dtype", "fp32", "--weight-decay", "0.1"]
+MUON_RUNS_ADAMW_LR = 2e-3  # the embeddings', norms' and output layer's, beside Muon
 
 SHAPES = {"default": [], "stories15m": ["--preset", "stories15m"]}
 
@@ -67,10 +73,13 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> None:
         folder = out / run_name(args.shape, optimizer, lr, seed)
         if finished(folder, args.max_steps):
             continue
-        lr_flags = ["--lr", str(lr)] if optimizer == "adamw" else ["--muon-lr", str(lr)]
+        adamw_lr = lr if optimizer == "adamw" else MUON_RUNS_ADAMW_LR
+        lr_flags = ["--lr", str(adamw_lr), "--min-lr", f"{adamw_lr / 10:g}"]
+        lr_flags += ["--muon-lr", str(lr)] if optimizer == "muon" else []
         shared = ["--tokenizer", str(tokenizer)] if tokenizer.exists() else []
         command = [
             sys.executable, "train.py", "--out", str(folder), "--optimizer", optimizer, *lr_flags,
+            *SWEEP_SETTINGS,
             "--seed", str(seed), "--max-steps", str(args.max_steps),
             "--eval-interval", str(args.eval_interval), "--data-dir", str(out / "data"),
             "--sample-tokens", "0", "--keep-last", "1",

@@ -3,7 +3,8 @@
 Training and generation both resolve `--device` and `--dtype` here, with one rule each:
 
     device auto   cuda, then mps, then cpu; under torchrun each process takes the GPU of its local rank
-    dtype auto    bf16 on a CUDA GPU that supports it, fp16 on an older CUDA GPU, fp32 on CPU and MPS
+    dtype auto    bf16 on a CUDA GPU that supports it, fp16 on an older CUDA GPU, fp32 on CPU and MPS;
+                  training on a CPU with bfloat16 matrix units (AMX) also takes bf16
 
 In training the dtype is the autocast dtype (the weights stay float32, `autocast`); in generation it is the
 dtype the weights are loaded in. The two settings are declared once (`device_setting`, `dtype_setting`)
@@ -33,6 +34,7 @@ __all__ = [
     "DtypeName",
     "autocast",
     "clock",
+    "cpu_has_bf16_matrix_units",
     "device_setting",
     "dtype_setting",
     "peak_flops",
@@ -69,8 +71,9 @@ def dtype_setting() -> Any:
     """The --dtype setting, as every command declares it."""
     return setting(
         "auto",
-        "auto (bf16 on GPUs that support it, fp16 on older CUDA GPUs, fp32 on CPU and MPS), fp32, bf16 or "
-        "fp16; training computes in it under autocast, generation loads the weights in it",
+        "auto (bf16 on GPUs that support it, fp16 on older CUDA GPUs, fp32 on CPU and MPS, but bf16 for "
+        "training on a CPU with AMX), fp32, bf16 or fp16; training computes in it under autocast, generation "
+        "loads the weights in it",
     )
 
 
@@ -107,15 +110,28 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the GPU supports it, fp16 on older CUDA GPUs, fp32 on CPU and MPS; or the named one."""
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older CUDA GPUs, fp32 on CPU and MPS, except bf16 for
+    `training` on a CPU with bfloat16 matrix units; or the named one."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if training and device.type == "cpu" and cpu_has_bf16_matrix_units():
+            return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
         raise ConfigError(f"unknown --dtype {name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on a CPU with AMX tiles (Intel Xeon from Sapphire Rapids on), whose bfloat16 matrix units make a
+    bf16-autocast training step faster than a float32 one: 0.70 of its time on the demo's model
+    (docs/BENCHMARKS.md, "`make demo` in half the time"). Elsewhere bf16 is not measured faster on a CPU,
+    so training keeps float32 there; generation keeps float32 weights on every CPU (its measured fast paths
+    are float32 and int8)."""
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3; absent means unknown
+    return bool(supported is not None and supported())
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

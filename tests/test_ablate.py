@@ -115,6 +115,7 @@ def test_every_run_is_train_config_and_model_args_with_only_the_ablations_defaul
     run = config.train_config(2, Path("runs/x"))
     ablation_values = dict(
         vocab_size=2048, split_seed=0, max_steps=200, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+        weight_decay=0.1, dtype="fp32",
         eval_steps=40, seed=2, out="runs/x", eval_interval=200, log_interval=10, keep_last=1, sample_tokens=0,
     )  # fmt: skip
     declared = TrainConfig()

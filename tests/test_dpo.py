@@ -449,7 +449,7 @@ def test_a_dpo_run_under_two_processes_equals_one_process(hf_chat_model, tmp_pat
 
     folder, records = hf_chat_model
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
-    flags = ["--init-from", str(folder), "--data", data, "--dpo", *lora, "--device", "cpu",
+    flags = ["--init-from", str(folder), "--data", data, "--dpo", *lora, "--device", "cpu", "--dtype", "fp32",
              "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dpo-beta", "0.5", "--eval-interval", "3",
              "--eval-steps", "2", "--log-interval", "1", "--sample-tokens", "0", "--max-seq-len", "32"]  # fmt: skip
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]

@@ -76,6 +76,7 @@ def tiny_run(tmp_path_factory):
         log_interval=1,
         sample_tokens=0,
         device="cpu",
+        dtype="fp32",  # as llama-mini eval computes (auto would train in bf16 on a CPU with AMX)
     )
     model = dict(dim=32, n_layers=2, n_heads=2, multiple_of=16, max_seq_len=context)
     Trainer(config, model, show_progress=False).run()

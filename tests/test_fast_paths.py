@@ -6,13 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 from test_training import TINY_MODEL, make_config, synthetic_corpus
+from torch._dynamo.utils import counters
 
 import train as train_cli
+from llama_mini import runtime
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.ffn import GEGLU, FeedForward
 from llama_mini.model.transformer import Transformer
+from llama_mini.ops import fast_paths
 from llama_mini.ops.fast_paths import (
+    CPU_COMPILE_MIN_STEPS,
     LOSS_CHUNK_SIZE,
     FastPaths,
     FusedSwiGLU,
@@ -22,6 +26,7 @@ from llama_mini.ops.fast_paths import (
     use_swiglu_kernel,
 )
 from llama_mini.ops.loss import NextTokenLoss
+from llama_mini.runtime import resolve_dtype
 from llama_mini.tokenizer import train_tokenizer
 from llama_mini.train import METRICS, TrainConfig, Trainer, make_optimizer
 
@@ -80,6 +85,30 @@ def test_cpu_defaults_are_the_plain_paths_except_where_measured_faster():
     assert paths.compile is False and paths.fused_adamw is False
     assert paths.attention == "auto" and paths.swiglu_kernel == "eager"
     assert paths.loss_chunk_size in (0, LOSS_CHUNK_SIZE)
+
+
+def test_cpu_compiles_by_default_only_long_bf16_runs_where_a_compiler_is_installed(monkeypatch):
+    """bf16 autocast on a CPU (AMX's default) compiles from CPU_COMPILE_MIN_STEPS steps, where the first
+    step's compilation is won back; float32 (3% faster compiled), short runs and no C++ compiler do not."""
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(fast_paths, "cpp_compiler_available", lambda: True)
+    assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=CPU_COMPILE_MIN_STEPS).compile is True
+    assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=CPU_COMPILE_MIN_STEPS - 1).compile is False
+    assert choose_fast_paths(CPU, 4096, 4096, steps=10 * CPU_COMPILE_MIN_STEPS).compile is False
+    assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, compile=False, steps=10**6).compile is False
+    assert choose_fast_paths(CPU, 4096, 4096, compile=True).compile is True  # asked: always
+    monkeypatch.setattr(fast_paths, "cpp_compiler_available", lambda: False)
+    assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=10**6).compile is False
+
+
+def test_training_takes_bf16_on_a_cpu_with_amx_and_generation_keeps_float32(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx in (True, False):
+        monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_units", lambda amx=amx: amx)
+        assert resolve_dtype("auto", cpu, training=True) == (torch.bfloat16 if amx else torch.float32)
+        assert resolve_dtype("auto", cpu) == torch.float32
+        assert resolve_dtype("fp32", cpu, training=True) == torch.float32  # asked: kept
+    assert resolve_dtype("auto", torch.device("mps"), training=True) == torch.float32
 
 
 def test_cuda_defaults_turn_on_compile_and_the_fused_optimizer():
@@ -147,9 +176,33 @@ def test_apply_fast_paths_wraps_the_model_in_its_loss_and_compiles_only_when_ask
     loss = apply_fast_paths(model, paths)  # compile is off on a CPU by default
     assert type(loss) is NextTokenLoss and loss.model is model and loss.chunk_size == 8
     assert all(layer.feed_forward.kernel == "compiled" for layer in model.layers)
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
     compiled = apply_fast_paths(model, choose_fast_paths(CPU, 16, 97, compile=True))
-    assert type(compiled._orig_mod) is NextTokenLoss and compiled._orig_mod.model is model
-    assert compiled._orig_mod.chunk_size == 0 and type(model.layers[0].feed_forward) is FeedForward
+    assert type(compiled) is NextTokenLoss and compiled.model is model and compiled.chunk_size == 0
+    assert type(model.layers[0].feed_forward) is FeedForward
+    assert all(layer._compiled_call_impl is not None for layer in model.layers)  # each block, in place
+
+
+@pytest.mark.slow
+def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
+    """--compile compiles block by block (compile_blocks): one graph serves every layer, and the loss and
+    gradients are the eager model's."""
+    plain, fast = tiny_model(), tiny_model()
+    paths = FastPaths(compile=True, fused_adamw=False, attention="auto", swiglu_kernel="eager",
+                      loss_chunk_size=24)  # fmt: skip
+    tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(4))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    torch._dynamo.reset()
+    counters.clear()
+    loss_module = apply_fast_paths(fast, paths)
+    loss = loss_module(x, y)
+    loss.backward()
+    expected = NextTokenLoss(plain)(x, y)
+    expected.backward()
+    assert TINY_MODEL["n_layers"] > 1 and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for (name, reference), param in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():

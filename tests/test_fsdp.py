@@ -58,6 +58,7 @@ RELATIVE = 1e-5  # one process against two: see the module docstring
 TRAIN = dict(
     device="cpu", batch_size=4, grad_accum=2, max_steps=12, eval_interval=3, eval_steps=2, log_interval=1,
     warmup_steps=2, keep_last=5, sample_tokens=0, lr=3e-3, min_lr=3e-4,
+    dtype="fp32",  # auto is bf16 on a CPU with AMX: processes and one process compare in float32 everywhere
 )  # fmt: skip
 MODEL = dict(dim=32, n_layers=2, n_heads=2, max_seq_len=32, multiple_of=16)
 

@@ -18,7 +18,13 @@ from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.train import TrainConfig, Trainer
-from llama_mini.train.config import FINE_TUNING_LR, FINE_TUNING_WARMUP, FROM_SCRATCH_LR, LORA_LR
+from llama_mini.train.config import (
+    FINE_TUNING_LR,
+    FINE_TUNING_WARMUP,
+    FINE_TUNING_WEIGHT_DECAY,
+    FROM_SCRATCH_LR,
+    LORA_LR,
+)
 from llama_mini.train.run_folder import METRICS
 
 transformers = pytest.importorskip("transformers")
@@ -215,11 +221,12 @@ def test_the_corpus_is_prepared_with_the_checkpoints_tokenizer(hf_llama, fine_tu
     assert manifest["tokenizer_sha256"] == Tokenizer(hf_llama).sha256  # the data record which tokenizer
 
 
-def test_fine_tuning_defaults_are_a_lower_peak_and_a_short_warmup():
+def test_fine_tuning_defaults_are_a_lower_peak_a_short_warmup_and_less_weight_decay():
     scratch, full, lora = TrainConfig(), TrainConfig(init_from="m"), TrainConfig(init_from="m", lora_rank=4)
     assert (scratch.lr, full.lr, lora.lr) == (FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR)
     assert full.warmup_steps == lora.warmup_steps == FINE_TUNING_WARMUP < scratch.warmup_steps
-    assert full.min_lr == pytest.approx(full.lr / 10)
+    assert full.min_lr == pytest.approx(full.lr / 10) and scratch.min_lr == pytest.approx(scratch.lr / 100)
+    assert full.weight_decay == lora.weight_decay == FINE_TUNING_WEIGHT_DECAY < scratch.weight_decay
     assert TrainConfig(init_from="m", lr=1e-2, warmup_steps=3).lr == 1e-2  # given values win
 
 

@@ -21,7 +21,13 @@ from llama_mini.tokenizer import Tokenizer, train_tokenizer
 from llama_mini.train import build as build_module
 from llama_mini.train import run_folder as run_folder_module
 from llama_mini.train import trainer as trainer_module
-from llama_mini.train.config import TrainConfig, read_run_config, write_run_config
+from llama_mini.train.config import (
+    FINE_TUNING_WEIGHT_DECAY,
+    FROM_SCRATCH_WARMUP,
+    TrainConfig,
+    read_run_config,
+    write_run_config,
+)
 from llama_mini.train.run_folder import write_failure
 
 if sys.version_info >= (3, 11):
@@ -54,13 +60,14 @@ def test_config_toml_follows_a_resume_that_changes_max_steps(corpus_dir, tokeniz
 
 
 def test_a_derived_value_is_derived_again_from_a_changed_input(corpus_dir, tokenizer_path, tmp_path, capsys):
-    """min_lr defaults to lr / 10: rerunning a run's config.toml with another --lr gives that lr / 10, as a
-    fresh run with that --lr does, not the first run's min_lr frozen as if the user had set it."""
+    """min_lr defaults to lr / 100 from scratch: rerunning a run's config.toml with another --lr gives that
+    lr / 100, as a fresh run with that --lr does, not the first run's min_lr frozen as if the user had set
+    it."""
     first = tmp_path / "first"
     flags = cli_flags(corpus_dir, tokenizer_path, out=first, max_steps=1)
     assert run_cli(flags, capsys)[0] == 0
     text = (first / "config.toml").read_text()
-    assert "# min_lr = 0.0002  (derived)" in text and "# lr = 0.002  (derived)" in text
+    assert "# min_lr = 4e-05  (derived)" in text and "# lr = 0.004  (derived)" in text
     assert "min_lr" not in saved_train_config(first)  # a comment: read back, it is derived again
 
     again = tmp_path / "again"
@@ -68,21 +75,22 @@ def test_a_derived_value_is_derived_again_from_a_changed_input(corpus_dir, token
     assert code == 0, err
     state = json.loads((again / "step-0000001" / "trainer_state.json").read_text())
     assert state["train_config"]["lr"] == 1e-3 and state["train_config"]["min_lr"] is None  # derived
-    assert "# min_lr = 0.0001  (derived)" in (again / "config.toml").read_text()
+    assert "# min_lr = 1e-05  (derived)" in (again / "config.toml").read_text()
     assert saved_train_config(again)["lr"] == 1e-3
 
 
 def test_to_dict_and_replace_keep_derived_values_derived():
     config = TrainConfig(lr=1e-3)
-    assert (config.min_lr, config.derived) == (1e-4, ("min_lr", "warmup_steps"))
+    assert (config.min_lr, config.derived) == (1e-5, ("min_lr", "weight_decay", "warmup_steps"))
     assert config.to_dict()["min_lr"] is None and config.to_dict()["lr"] == 1e-3
-    assert config.replace(lr=4e-3).min_lr == 4e-4  # dataclasses.replace would keep 1e-4
-    assert TrainConfig(lr=1e-3, min_lr=1e-4).derived == ("warmup_steps",)  # set by the user: kept
+    assert config.replace(lr=4e-3).min_lr == 4e-5  # dataclasses.replace would keep 1e-5
+    assert config.replace(init_from="m").weight_decay == FINE_TUNING_WEIGHT_DECAY  # derived again
+    assert TrainConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.0).derived == ("warmup_steps",)  # set: kept
 
 
 def test_a_default_warmup_is_at_most_a_tenth_of_the_run():
     assert TrainConfig(max_steps=20).warmup_steps == 2  # the README's 20-step run leaves its warmup
-    assert TrainConfig(max_steps=600).warmup_steps == 50
+    assert TrainConfig(max_steps=600).warmup_steps == FROM_SCRATCH_WARMUP == 20
     assert TrainConfig(max_steps=20, warmup_steps=15).warmup_steps == 15  # a chosen warmup is kept
     assert TrainConfig(max_steps=40, init_from="m").warmup_steps == 4
 

@@ -84,6 +84,7 @@ def make_config(corpus_dir, tokenizer_path, out, **overrides) -> TrainConfig:
         log_interval=1,
         sample_tokens=0,
         device="cpu",
+        dtype="fp32",  # auto is bf16 on a CPU with AMX: the tests' numbers are float32's on every CPU
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -327,8 +328,8 @@ def run_cli(args, capsys):
 def cli_flags(corpus_dir, tokenizer_path, **settings) -> list[str]:
     """train.py flags for a tiny run on the test corpus; `settings` (underscores for dashes) override them."""
     flags = dict(
-        data=corpus_dir, tokenizer=tokenizer_path, device="cpu", batch_size=2, eval_steps=1, sample_tokens=0,
-        dim=32, n_layers=1, n_heads=2, max_seq_len=16, multiple_of=16,
+        data=corpus_dir, tokenizer=tokenizer_path, device="cpu", dtype="fp32", batch_size=2, eval_steps=1,
+        sample_tokens=0, dim=32, n_layers=1, n_heads=2, max_seq_len=16, multiple_of=16,
     )  # fmt: skip
     flags.update(settings)
     return [item for name, value in flags.items() for item in ("--" + name.replace("_", "-"), str(value))]

@@ -5,7 +5,7 @@ one equal to its plain path (GPU-only paths skip without a GPU). Each is a Train
 train.py flag, so any one can be switched off to compare or to work around a problem:
 
     fast path                          setting (flag)                       plain path
-    torch.compile of model + loss      compile (--no-compile)               eager PyTorch
+    torch.compile of each block        compile (--no-compile)               eager PyTorch
     AdamW's fused kernel               fused_adamw (--no-fused-adamw)       AdamW's for-each kernels
     SDPA's flash / memory-efficient    attention (--attention math)         the math kernel: softmax(QK^T)V
       / cuDNN attention kernels
@@ -16,8 +16,8 @@ The defaults ("auto", or None for the on/off ones) follow what docs/BENCHMARKS.m
 of device; `choose_fast_paths` is the one place that turns them into concrete choices, and
 `apply_fast_paths` the one place that applies them: it swaps each SwiGLU feed-forward for `FusedSwiGLU`
 (same weights, the fused kernel for silu(gate) * value), wraps the model in the training loss
-(`NextTokenLoss`, plain or chunked) and compiles the two together. The model's own code (model.py, ffn.py)
-never changes. Decoding has its own fast path, the compiled static-shape step with CUDA graphs
+(`NextTokenLoss`, plain or chunked) and compiles each transformer block. The model's own code (model.py,
+ffn.py) never changes. Decoding has its own fast path, the compiled static-shape step with CUDA graphs
 (generate.py --compile, see llama_mini.generation).
 """
 
@@ -33,6 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama_mini.errors import ConfigError
 from llama_mini.model.ffn import FeedForward
+from llama_mini.model.transformer import TransformerBlock
+from llama_mini.ops.aot_step import cpp_compiler_available
 from llama_mini.ops.kernels import SWIGLU_KERNELS, best_swiglu_kernel, check_triton_kernel, swiglu
 from llama_mini.ops.loss import NextTokenLoss, chunked_loss_pays
 
@@ -44,6 +46,11 @@ ATTENTION_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention, recent NVIDIA GPUs
     "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
 }
+# --compile's default on a CPU: on for bf16 autocast (training on a CPU with AMX, runtime.resolve_dtype) in
+# runs of at least this many steps. Compiling the blocks costs about 30 s once per model shape and machine
+# (then inductor's cache has it) and saves about a third of each bf16 step on such a CPU; in float32, where
+# the matrix products dominate a step, it saved 3% (docs/BENCHMARKS.md).
+CPU_COMPILE_MIN_STEPS = 300
 # tokens per chunk when the chunked loss is chosen: the fastest on a CPU (bench/loss.py, docs/BENCHMARKS.md)
 LOSS_CHUNK_SIZE = 1024
 
@@ -78,11 +85,14 @@ def choose_fast_paths(
     attention: str = "auto",
     swiglu_kernel: str = "auto",
     loss_chunk_size: int | None = None,
+    steps: int = 0,
 ) -> FastPaths:
-    """Settle every "auto" (None) setting for `device`; explicit settings are kept as given.
+    """Settle every "auto" (None) setting for `device` and a run of `steps` steps; explicit settings are
+    kept as given.
 
-    - compile: on for CUDA. On a CPU compiling the model and loss makes a step faster but the first step
-      waits tens of seconds for the C++ compiler (which must be installed), so it is opt-in there.
+    - compile: on for CUDA. On a CPU, on for bf16 autocast in runs of CPU_COMPILE_MIN_STEPS steps or more
+      where inductor finds a C++ compiler: the first step waits tens of seconds for it, which a shorter run
+      would not win back.
     - fused_adamw: on for CUDA, where it is one launch for all parameters instead of several per tensor.
     - attention: PyTorch's own choice, which prefers flash, then memory-efficient, then math.
     - swiglu_kernel: `best_swiglu_kernel(device)`.
@@ -101,8 +111,15 @@ def choose_fast_paths(
     if loss_chunk_size is None:
         pays = dtype != torch.float16 and chunked_loss_pays(tokens_per_micro_batch, vocab_size)
         loss_chunk_size = LOSS_CHUNK_SIZE if pays else 0
+    if compile is None:
+        compile = device.type == "cuda" or (
+            device.type == "cpu"
+            and dtype == torch.bfloat16
+            and steps >= CPU_COMPILE_MIN_STEPS
+            and cpp_compiler_available()
+        )
     return FastPaths(
-        compile=device.type == "cuda" if compile is None else compile,
+        compile=compile,
         fused_adamw=device.type == "cuda" if fused_adamw is None else fused_adamw,
         attention=attention,
         swiglu_kernel=swiglu_kernel,
@@ -146,13 +163,31 @@ def apply_fast_paths(
 
     SwiGLU feed-forwards get `paths.swiglu_kernel` (in place: `model` keeps its weights and stays the one to
     save and to load state into), the loss is `NextTokenLoss(model, paths.loss_chunk_size)`, compiled with
-    the model when `paths.compile`. The optimizer and the attention kernel are chosen where they are used:
-    `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
+    each transformer block compiled when `paths.compile`. The optimizer and the attention kernel are chosen
+    where they are used: `make_optimizer(..., paths.fused_adamw)`, `attention_backend(...)`.
     """
     use_swiglu_kernel(model, paths.swiglu_kernel)
+    if paths.compile:
+        compile_blocks(model)
     # objective: another loss around the model (preference tuning's), in place of NextTokenLoss
-    loss = objective(model) if objective is not None else NextTokenLoss(model, paths.loss_chunk_size)
-    return torch.compile(loss) if paths.compile else loss
+    return objective(model) if objective is not None else NextTokenLoss(model, paths.loss_chunk_size)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every TransformerBlock of `model` in place (each keeps its names and weights); returns
+    how many.
+
+    Compiling block by block rather than the whole model and loss: the blocks are alike, so the compiled
+    code of the first serves the others, and the compiler works on one block's graph instead of all of
+    them. Measured on a 2-core CPU (dim 192, 4 layers, bf16 autocast, an empty compile cache): the first
+    step took 27 s instead of 47 s and the first evaluation 5 s instead of 19 s, and a step afterwards is
+    as fast (465 against 479 ms; docs/BENCHMARKS.md). The embeddings, final norm and loss run eagerly: the
+    chunked loss is matrix products and one pass over each chunk of logits.
+    """
+    blocks = [module for module in model.modules() if isinstance(module, TransformerBlock)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 class FusedSwiGLU(FeedForward):

@@ -15,7 +15,6 @@ line happened to set.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def build_run(
     dist = setup_distributed(config.device)
     run_folder.dist = dist
     device = resolve_device(config.device, dist.local_rank)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, training=True)
     parallel = parallel_mode(config.parallel, dist.world_size)
     try:
         return _build(settings, run_folder, dist, device, dtype, parallel)
@@ -150,6 +149,7 @@ def _build(
         attention=config.attention,
         swiglu_kernel=config.swiglu_kernel,
         loss_chunk_size=config.loss_chunk_size,
+        steps=config.max_steps,
     )
     torch.manual_seed(config.seed)  # the same initial weights on every process, and as one process
     starting_model = StartingModel(settings, model_args, run_folder.out / LORA_BASE, tokenizer, dist)
@@ -309,16 +309,13 @@ def training_module(
     model: Transformer,
     fast_paths: FastPaths,
     activation_checkpointing: bool,
-    compile: bool | None = None,
     objective: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
-    """`model` as training calls it: activation checkpointing if asked, then the fast paths, which wrap it
-    in the loss (NextTokenLoss, or `objective`'s for preference tuning, compiled with the model unless
-    `compile` is False)."""
+    """`model` as training calls it: activation checkpointing if asked, then the fast paths, which compile
+    its blocks if asked and wrap it in the loss (NextTokenLoss, or `objective`'s for preference tuning)."""
     if activation_checkpointing:
         checkpoint_activations(model)
-    paths = fast_paths if compile is None else dataclasses.replace(fast_paths, compile=compile)
-    return apply_fast_paths(model, paths, objective)
+    return apply_fast_paths(model, fast_paths, objective)
 
 
 def build_sharded_model(
@@ -334,7 +331,7 @@ def build_sharded_model(
     builds the whole initial model, on the CPU, exactly as one process would (the same random draws,
     --init-from's weights, or LoRA's base and fresh adapters), and broadcasts it, each process keeping its
     pieces. A resumed full-training run skips that: its checkpoint holds every weight. With --compile,
-    each block is compiled before it is sharded; the loss module is not.
+    each block is compiled (as without FSDP) before it is sharded.
     """
     settings = starting_model.settings
     needs_initial_weights = settings.resume_from is None or settings.lora is not None
@@ -343,13 +340,9 @@ def build_sharded_model(
         initial = starting_model.build(torch.device("cpu")).state_dict()
     model = skeleton(starting_model.model_args, settings.lora)
     loss_module = training_module(
-        model,
-        fast_paths,
-        settings.config.activation_checkpointing,
-        compile=False,
-        objective=preference_objective(settings.config),
+        model, fast_paths, settings.config.activation_checkpointing, preference_objective(settings.config)
     )
-    shard(loss_module, model, device, dist.world_size, dtype, fast_paths.compile)
+    shard(loss_module, model, device, dist.world_size, dtype)
     if needs_initial_weights:
         materialize(loss_module, model, device, initial)
     else:

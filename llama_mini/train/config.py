@@ -22,7 +22,7 @@ from llama_mini.data.mixture import parse_mixture
 from llama_mini.errors import ConfigError
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.presets import PRESETS, PresetName
-from llama_mini.ops.fast_paths import ATTENTION_BACKENDS
+from llama_mini.ops.fast_paths import ATTENTION_BACKENDS, CPU_COMPILE_MIN_STEPS
 from llama_mini.ops.kernels import SWIGLU_KERNELS
 from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
 from llama_mini.ops.preference import PreferenceLossName
@@ -44,10 +44,13 @@ __all__ = [
     "write_run_config",
 ]
 
-# The learning-rate schedule's defaults (TrainConfig._resolve_schedule_defaults), measured in
-# docs/BENCHMARKS.md ("Fine-tuning").
-FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 2e-3, 3e-4, 3e-3
-FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 50, 10
+# The optimizer's and schedule's defaults for each kind of run (TrainConfig._resolve_schedule_defaults),
+# measured in docs/BENCHMARKS.md: from scratch in "`make demo` in half the time", fine-tuning in
+# "Fine-tuning". The schedule decays to min_lr = lr / *_DECAY.
+FROM_SCRATCH_LR, FINE_TUNING_LR, LORA_LR = 4e-3, 3e-4, 3e-3
+FROM_SCRATCH_WARMUP, FINE_TUNING_WARMUP = 20, 10
+FROM_SCRATCH_DECAY, FINE_TUNING_DECAY = 100, 10
+FROM_SCRATCH_WEIGHT_DECAY, FINE_TUNING_WEIGHT_DECAY = 1.0, 0.1
 WARMUP_MAX_SHARE = 10  # a default warmup takes at most max_steps / 10: a short run leaves it and learns
 # Muon's peak learning rate: the best of 0.005, 0.01, 0.02, 0.04 in docs/BENCHMARKS.md ("Optimizers").
 MUON_LR = 0.01
@@ -118,7 +121,7 @@ class TrainConfig:
         "compare every shard's sha256 with the one recorded when it was prepared before training (a full "
         "read; sizes and token ids are always checked)",
     )
-    max_steps: int = setting(600, "optimizer steps to train for")
+    max_steps: int = setting(500, "optimizer steps to train for")
     batch_size: int = setting(16, "sequences per micro-step, shared out over all processes under torchrun")
     grad_accum: int = setting(
         1, "micro-steps per optimizer step (tokens per step = batch size x grad accum x max seq len)"
@@ -129,7 +132,9 @@ class TrainConfig:
         f"{FINE_TUNING_LR:g} ({LORA_LR:g} with --lora-rank)",
     )
     min_lr: float | None = setting(
-        None, "learning rate at the end of the cosine decay; defaults to --lr / 10"
+        None,
+        f"learning rate at the end of the cosine decay; defaults to --lr / {FROM_SCRATCH_DECAY} (--lr / "
+        f"{FINE_TUNING_DECAY} when fine-tuning)",
     )
     warmup_steps: int | None = setting(
         None,
@@ -142,7 +147,11 @@ class TrainConfig:
         "(attention, feed-forward, LoRA's A and B) at --muon-lr, AdamW at --lr on the embeddings, norms "
         "and output layer",
     )
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    weight_decay: float | None = setting(
+        None,
+        f"AdamW weight decay, on matrices only; defaults to {FROM_SCRATCH_WEIGHT_DECAY:g} "
+        f"({FINE_TUNING_WEIGHT_DECAY:g} when fine-tuning with --init-from)",
+    )
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     muon_lr: float = setting(
@@ -187,7 +196,11 @@ class TrainConfig:
     device: str = device_setting()
     dtype: DtypeName = dtype_setting()
     # Fast paths (llama_mini.ops.fast_paths): None / "auto" = the measured default for the device.
-    compile: bool | None = setting(None, "torch.compile the model and its loss (none = on for CUDA only)")
+    compile: bool | None = setting(
+        None,
+        "torch.compile each transformer block (none = on for CUDA, and on a CPU for bf16 runs of "
+        f"{CPU_COMPILE_MIN_STEPS} steps or more where a C++ compiler is installed)",
+    )
     fused_adamw: bool | None = setting(None, "AdamW's fused kernel (none = on for CUDA only)")
     attention: AttentionName = setting(
         "auto", "SDPA kernel: auto (PyTorch chooses), flash, efficient, cudnn, or math (the plain one)"
@@ -304,10 +317,11 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
 
     def _resolve_schedule_defaults(self) -> None:
-        """None (the default) for --lr, --min-lr, --warmup-steps becomes the value for this kind of run:
-        fine-tuning a pretrained model wants smaller, sooner steps than training from scratch, which would
-        undo much of what it learned in the first hundred steps; LoRA's adapters start at zero and take
-        larger ones; a short run keeps its warmup short enough to leave it.
+        """None (the default) for --lr, --min-lr, --warmup-steps, --weight-decay becomes the value for this
+        kind of run: fine-tuning a pretrained model wants smaller, sooner steps than training from scratch,
+        which would undo much of what it learned in the first hundred steps, and a weight decay that pulls
+        its weights towards zero less; LoRA's adapters start at zero and take larger steps; a short run
+        keeps its warmup short enough to leave it.
 
         The names so derived are kept in `derived`: `to_dict()` gives them as None, so a run's record
         (config.toml, its checkpoints) says which values the user chose, and building the settings again
@@ -318,8 +332,12 @@ class TrainConfig:
             self.lr = (LORA_LR if self.lora_rank else FINE_TUNING_LR) if self.init_from else FROM_SCRATCH_LR
             derived.append("lr")
         if self.min_lr is None and isinstance(self.lr, (int, float)):
-            self.min_lr = round(self.lr / 10, 15)  # rounded: 3e-4 / 10 is 2.9999999999999997e-05 in binary
+            decay = FINE_TUNING_DECAY if self.init_from else FROM_SCRATCH_DECAY
+            self.min_lr = round(self.lr / decay, 15)  # rounded: 3e-4 / 10 is 2.9999999999999997e-05 in binary
             derived.append("min_lr")
+        if self.weight_decay is None:
+            self.weight_decay = FINE_TUNING_WEIGHT_DECAY if self.init_from else FROM_SCRATCH_WEIGHT_DECAY
+            derived.append("weight_decay")
         if self.warmup_steps is None:
             warmup = FINE_TUNING_WARMUP if self.init_from else FROM_SCRATCH_WARMUP
             if isinstance(self.max_steps, int):

@@ -146,11 +146,11 @@ def shard(
     device: torch.device,
     world_size: int,
     dtype: torch.dtype,
-    compile_blocks: bool = False,
 ) -> nn.Module:
     """Shard `loss_module` (the training loss around `model`) over the `world_size` processes with FSDP2,
     in place: one unit per TransformerBlock, and the root unit (the loss module with the embeddings, the
-    final norm and the output layer). `compile_blocks`: torch.compile each block first.
+    final norm and the output layer). Blocks compiled in place (`compile_blocks`) stay compiled, with
+    FSDP's hooks outside their graphs.
 
     The model may be on the meta device (`materialize` then allocates and fills the pieces) or real (its
     weights are then cut into pieces where they are). Returns `loss_module`, now an FSDPModule.
@@ -159,8 +159,6 @@ def shard(
     policy = mixed_precision_policy(dtype)
     blocks = [module for module in model.modules() if isinstance(module, TransformerBlock)]
     for block in blocks:
-        if compile_blocks:
-            block.compile()  # in place: the block keeps its names, and FSDP's hooks stay outside the graph
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(loss_module, mesh=mesh, mp_policy=policy)
     return loss_module

@@ -23,8 +23,8 @@ __all__ = ["MODEL_DEFAULTS", "MODEL_SETTINGS", "TRAIN_DEFAULTS", "TRAIN_SETTINGS
 
 # The training and model settings the ablation's command line exposes (every run shares them).
 TRAIN_SETTINGS = ("data", "tokenizer", "vocab_size", "val_fraction", "split_seed", "max_steps", "batch_size",
-                  "lr", "min_lr", "warmup_steps", "eval_steps", "device", "dtype", "compile", "optimizer",
-                  "muon_lr")  # fmt: skip
+                  "lr", "min_lr", "warmup_steps", "weight_decay", "eval_steps", "device", "dtype", "compile",
+                  "optimizer", "muon_lr")  # fmt: skip
 MODEL_SETTINGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "weight_init")
 
 # Where the ablation's defaults differ from TrainConfig's and ModelArgs': a small model and short runs, so
@@ -37,6 +37,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "lr": 2e-3,
     "min_lr": 2e-4,  # given, not derived from --lr: --lr alone leaves it here
     "warmup_steps": 20,
+    "weight_decay": 0.1,  # and float32 (not auto's bf16 on a CPU with AMX): the settings its results had
+    "dtype": "fp32",
     "eval_steps": 40,  # validation batches at the end of each run
 }
 MODEL_DEFAULTS: dict[str, Any] = {"dim": 96, "multiple_of": 32, "max_seq_len": 128}
