@@ -7,13 +7,14 @@
 Each variant is a full training step as train.py takes it (forward, chunked loss, backward, AdamW) on the
 demo's model (dim 192, 4 layers, SwiGLU) with train.py's fast paths for the CPU. The variants are timed
 round-robin, two steps each per round, so a shared machine's load hits them alike; each reports its
-median seconds per step, the ratio to the first variant (today's `make demo`: fp32, vocab 4096, 16 x 256
-tokens) and the time of its first step (with compile: mostly compiling, from an empty cache when
+median seconds per step, the ratio to the first variant (by default `make demo`'s step before issue 28:
+fp32, vocab 4096, 16 x 256 tokens) and the time of its first step (with compile: mostly compiling, from an empty cache when
 TORCHINDUCTOR_CACHE_DIR names an empty folder). A variant is NAME=KEY:VALUE,...: dtype (fp32 or bf16),
 vocab, seq, batch, optimizer (adamw or muon, as train.py --optimizer), tie (1: tied embeddings), attention
-(train.py's --attention: auto, flash or math), compile (0 or 1: train.py's --compile, each block
-compiled), chunk (--loss-chunk-size; none = the default), and any other ModelArgs number (dim, n_layers,
-n_heads, multiple_of).
+(train.py's --attention: auto, flash or math), compile (0; 1: train.py's --compile, each block compiled;
+whole: the model and its loss compiled as one, as --compile did before issue 28), chunk
+(--loss-chunk-size; none = the default), and any other ModelArgs number (dim, n_layers, n_heads,
+multiple_of).
 
     python bench/demo_step_cost.py --threads 1 --variants adamw=seq:128,batch:8 \
         muon=seq:128,batch:8,optimizer:muon   # a Muon step against an AdamW one (bench/optimizer_sweep.py)
@@ -53,18 +54,26 @@ def make_step(spec: str):
     seq, batch = int(fields.pop("seq", 256)), int(fields.pop("batch", 16))
     vocab = int(fields.pop("vocab", 4096))
     optimizer_name, tie = fields.pop("optimizer", "adamw"), fields.pop("tie", "0") == "1"
-    attention, compile = fields.pop("attention", "auto"), bool(int(fields.pop("compile", 0)))
+    attention, compile = fields.pop("attention", "auto"), fields.pop("compile", "0")
     chunk = int(fields.pop("chunk")) if "chunk" in fields else None
     model_args = ModelArgs(
         max_seq_len=seq, vocab_size=vocab, tie_embeddings=tie, **{k: int(v) for k, v in fields.items()}
     )
     device = torch.device("cpu")
     paths = choose_fast_paths(
-        device, batch * seq, vocab, dtype=dtype, compile=compile, attention=attention, loss_chunk_size=chunk
+        device,
+        batch * seq,
+        vocab,
+        dtype=dtype,
+        compile=compile == "1",
+        attention=attention,
+        loss_chunk_size=chunk,
     )
     torch.manual_seed(0)
     model = Transformer(model_args)
     forward = apply_fast_paths(model, paths)
+    if compile == "whole":
+        forward = torch.compile(forward)
     optimizer = make_optimizer(
         model, TrainConfig(max_steps=10, eval_interval=10, optimizer=optimizer_name), paths.fused_adamw
     )

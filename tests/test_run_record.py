@@ -121,7 +121,7 @@ def test_the_type_check_accepts_every_default_and_an_int_for_a_float(tmp_path):
     assert train == {"lr": 1, "max_steps": 3} and model["rope_scaling"] == {"factor": 8.0}
     written = tmp_path / "all.toml"
     write_run_config(written, TrainConfig(), ModelArgs())
-    assert read_config_file(written, {"train": TrainConfig, "model": ModelArgs})["train"]["max_steps"] == 600
+    assert read_config_file(written, {"train": TrainConfig, "model": ModelArgs})["train"]["max_steps"] == 500
 
 
 def test_resume_with_another_corpus_is_refused(corpus_dir, tokenizer_path, tmp_path, capsys):

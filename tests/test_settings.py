@@ -171,7 +171,7 @@ def test_train_help_lists_every_setting_with_its_default(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # one line per flag: argparse wraps to the terminal's width
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
-    for name, default in (("--max-steps", 600), ("--dim", 192), ("--ffn", "swiglu"), ("--dtype", "auto")):
+    for name, default in (("--max-steps", 500), ("--dim", 192), ("--ffn", "swiglu"), ("--dtype", "auto")):
         assert name in out and f"(default: {default})" in out
     assert "{relu,gelu,swish,glu,bilinear,reglu,geglu,swiglu}" in out
     assert "--config FILE" in out and "--no-compile" in out

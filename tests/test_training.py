@@ -478,7 +478,7 @@ def test_cli_resume_takes_the_checkpoints_settings_and_explicit_flags(
     code, out, err = run_cli([*first, *common], capsys)
     assert code == 0, err
     # Resume with only a longer run asked for: every other setting (model, data, eval) comes from the
-    # checkpoint, and --eval-interval 6 is valid against the new --max-steps 12, not the default 600.
+    # checkpoint, and --eval-interval 6 is valid against the new --max-steps 12, not the default 500.
     code, out, err = run_cli(["--resume", "--max-steps", "12", "--eval-interval", "6", *common], capsys)
     assert code == 0, err
     assert "done: 12 steps" in out
