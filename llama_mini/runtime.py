@@ -126,10 +126,10 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
 
 def cpu_has_bf16_matrix_units() -> bool:
     """True on a CPU with AMX tiles (Intel Xeon from Sapphire Rapids on), whose bfloat16 matrix units make a
-    bf16-autocast training step faster than a float32 one: 0.70 of its time on the demo's model
-    (docs/BENCHMARKS.md, "`make demo` in half the time"). Elsewhere bf16 is not measured faster on a CPU,
-    so training keeps float32 there; generation keeps float32 weights on every CPU (its measured fast paths
-    are float32 and int8)."""
+    bf16-autocast training step faster than a float32 one: 0.70-0.75 of its time on the demo's model
+    (docs/BENCHMARKS.md, "`make demo` in half the time", second and third tries). Elsewhere bf16 is not
+    measured faster on a CPU, so training keeps float32 there; generation keeps float32 weights on every CPU
+    (its measured fast paths are float32 and int8)."""
     supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3; absent means unknown
     return bool(supported is not None and supported())
 

@@ -43,19 +43,24 @@ def tiny_model(**overrides) -> Transformer:
 
 def test_compiled_model_with_the_cuda_defaults_equals_the_plain_eager_model():
     """The combination a CUDA run gets by default (compile, chunked loss, fused SwiGLU kernel), on a CPU."""
-    plain, fast = tiny_model(), tiny_model()
     paths = FastPaths(compile=False, fused_adamw=False, attention="auto", swiglu_kernel="compiled",
                       loss_chunk_size=24)  # fmt: skip
+    # fullgraph: no graph break in the model, the loss or the kernel
+    assert_trains_as_the_plain_model(paths, wrap=lambda loss: torch.compile(loss, fullgraph=True))
+
+
+def assert_trains_as_the_plain_model(paths: FastPaths, wrap=lambda loss: loss) -> None:
+    """A tiny model with `paths` applied (and `wrap`ped) gives the plain eager loss of the same weights and
+    the same gradients, to float32 rounding in another order. Dynamo starts afresh, its counters at 0."""
+    plain, fast = tiny_model(), tiny_model()
     tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(3))
     x, y = tokens[:, :-1], tokens[:, 1:]
     torch._dynamo.reset()
-    # fullgraph: no graph break in the model, the loss or the kernel
-    compiled = torch.compile(apply_fast_paths(fast, paths), fullgraph=True)
-
+    counters.clear()
+    loss = wrap(apply_fast_paths(fast, paths))(x, y)
+    loss.backward()
     expected = NextTokenLoss(plain)(x, y)
     expected.backward()
-    loss = compiled(x, y)
-    loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     for (name, reference), param in zip(plain.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -187,22 +192,10 @@ def test_apply_fast_paths_wraps_the_model_in_its_loss_and_compiles_only_when_ask
 def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
     """--compile compiles block by block (compile_blocks): one graph serves every layer, and the loss and
     gradients are the eager model's."""
-    plain, fast = tiny_model(), tiny_model()
     paths = FastPaths(compile=True, fused_adamw=False, attention="auto", swiglu_kernel="eager",
                       loss_chunk_size=24)  # fmt: skip
-    tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(4))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    torch._dynamo.reset()
-    counters.clear()
-    loss_module = apply_fast_paths(fast, paths)
-    loss = loss_module(x, y)
-    loss.backward()
-    expected = NextTokenLoss(plain)(x, y)
-    expected.backward()
+    assert_trains_as_the_plain_model(paths)
     assert TINY_MODEL["n_layers"] > 1 and counters["stats"]["unique_graphs"] == 1
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
-    for (name, reference), param in zip(plain.named_parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():

@@ -47,9 +47,10 @@ ATTENTION_BACKENDS = {
     "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
 }
 # --compile's default on a CPU: on for bf16 autocast (training on a CPU with AMX, runtime.resolve_dtype) in
-# runs of at least this many steps. Compiling the blocks costs about 30 s once per model shape and machine
-# (then inductor's cache has it) and saves about a third of each bf16 step on such a CPU; in float32, where
-# the matrix products dominate a step, it saved 3% (docs/BENCHMARKS.md).
+# runs of at least this many steps. Compiling the blocks costs about 25 s once per model shape and machine
+# (then inductor's cache has it) and saves about a quarter of each bf16 step on such a CPU (2 cores, the
+# demo's model: 279 against 381 ms); in float32, where the matrix products weigh more, 13%, which a first
+# run would mostly spend compiling (docs/BENCHMARKS.md, "`make demo` in half the time, third try").
 CPU_COMPILE_MIN_STEPS = 300
 # tokens per chunk when the chunked loss is chosen: the fastest on a CPU (bench/loss.py, docs/BENCHMARKS.md)
 LOSS_CHUNK_SIZE = 1024
@@ -180,9 +181,9 @@ def compile_blocks(model: nn.Module) -> int:
     Compiling block by block rather than the whole model and loss: the blocks are alike, so the compiled
     code of the first serves the others, and the compiler works on one block's graph instead of all of
     them. Measured on a 2-core CPU (dim 192, 4 layers, bf16 autocast, an empty compile cache): the first
-    step took 27 s instead of 47 s and the first evaluation 5 s instead of 19 s, and a step afterwards is
-    as fast (465 against 479 ms; docs/BENCHMARKS.md). The embeddings, final norm and loss run eagerly: the
-    chunked loss is matrix products and one pass over each chunk of logits.
+    step took 23 s instead of 39 s (the first evaluation, one thread: 5 s instead of 19 s), for a step 4%
+    slower afterwards (279 against 269 ms; docs/BENCHMARKS.md). The embeddings, final norm and loss run
+    eagerly: the chunked loss is matrix products and one pass over each chunk of logits.
     """
     blocks = [module for module in model.modules() if isinstance(module, TransformerBlock)]
     for block in blocks:
