@@ -96,14 +96,30 @@ def test_cpu_compiles_by_default_only_long_bf16_runs_where_a_compiler_is_install
     """bf16 autocast on a CPU (AMX's default) compiles from CPU_COMPILE_MIN_STEPS steps, where the first
     step's compilation is won back; float32 (3% faster compiled), short runs and no C++ compiler do not."""
     bf16 = torch.bfloat16
-    monkeypatch.setattr(fast_paths, "cpp_compiler_available", lambda: True)
+    monkeypatch.setattr(fast_paths, "cpu_compile_works", lambda: True)
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=CPU_COMPILE_MIN_STEPS).compile is True
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=CPU_COMPILE_MIN_STEPS - 1).compile is False
     assert choose_fast_paths(CPU, 4096, 4096, steps=10 * CPU_COMPILE_MIN_STEPS).compile is False
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, compile=False, steps=10**6).compile is False
     assert choose_fast_paths(CPU, 4096, 4096, compile=True).compile is True  # asked: always
-    monkeypatch.setattr(fast_paths, "cpp_compiler_available", lambda: False)
+    monkeypatch.setattr(fast_paths, "cpu_compile_works", lambda: False)
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=10**6).compile is False
+
+
+def test_a_cpu_that_cannot_compile_is_found_before_a_default_compiles(monkeypatch, tmp_path):
+    """cpu_compile_works: no C++ compiler, or no Python.h for inductor's kernels to include, gives False
+    instead of an error at a run's first step."""
+    headers = tmp_path / "include"
+    headers.mkdir()
+    monkeypatch.setattr(fast_paths.sysconfig, "get_path", lambda name: str(headers))
+    for has_header, has_compiler in ((True, True), (True, False), (False, True)):
+        (headers / "Python.h").unlink(missing_ok=True)
+        if has_header:
+            (headers / "Python.h").write_text("")
+        monkeypatch.setattr(fast_paths, "cpp_compiler_available", lambda value=has_compiler: value)
+        fast_paths.cpu_compile_works.cache_clear()
+        assert fast_paths.cpu_compile_works() is (has_header and has_compiler)
+    fast_paths.cpu_compile_works.cache_clear()
 
 
 def test_training_takes_bf16_on_a_cpu_with_amx_and_generation_keeps_float32(monkeypatch):
