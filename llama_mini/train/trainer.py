@@ -64,7 +64,7 @@ from llama_mini.model.sizes import training_flops_per_token
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops.fast_paths import attention_backend
 from llama_mini.ops.lora import trainable_parameters
-from llama_mini.runtime import autocast, clock, peak_flops, peak_memory_bytes
+from llama_mini.runtime import DTYPES, autocast, clock, peak_flops, peak_memory_bytes
 from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
 from llama_mini.train.build import build_run
 from llama_mini.train.config import TrainConfig, write_run_config
@@ -88,6 +88,9 @@ from llama_mini.train.tracking import Dashboards
 LAUNCHER_ECHO_S = 5.0
 
 __all__ = ["TrainSummary", "Trainer", "TrainingError", "accumulate_gradients"]
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 
 class TrainingError(LlamaMiniError):
@@ -274,7 +277,11 @@ class Trainer:
     def _train(self, start_step: int, started: float, metrics: MetricsLog, dashboards: Dashboards):
         config = self.config
         progress = Progress(config.max_steps, start_step, enabled=self.show_progress and self.dist.is_main)
-        progress.write(f"fast paths: {self.fast_paths.describe()} (train.py --help tells how to switch)")
+        precision = "float32" if self.dtype == torch.float32 else f"{DTYPE_NAMES[self.dtype]} autocast"
+        progress.write(
+            f"{self.device.type}, {precision}; fast paths: {self.fast_paths.describe()} "
+            "(train.py --help tells how to switch)"
+        )
         if config.init_from:
             progress.write(self._describe_fine_tuning())
         epochs = SourceEpochs(self.train_data, config, self.model_args.max_seq_len, start_step)
