@@ -181,6 +181,25 @@ def transformers_engine(folder: Path, prompt: list[int], new_tokens: int):
     return run
 
 
+def portable_llama(llama_cpp, **options):
+    """`llama_cpp.Llama(**options)` with its CPU backend's extra weight layouts off: llama-cpp-python
+    0.3.36's AMX kernels (Intel Xeons since Sapphire Rapids) crash the process on q8_0 files, a fault of that
+    build, not of the file; the portable kernels read the same bytes. Llama() takes no model parameter for
+    the extra layouts, so the function it reads its defaults from is swapped while it loads."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def portable_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = portable_params
+    try:
+        return llama_cpp.Llama(**options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+
+
 def llama_cpp_engine(gguf_path: Path, prompt: list[int], new_tokens: int, threads: int, kv_cache: str):
     """llama.cpp's greedy loop through llama-cpp-python's low-level calls, or None if it is not installed.
 
@@ -191,29 +210,18 @@ def llama_cpp_engine(gguf_path: Path, prompt: list[int], new_tokens: int, thread
     except ImportError:
         return None
     cache_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache]
-    # Llama() takes no model parameter for the extra layouts: swap the function it reads its defaults from.
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-    def portable_params():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = portable_params
-    try:
-        model = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=len(prompt) + new_tokens,
-            n_batch=max(len(prompt), 1),
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=False,
-            type_k=cache_type,
-            type_v=cache_type,
-            verbose=False,
-        )
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = default_params
+    model = portable_llama(
+        llama_cpp,
+        model_path=str(gguf_path),
+        n_ctx=len(prompt) + new_tokens,
+        n_batch=max(len(prompt), 1),
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=False,
+        type_k=cache_type,
+        type_v=cache_type,
+        verbose=False,
+    )
 
     vocab_size = model.n_vocab()
 

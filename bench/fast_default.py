@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.vs_transformers import theirs_greedy  # noqa: E402
 from llama_mini import Transformer  # noqa: E402
 from llama_mini.checkpoint import save_pretrained  # noqa: E402
 from llama_mini.generation import decode as decode_module  # noqa: E402
@@ -72,24 +73,10 @@ def eager_part(new_tokens: int, repeats: int) -> dict:
         finally:
             decode_module.eager_step = model_forward
 
-    def transformers_eager():
-        ids = torch.tensor(PROMPT)
-        with torch.inference_mode():
-            theirs.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                max_length=None,
-                min_new_tokens=new_tokens,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-
     arms = {
         "llama_mini eager step": ours_eager,
         "llama_mini model forward": ours_model_forward,
-        "transformers eager": transformers_eager,
+        "transformers eager": theirs_greedy(theirs, PROMPT, new_tokens),  # bench/vs_transformers.py's
     }
     for run in arms.values():  # warm-up
         run()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.decode_cpu import portable_llama
 from llama_mini import FEED_FORWARDS, Transformer, get_preset
 from llama_mini.checkpoint import save_pretrained
 from llama_mini.checkpoint.gguf import sentencepiece_vocab, write_gguf
@@ -398,27 +399,20 @@ PROMPTS = [[1, 17, 42, 9], [1, 80, 3, 3, 61, 25, 90, 12, 44], [1] + list(range(2
 
 def llama_cpp_model(path, **options):
     """llama.cpp on the file, with a float32 KV cache: its default, float16, rounds keys and values
-    (logits then differ by ~1e-3), which would hide a small discrepancy of the export.
-
-    Its CPU backend's extra weight layouts are off: llama-cpp-python 0.3.36's AMX kernels (Intel Xeons
-    since Sapphire Rapids, CI's machine among them) crash the process on q8_0 files like these, a fault
-    of that build, not of the file; the portable kernels read the same bytes."""
+    (logits then differ by ~1e-3), which would hide a small discrepancy of the export. Its AMX weight
+    layouts are off (`portable_llama`: they crash llama-cpp-python 0.3.36 on q8_0 files, on CI's CPU too)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = llama_cpp.GGML_TYPE_F32
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-    def portable_params():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = portable_params
-    try:
-        return llama_cpp.Llama(
-            str(path), n_ctx=64, n_threads=2, type_k=f32, type_v=f32, verbose=False, **options
-        )
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = default_params
+    return portable_llama(
+        llama_cpp,
+        model_path=str(path),
+        n_ctx=64,
+        n_threads=2,
+        type_k=f32,
+        type_v=f32,
+        verbose=False,
+        **options,
+    )
 
 
 def llama_cpp_logits(path, prompt: list[int]) -> np.ndarray:
