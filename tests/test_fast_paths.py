@@ -211,7 +211,11 @@ def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
     paths = FastPaths(compile=True, fused_adamw=False, attention="auto", swiglu_kernel="eager",
                       loss_chunk_size=24)  # fmt: skip
     assert_trains_as_the_plain_model(paths)
-    assert TINY_MODEL["n_layers"] > 1 and counters["stats"]["unique_graphs"] == 1
+    # Dynamo passes a module's weights to its graph as inputs (torch >= 2.5), so alike blocks share it;
+    # an older torch specialises each graph on its block's weights: one per block
+    shared = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+    expected_graphs = 1 if shared else TINY_MODEL["n_layers"]
+    assert TINY_MODEL["n_layers"] > 1 and counters["stats"]["unique_graphs"] == expected_graphs
 
 
 def test_swiglu_kernel_is_set_on_swiglu_feed_forwards_only():
