@@ -1,6 +1,8 @@
 """Fast paths: each computes what its plain path computes, each can be turned off, defaults per device."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,53 @@ def test_cpu_compiles_by_default_only_long_bf16_runs_where_a_compiler_is_install
     assert choose_fast_paths(CPU, 4096, 4096, compile=True).compile is True  # asked: always
     monkeypatch.setattr(fast_paths, "cpu_compile_works", lambda: False)
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=10**6).compile is False
+
+
+@pytest.mark.skipif(
+    fast_paths.platform.machine() not in ("x86_64", "AMD64"), reason="inductor checks instruction sets on x86"
+)
+def test_the_cpu_instruction_sets_are_checked_together_and_inductor_reuses_the_answers(monkeypatch):
+    """check_cpu_instruction_sets runs inductor's own check (bool(isa)) for every instruction set the CPU
+    reports, concurrently; inductor's later questions find the answers cached instead of building again."""
+    from torch._inductor import cpu_vec_isa
+
+    reported = cpu_vec_isa.x86_isa_checker()
+    expected = [i for i in cpu_vec_isa.supported_vec_isa_list if all(f in reported for f in str(i).split())]
+    built, running, overlapped = [], [], []
+    lock = threading.Lock()
+
+    def slow_build(isa, code):  # stands in for a g++ build and a dlopen: 0.3 s
+        with lock:
+            running.append(isa)
+            overlapped.append(len(running) > 1)
+        time.sleep(0.3)
+        with lock:
+            running.remove(isa)
+            built.append(str(isa))
+        return True
+
+    def forget_answers():  # inductor's caches of its checks, per process: the base class's and subclasses'
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        for cls in {klass for isa in cpu_vec_isa.supported_vec_isa_list for klass in type(isa).__mro__}:
+            for cached in (vars(cls).get("__bool__"), vars(cls).get("_VecISA__bool__impl")):
+                if hasattr(cached, "cache_clear"):
+                    cached.cache_clear()
+
+    forget_answers()
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", slow_build)
+    with cpu_vec_isa.config.patch({"cpp.vec_isa_ok": None}):  # None: check, do not trust
+        try:
+            started = time.perf_counter()
+            fast_paths.check_cpu_instruction_sets().join()
+            took = time.perf_counter() - started
+            assert set(built) == {str(isa) for isa in expected}  # (some sets build more than one program)
+            if len(expected) > 1:
+                assert any(overlapped) and took < 0.3 * len(built) - 0.1
+            builds = len(built)
+            assert [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] == [str(isa) for isa in expected]
+            assert len(built) == builds  # inductor's own list found every answer made
+        finally:
+            forget_answers()  # the real checks again for later tests
 
 
 def test_a_cpu_that_cannot_compile_is_found_before_a_default_compiles(monkeypatch, tmp_path):
@@ -316,6 +365,35 @@ def test_training_with_fast_paths_on_follows_the_plain_run(corpus_and_tokenizer,
     )
     assert len(plain) == 5  # 4 training steps and one evaluation
     assert fast == pytest.approx(plain, rel=1e-4)
+
+
+def test_a_cpu_run_that_compiles_checks_the_instruction_sets_before_its_data(
+    corpus_and_tokenizer, tmp_path, monkeypatch
+):
+    """build_run starts the instruction-set checks before the tokenizer and the data (which they overlap)
+    when the run will compile on a CPU, asked or by default, and not otherwise."""
+    from llama_mini.train import build
+
+    events = []
+    monkeypatch.setattr(build, "check_cpu_instruction_sets", lambda: events.append("checks"))
+    prepare = build.prepare_tokenizer
+    monkeypatch.setattr(
+        build, "prepare_tokenizer", lambda *a, **k: events.append("tokenizer") or prepare(*a, **k)
+    )
+    monkeypatch.setattr(fast_paths, "cpu_compile_works", lambda: True)
+    corpus, tokenizer = corpus_and_tokenizer
+    runs = {  # settings: whether the run compiles
+        "asked": (dict(compile=True), True),
+        "bf16-default": (dict(dtype="bf16", max_steps=fast_paths.CPU_COMPILE_MIN_STEPS), True),
+        "bf16-short": (dict(dtype="bf16", max_steps=fast_paths.CPU_COMPILE_MIN_STEPS - 1), False),
+        "fp32-default": (dict(max_steps=fast_paths.CPU_COMPILE_MIN_STEPS), False),
+        "off": (dict(compile=False, dtype="bf16", max_steps=fast_paths.CPU_COMPILE_MIN_STEPS), False),
+    }
+    for name, (settings, compiles) in runs.items():
+        events.clear()
+        trainer = Trainer(make_config(corpus, tokenizer, tmp_path / name, **settings), TINY_MODEL)
+        assert trainer.fast_paths.compile is compiles, name
+        assert events == (["checks", "tokenizer"] if compiles else ["tokenizer"]), name
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,14 @@ from llama_mini.errors import ConfigError, DataError
 from llama_mini.files import check_output_path
 from llama_mini.model.args import ModelArgs
 from llama_mini.model.transformer import Transformer
-from llama_mini.ops.fast_paths import FastPaths, apply_fast_paths, check_attention_backend, choose_fast_paths
+from llama_mini.ops.fast_paths import (
+    FastPaths,
+    apply_fast_paths,
+    check_attention_backend,
+    check_cpu_instruction_sets,
+    choose_fast_paths,
+    compiles_by_default,
+)
 from llama_mini.ops.kernels import check_triton_kernel
 from llama_mini.ops.lora import LoRASettings
 from llama_mini.runtime import Distributed, resolve_device, resolve_dtype, setup_distributed
@@ -126,6 +133,12 @@ def _build(
     config = settings.config
     check_before_slow_work(settings, run_folder, dist, device, dtype, parallel)
 
+    compiling = (
+        compiles_by_default(device, dtype, config.max_steps) if config.compile is None else config.compile
+    )
+    if compiling and device.type == "cpu":
+        check_cpu_instruction_sets()  # inductor's first question, answered while the data are prepared
+
     resuming = settings.resume_from is not None
     tokenizer = prepare_tokenizer(config, run_folder.out, dist, resuming=resuming)
     train_data, val_data = prepare_shards(config, run_folder.out, tokenizer, dist)
@@ -144,7 +157,7 @@ def _build(
         tokens_per_micro_batch=config.batch_size // dist.world_size * model_args.max_seq_len,
         vocab_size=model_args.vocab_size,
         dtype=dtype,
-        compile=config.compile,
+        compile=compiling,
         fused_adamw=config.fused_adamw,
         attention=config.attention,
         swiglu_kernel=config.swiglu_kernel,
