@@ -5,8 +5,8 @@
         --candidate muon-half="--optimizer muon --muon-lr 0.01 --max-steps 100" -- --batch-size 8
 
 For each seed, the baseline (`make demo`'s settings before issue 28 changed train.py's defaults, BASELINE:
-float32, not compiled, AdamW at 2e-3 with 50 warmup steps and a cosine to 2e-4, weight decay 0.1,
---baseline-steps steps) and every candidate (NAME="train.py flags"; by default train.py's own defaults,
+float32, not compiled, AdamW at 2e-3 with 50 warmup steps and a cosine to 2e-4, weight decay 0.1, 4 heads
+of 48, --baseline-steps steps) and every candidate (NAME="train.py flags"; by default train.py's own defaults,
 today's `make demo`) are trained one after the other, so the load of the machine hits them alike. A
 candidate's result is its final validation bits per byte against the baseline's, and its training time
 (metrics.jsonl's windows, evaluations excluded) and whole wall time against the baseline's, as ratios. The
@@ -32,7 +32,9 @@ from bench.optimizer_sweep import curve  # noqa: E402
 from llama_mini.console import ArgumentParser  # noqa: E402
 
 # `make demo` before issue 28 changed train.py's defaults (--max-steps is --baseline-steps).
-BASELINE = "--dtype fp32 --no-compile --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --weight-decay 0.1"
+BASELINE = (
+    "--dtype fp32 --no-compile --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --weight-decay 0.1 --n-heads 4"
+)
 # train.py's defaults: today's `make demo`.
 DEFAULT_CANDIDATES = {"defaults": ""}
 

@@ -8,13 +8,15 @@ Each variant is a full training step as train.py takes it (forward, chunked loss
 demo's model (dim 192, 4 layers, SwiGLU) with train.py's fast paths for the CPU. The variants are timed
 round-robin, two steps each per round, so a shared machine's load hits them alike; each reports its
 median seconds per step, the ratio to the first variant (by default `make demo`'s step before issue 28:
-fp32, vocab 4096, 16 x 256 tokens) and the time of its first step (with compile: mostly compiling, from an
-empty cache when TORCHINDUCTOR_CACHE_DIR names an empty folder). A variant is NAME=KEY:VALUE,...: dtype
-(fp32 or bf16), vocab, seq, batch, optimizer (adamw or muon, as train.py --optimizer), tie (1: tied
-embeddings), attention (train.py's --attention: auto, flash or math), compile (0; 1: train.py's --compile,
-each block compiled; whole: the model and its loss compiled as one, as --compile did before issue 28),
-chunk (--loss-chunk-size; none = the default), and any other ModelArgs number (dim, n_layers, n_heads,
-multiple_of).
+fp32, 4 heads of 48, vocab 4096, 16 x 256 tokens) and the time of its first step (with compile: mostly
+compiling, from an empty cache when TORCHINDUCTOR_CACHE_DIR names an empty folder). A variant is
+NAME=KEY:VALUE,...: dtype (fp32 or bf16), vocab, seq, batch, optimizer (adamw or muon, as train.py
+--optimizer), tie (1: tied embeddings), attention (train.py's --attention: auto, flash or math), compile
+(0; 1: train.py's --compile, each block compiled; whole: the model and its loss compiled as one, as
+--compile did before issue 28), chunk (--loss-chunk-size; none = the default), and any other ModelArgs
+number (dim, n_layers, n_heads (the default 3; 4 before issue 28), multiple_of). Compiled variants of
+different shapes belong in separate commands: in one process the second shape recompiles the blocks with
+dynamic shapes.
 
     python bench/demo_step_cost.py --threads 1 --variants adamw=seq:128,batch:8 \
         muon=seq:128,batch:8,optimizer:muon   # a Muon step against an AdamW one (bench/optimizer_sweep.py)
@@ -38,7 +40,7 @@ from llama_mini.runtime import autocast  # noqa: E402
 from llama_mini.train import TrainConfig, make_optimizer  # noqa: E402
 
 DEFAULT_VARIANTS = [
-    "demo=dtype:fp32",
+    "demo=dtype:fp32,n_heads:4",
     "bf16=dtype:bf16",
     "vocab2048=vocab:2048",
     "vocab2048-bf16=vocab:2048,dtype:bf16",

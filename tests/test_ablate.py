@@ -123,7 +123,7 @@ def test_every_run_is_train_config_and_model_args_with_only_the_ablations_defaul
         expected = ablation_values.get(field.name, getattr(declared, field.name))
         assert getattr(run, field.name) == expected, field.name
     model = config.model_args("geglu", vocab_size=300)
-    assert model == ModelArgs(dim=96, multiple_of=32, max_seq_len=128, ffn="geglu", vocab_size=300)
+    assert model == ModelArgs(dim=96, n_heads=4, multiple_of=32, max_seq_len=128, ffn="geglu", vocab_size=300)
 
 
 def test_the_ablation_declares_no_training_or_model_setting_again():
