@@ -10,8 +10,8 @@ of 48, --baseline-steps steps) and every candidate (NAME="train.py flags"; by de
 today's `make demo`) are trained one after the other, so the load of the machine hits them alike. A
 candidate's result is its final validation bits per byte against the baseline's, and its training time
 (metrics.jsonl's windows, evaluations excluded) and whole wall time against the baseline's, as ratios. The
-target of issue 28: the baseline's bits per byte in at most half its time. Flags after `--` go to every run
-(a smaller --batch-size or --max-seq-len for a quick check).
+target of issue 28: the baseline's bits per byte in at most half its time. Flags after `--` go to every run,
+after the run's own, so they win (a smaller --batch-size or --max-seq-len for a quick check).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def train(folder: Path, flags: list[str], shared: list[str]) -> float:
     """Train into `folder` (replaced); returns the whole wall time in seconds."""
     if folder.exists():
         shutil.rmtree(folder)
-    command = [sys.executable, "train.py", "--out", str(folder), "--sample-tokens", "0", *shared, *flags]
+    command = [sys.executable, "train.py", "--out", str(folder), "--sample-tokens", "0", *flags, *shared]
     print(" ".join(command[1:]), flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

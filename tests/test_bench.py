@@ -271,9 +271,14 @@ def test_optimizer_sweep_and_demo_speedrun_run_and_report(tmp_path):
                 "--out", str(tmp_path / "speed"), "--candidate", "muon=--optimizer muon --max-steps 2",
                 "--", *tiny, "--eval-interval", "2"]  # fmt: skip
     printed = subprocess.run(speedrun, cwd=REPO, check=True, capture_output=True, text=True).stdout
-    assert "| baseline | 4 |" in printed and "| muon | 2 |" in printed
     results = json.loads((tmp_path / "speed" / "results.json").read_text())
     assert set(results) == {"baseline", "muon"} and results["muon"][0]["train_s"] > 0
+    muon, baseline = results["muon"][0], results["baseline"][0]
+    assert "| muon | 0 | 2 |" in printed and "| muon | mean | 2 |" in printed
+    assert f"baseline, seed 0: {baseline['bpb']:.4f} bits/byte" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| muon | 0 |")).split(" | ")
+    assert float(row[4]) == pytest.approx(muon["bpb"] - baseline["bpb"], abs=1e-4)
+    assert float(row[8].rstrip(" |")) == pytest.approx(muon["wall_s"] / baseline["wall_s"], abs=0.01)
 
 
 def test_demo_step_cost_times_every_variant_against_the_first(capsys):
