@@ -53,10 +53,11 @@ ATTENTION_BACKENDS = {
     "math": SDPBackend.MATH,  # the explicit softmax(QK^T / sqrt(D)) V: the plain path
 }
 # --compile's default on a CPU: on for bf16 autocast (training on a CPU with AMX, runtime.resolve_dtype) in
-# runs of at least this many steps. Compiling the blocks costs about 25 s once per model shape and machine
-# (then inductor's cache has it) and saves about a quarter of each bf16 step on such a CPU (2 cores, the
-# demo's model: 279 against 381 ms); in float32, where the matrix products weigh more, 13%, which a first
-# run would mostly spend compiling (docs/BENCHMARKS.md, "`make demo` in half the time, third try").
+# runs of at least this many steps. Compiling the blocks costs about 15 s once per model shape and machine
+# (then inductor's cache has it; 3-4 s to load it) and saves about a quarter of each bf16 step on such a CPU
+# (2 cores, the demo's model: 279 against 381 ms); in float32, where the matrix products weigh more, 13%,
+# which a first run would mostly spend compiling (docs/BENCHMARKS.md, "`make demo` in half the time", third
+# and fourth tries).
 CPU_COMPILE_MIN_STEPS = 300
 # tokens per chunk when the chunked loss is chosen: the fastest on a CPU (bench/loss.py, docs/BENCHMARKS.md)
 LOSS_CHUNK_SIZE = 1024
