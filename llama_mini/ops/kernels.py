@@ -290,6 +290,6 @@ def _swiglu_triton(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _triton_outside_graphs():
     """_TritonSwiGLU.apply kept out of torch.compile's graphs (a graph break): it runs as is, the kernels
     launched by Triton directly; inside a compiled model "compiled" fuses into the graph instead. Made at
-    the first call, not at import: torch.compiler.disable imports the compiler (1.4 s of every training
-    run's start on a 2-core CPU, compiling or not)."""
+    the first call, not at import: torch.compiler.disable imports the compiler (about 1.2 s of every
+    training run's start on a 2-core CPU, compiling or not)."""
     return torch.compiler.disable(_TritonSwiGLU.apply)
