@@ -108,13 +108,24 @@ def test_cpu_compiles_by_default_only_long_bf16_runs_where_a_compiler_is_install
     assert choose_fast_paths(CPU, 4096, 4096, dtype=bf16, steps=10**6).compile is False
 
 
+def forget_instruction_set_answers():
+    """Clear inductor's per-process caches of its instruction-set checks (the base class's and subclasses')."""
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    for cls in {klass for isa in cpu_vec_isa.supported_vec_isa_list for klass in type(isa).__mro__}:
+        for cached in (vars(cls).get("__bool__"), vars(cls).get("_VecISA__bool__impl")):
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+
+
 @pytest.mark.skipif(
     fast_paths.platform.machine() not in ("x86_64", "AMD64"), reason="inductor checks instruction sets on x86"
 )
 def test_the_cpu_instruction_sets_are_checked_together_and_inductor_reuses_the_answers(monkeypatch):
     """check_cpu_instruction_sets runs inductor's own check (bool(isa)) for every instruction set the CPU
     reports, concurrently; inductor's later questions find the answers cached instead of building again."""
-    from torch._inductor import cpu_vec_isa
+    cpu_vec_isa = pytest.importorskip("torch._inductor.cpu_vec_isa")  # torch >= 2.5 lays the checks out so
 
     reported = cpu_vec_isa.x86_isa_checker()
     expected = [i for i in cpu_vec_isa.supported_vec_isa_list if all(f in reported for f in str(i).split())]
@@ -131,13 +142,7 @@ def test_the_cpu_instruction_sets_are_checked_together_and_inductor_reuses_the_a
             built.append(str(isa))
         return True
 
-    def forget_answers():  # inductor's caches of its checks, per process: the base class's and subclasses'
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()
-        for cls in {klass for isa in cpu_vec_isa.supported_vec_isa_list for klass in type(isa).__mro__}:
-            for cached in (vars(cls).get("__bool__"), vars(cls).get("_VecISA__bool__impl")):
-                if hasattr(cached, "cache_clear"):
-                    cached.cache_clear()
-
+    forget_answers = forget_instruction_set_answers
     forget_answers()
     monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", slow_build)
     with cpu_vec_isa.config.patch({"cpp.vec_isa_ok": None}):  # None: check, do not trust
@@ -153,6 +158,29 @@ def test_the_cpu_instruction_sets_are_checked_together_and_inductor_reuses_the_a
             assert len(built) == builds  # inductor's own list found every answer made
         finally:
             forget_answers()  # the real checks again for later tests
+
+
+@pytest.mark.skipif(
+    fast_paths.platform.machine() not in ("x86_64", "AMD64"), reason="inductor checks instruction sets on x86"
+)
+def test_a_failing_instruction_set_check_stays_quiet_in_the_background(monkeypatch):
+    """An error inside inductor's check (a lock timeout, say) ends the background thread quietly: no
+    traceback on the user's terminal; inductor asks again itself at the first compile and reports there."""
+    cpu_vec_isa = pytest.importorskip("torch._inductor.cpu_vec_isa")
+
+    def broken_build(isa, code):
+        raise RuntimeError("the build broke")
+
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    forget_instruction_set_answers()
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", broken_build)
+    with cpu_vec_isa.config.patch({"cpp.vec_isa_ok": None}):
+        try:
+            fast_paths.check_cpu_instruction_sets().join()
+        finally:
+            forget_instruction_set_answers()
+    assert uncaught == []
 
 
 def test_a_cpu_that_cannot_compile_is_found_before_a_default_compiles(monkeypatch, tmp_path):

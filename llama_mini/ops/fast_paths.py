@@ -168,8 +168,11 @@ def check_cpu_instruction_sets() -> threading.Thread | None:
         return None
 
     def check_all() -> None:
-        with ThreadPoolExecutor(max(1, len(candidates))) as pool:
-            list(pool.map(bool, candidates))  # bool(isa) is inductor's own check, cached per process
+        try:
+            with ThreadPoolExecutor(max(1, len(candidates))) as pool:
+                list(pool.map(bool, candidates))  # bool(isa) is inductor's own check, cached per process
+        except Exception:  # noqa: BLE001 - only a head start: inductor asks again itself and reports there
+            pass
 
     thread = threading.Thread(target=check_all, name="check-cpu-instruction-sets", daemon=True)
     thread.start()
