@@ -151,8 +151,8 @@ def check_cpu_instruction_sets() -> threading.Thread | None:
     a compile of ATen's vector headers: 10-13 s of a cold first step's 20-30 s here. Run together they take
     6-8 s (bench/cpu_compile_start.py), while the run prepares its data and model; inductor then finds
     each answer (it caches them per process, and each build on disk behind a lock, so a check it asks for
-    while this one is still running waits for it instead of compiling twice). With a warm compile cache they take about a second (loading
-    each test program in a new process)."""
+    while this one is still running waits for it instead of compiling twice). With a warm compile cache
+    they take about a second (loading each test program in a new process)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
