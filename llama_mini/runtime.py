@@ -28,6 +28,7 @@ from llama_mini.settings import setting
 
 __all__ = [
     "DTYPES",
+    "DTYPE_NAMES",
     "PEAK_BF16_FLOPS",
     "Distributed",
     "RuntimeSettings",
@@ -47,6 +48,7 @@ __all__ = [
 
 DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 # Dense bf16 tensor-core peak in FLOP/s by GPU name, for MFU (model FLOPs utilisation). --peak-tflops
 # overrides it for a GPU not listed here.

@@ -10,15 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import cli_flags, corpus_dir, tokenizer_path  # noqa: F401 (fixtures)
+import torch
+from test_training import TINY_MODEL, cli_flags, corpus_dir, make_config, read_metrics, tokenizer_path  # noqa: F401
 
 import train as train_cli
+from llama_mini import runtime as runtime_module
 from llama_mini.convert import main as convert_main
 from llama_mini.files import waiting_lock
 from llama_mini.model.args import ModelArgs
+from llama_mini.ops import fast_paths as fast_paths_module
 from llama_mini.settings import read_config_file
 from llama_mini.tokenizer import Tokenizer, train_tokenizer
 from llama_mini.train import build as build_module
+from llama_mini.train import config as config_module
 from llama_mini.train import run_folder as run_folder_module
 from llama_mini.train import trainer as trainer_module
 from llama_mini.train.config import (
@@ -26,9 +30,11 @@ from llama_mini.train.config import (
     FROM_SCRATCH_WARMUP,
     TrainConfig,
     read_run_config,
+    resumed_settings,
     write_run_config,
 )
 from llama_mini.train.run_folder import write_failure
+from llama_mini.train.trainer import Trainer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,6 +92,102 @@ def test_to_dict_and_replace_keep_derived_values_derived():
     assert config.replace(lr=4e-3).min_lr == 4e-5  # dataclasses.replace would keep 1e-5
     assert config.replace(init_from="m").weight_decay == FINE_TUNING_WEIGHT_DECAY  # derived again
     assert TrainConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.0).derived == ("warmup_steps",)  # set: kept
+
+
+def test_a_resume_keeps_the_derived_values_it_trained_with_unless_an_input_changes(monkeypatch):
+    """A checkpoint records the values its derived settings took; a newer llama_mini whose defaults differ
+    resumes with those, and derives a value again only where the resume changes what it derives from."""
+    started = TrainConfig(max_steps=100)
+    assert (started.lr, started.min_lr, started.warmup_steps) == (4e-3, 4e-5, 10)
+    saved = {
+        "train_config": started.to_dict(),
+        "model_args": {},
+        "resolved": {"lr": 4e-3, "min_lr": 4e-5, "weight_decay": 1.0, "warmup_steps": 10, "dtype": "fp32"},
+    }
+    # Today's rules: another from-scratch lr, decay and warmup.
+    monkeypatch.setattr(config_module, "FROM_SCRATCH_LR", 1e-3)
+    monkeypatch.setattr(config_module, "FROM_SCRATCH_DECAY", 10)
+    monkeypatch.setattr(config_module, "FROM_SCRATCH_WARMUP", 5)
+
+    config, _, kept = resumed_settings(saved, {}, {}, "out")
+    assert (config.lr, config.min_lr, config.weight_decay, config.warmup_steps) == (4e-3, 4e-5, 1.0, 10)
+    assert kept == {"lr": (4e-3, 1e-3), "min_lr": (4e-5, 1e-4), "warmup_steps": (10, 5)}
+    assert config.derived == started.derived and config.to_dict()["lr"] is None  # still derived, not set
+    assert resumed_settings(saved, {"max_steps": 100}, {}, "out")[0].warmup_steps == 10  # the same value
+
+    config, _, kept = resumed_settings(saved, {"lr": 2e-3}, {}, "out")
+    assert (config.lr, config.min_lr, config.warmup_steps) == (2e-3, 2e-4, 10)  # min_lr by today's rule
+    assert kept == {"warmup_steps": (10, 5)}
+    config, _, _ = resumed_settings(saved, {"max_steps": 30}, {}, "out")
+    assert (config.lr, config.warmup_steps) == (4e-3, 3)  # a tenth of the new run, as a new run's
+
+    before_the_record = {name: value for name, value in saved.items() if name != "resolved"}
+    config, _, kept = resumed_settings(before_the_record, {}, {}, "out")
+    assert (config.lr, config.min_lr, config.warmup_steps, kept) == (1e-3, 1e-4, 5, {})
+
+
+def test_a_resume_keeps_the_machines_choices_on_the_same_kind_of_device_where_they_run(monkeypatch):
+    recorded = {"device": "cpu", "dtype": "bf16", "compile": True, "fused_adamw": False,
+                "attention": "auto", "swiglu_kernel": "eager", "loss_chunk_size": 1024}  # fmt: skip
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(build_module, "cpu_compile_works", lambda: True)
+    own = build_module.own_choices(TrainConfig(), recorded, cpu)
+    assert own == {"dtype": "bf16", "compile": True, "fused_adamw": False, "swiglu_kernel": "eager",
+                   "loss_chunk_size": 1024}  # fmt: skip
+    given = TrainConfig(dtype="fp32", compile=False, loss_chunk_size=0)  # flags win over the record
+    assert build_module.own_choices(given, recorded, cpu) == {"fused_adamw": False, "swiglu_kernel": "eager"}
+    assert build_module.own_choices(TrainConfig(), {**recorded, "device": "cuda"}, cpu) == {}  # moved
+    assert build_module.own_choices(TrainConfig(), {}, cpu) == {}  # a checkpoint without the record
+    monkeypatch.setattr(build_module, "cpu_compile_works", lambda: False)  # no C++ compiler here
+    assert "compile" not in build_module.own_choices(TrainConfig(), recorded, cpu)
+
+
+def test_a_run_resumed_after_the_defaults_changed_equals_an_uninterrupted_one(
+    corpus_dir, tokenizer_path, tmp_path, monkeypatch, capsys
+):
+    """Interrupted, then resumed by a llama_mini whose defaults differ (the from-scratch schedule, --dtype
+    auto on this CPU, the loss's default), the run goes on with what it started with: the same losses,
+    step for step, as a run never stopped, and one line saying what it kept."""
+    monkeypatch.setattr(runtime_module, "cpu_has_bf16_matrix_units", lambda: False)  # auto: fp32 here
+    settings = dict(max_steps=10, eval_interval=5, lr=None, min_lr=None, warmup_steps=None, dtype="auto")
+    Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "whole", **settings), TINY_MODEL,
+            show_progress=False).run()  # fmt: skip
+    broken = Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "broken", **settings), TINY_MODEL,
+                     show_progress=False)  # fmt: skip
+    assert (broken.config.lr, broken.config.warmup_steps, broken.dtype) == (4e-3, 1, torch.float32)
+    step = broken.train_step
+
+    def stop_after_step_3(index):
+        broken.stop_requested = index == 2
+        return step(index)
+
+    broken.train_step = stop_after_step_3
+    assert broken.run().step == 3
+    capsys.readouterr()
+
+    monkeypatch.setattr(config_module, "FROM_SCRATCH_LR", 1e-3)
+    monkeypatch.setattr(config_module, "FROM_SCRATCH_WARMUP", 0)
+    monkeypatch.setattr(runtime_module, "cpu_has_bf16_matrix_units", lambda: True)  # auto: bf16 now
+    monkeypatch.setattr(fast_paths_module, "chunked_loss_pays", lambda *_: True)
+    resumed = Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "broken", **settings), {},
+                      resume=True, show_progress=False)  # fmt: skip
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resuming")]
+    assert len(said) == 1 and said[0].startswith(
+        "resuming with the run's own --lr 0.004 (a new run here: 0.001), --min-lr 4e-05 (a new run here: 1e-05)"
+    ), said
+    for kept in ("--warmup-steps 1 (a new run here: 0)", "--dtype fp32 (a new run here: bf16)",
+                 "--loss-chunk-size 0 (a new run here: 1024)"):  # fmt: skip
+        assert kept in said[0]
+    assert (resumed.dtype, resumed.fast_paths.loss_chunk_size, resumed.config.lr) == (torch.float32, 0, 4e-3)
+    resumed.run()
+    expected = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "whole")]
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "broken")] == expected  # bit for bit
+    state = json.loads((tmp_path / "broken" / "step-0000010" / "trainer_state.json").read_text())
+    assert state["train_config"]["lr"] is None and state["train_config"]["dtype"] == "auto"  # as chosen
+    assert {name: state["resolved"][name] for name in ("lr", "warmup_steps", "dtype", "loss_chunk_size")} == {
+        "lr": 4e-3, "warmup_steps": 1, "dtype": "fp32", "loss_chunk_size": 0
+    }  # fmt: skip
+    assert "# lr = 0.004  (derived)" in (tmp_path / "broken" / "config.toml").read_text()
 
 
 def test_a_default_warmup_is_at_most_a_tenth_of_the_run():

@@ -15,6 +15,8 @@ line happened to set.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +39,11 @@ from llama_mini.ops.fast_paths import (
     check_cpu_instruction_sets,
     choose_fast_paths,
     compiles_by_default,
+    cpu_compile_works,
 )
 from llama_mini.ops.kernels import check_triton_kernel
 from llama_mini.ops.lora import LoRASettings
-from llama_mini.runtime import Distributed, resolve_device, resolve_dtype, setup_distributed
+from llama_mini.runtime import DTYPE_NAMES, Distributed, resolve_device, resolve_dtype, setup_distributed
 from llama_mini.tokenizer import Tokenizer
 from llama_mini.train.config import TrainConfig, model_args_for, resumed_settings
 from llama_mini.train.data_feed import prepare_shards, prepare_tokenizer
@@ -70,6 +73,11 @@ class RunSettings:
     resume_from: Path | None  # the checkpoint a resumed run continues from
     init_folder: Path | None  # the checkpoint a new fine-tuning run starts from
     lora: LoRASettings | None  # None: every weight trains
+    # A resumed run's checkpoint record of what its settings resolved to (Trainer.resolved_settings);
+    # empty for a new run, and for a checkpoint written before that record existed.
+    resolved_before: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Derived settings kept at the resumed run's values where today's rules differ: name -> (kept, today's).
+    kept_derived: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -111,10 +119,11 @@ def build_run(
     dist = setup_distributed(config.device)
     run_folder.dist = dist
     device = resolve_device(config.device, dist.local_rank)
-    dtype = resolve_dtype(config.dtype, device, training=True)
+    own = own_choices(config, settings.resolved_before, device)
+    dtype = resolve_dtype(own.get("dtype", config.dtype), device, training=True)
     parallel = parallel_mode(config.parallel, dist.world_size)
     try:
-        return _build(settings, run_folder, dist, device, dtype, parallel)
+        return _build(settings, run_folder, dist, device, dtype, parallel, own)
     except BaseException:  # refused, failed or interrupted before training: the folder is free again
         if dist.is_main:
             run_folder.unlock()
@@ -128,13 +137,16 @@ def _build(
     device: torch.device,
     dtype: torch.dtype,
     parallel: str,
+    own: dict[str, Any],
 ) -> Run:
-    """build_run's steps from the checks on, once the settings and the place are known."""
+    """build_run's steps from the checks on, once the settings and the place are known; `own` holds a
+    resumed run's own choices for the settings it leaves to auto (`own_choices`)."""
     config = settings.config
     check_before_slow_work(settings, run_folder, dist, device, dtype, parallel)
 
+    compile_setting = own.get("compile", config.compile)
     compiling = (
-        compiles_by_default(device, dtype, config.max_steps) if config.compile is None else config.compile
+        compiles_by_default(device, dtype, config.max_steps) if compile_setting is None else compile_setting
     )
     if compiling and device.type == "cpu":
         check_cpu_instruction_sets()  # inductor's first question, answered while the data are prepared
@@ -152,18 +164,23 @@ def _build(
         config, tokenizer, config.eval_steps * config.batch_size * model_args.max_seq_len
     )
 
-    fast_paths = choose_fast_paths(
+    choose = functools.partial(
+        choose_fast_paths,
         device,
         tokens_per_micro_batch=config.batch_size // dist.world_size * model_args.max_seq_len,
         vocab_size=model_args.vocab_size,
-        dtype=dtype,
-        compile=compiling,
-        fused_adamw=config.fused_adamw,
         attention=config.attention,
-        swiglu_kernel=config.swiglu_kernel,
-        loss_chunk_size=config.loss_chunk_size,
         steps=config.max_steps,
     )
+    fast_paths = choose(
+        dtype=dtype,
+        compile=compiling,
+        fused_adamw=own.get("fused_adamw", config.fused_adamw),
+        swiglu_kernel=own.get("swiglu_kernel", config.swiglu_kernel),
+        loss_chunk_size=own.get("loss_chunk_size", config.loss_chunk_size),
+    )
+    if settings.resume_from is not None and dist.is_main:
+        say_what_the_resume_keeps(settings, device, dtype, fast_paths, choose)
     torch.manual_seed(config.seed)  # the same initial weights on every process, and as one process
     starting_model = StartingModel(settings, model_args, run_folder.out / LORA_BASE, tokenizer, dist)
     if parallel == "fsdp":
@@ -196,7 +213,7 @@ def resolve_settings(
     `resume_overrides` (such as a larger --max-steps) change; model settings must agree. A new run with
     --init-from takes its model's shape and tokenizer from that checkpoint (its checkpoint has them all on
     resume), and `model_overrides` may only agree with it (or set ADJUSTABLE_WHEN_FINE_TUNING)."""
-    resume_from = None
+    resume_from, resolved_before, kept_derived = None, {}, {}
     if resume:
         resume_from = run_folder.latest_checkpoint()
         if resume_from is None:
@@ -205,12 +222,88 @@ def resolve_settings(
                 "check --out, or drop --resume to start a new run"
             )
         saved = RunFolder.read_trainer_state(resume_from)
-        config, model_overrides = resumed_settings(saved, resume_overrides, model_overrides, config.out)
+        config, model_overrides, kept_derived = resumed_settings(
+            saved, resume_overrides, model_overrides, config.out
+        )
+        resolved_before = saved.get("resolved", {})
     lora = lora_from_config(config)
     init_folder = None
     if config.init_from is not None and resume_from is None:
         init_folder, config, model_overrides = resolve_init_from(config, model_overrides, lora)
-    return RunSettings(config, dict(model_overrides), resume_from, init_folder, lora)
+    return RunSettings(
+        config, dict(model_overrides), resume_from, init_folder, lora, resolved_before, kept_derived
+    )
+
+
+# The settings whose default ("auto", None) a run resolves by the machine it runs on (runtime.py's
+# resolve_dtype, fast_paths.choose_fast_paths). A resumed run keeps what they resolved to when it started,
+# as recorded in its checkpoint, so a newer llama_mini whose defaults differ continues it as it was.
+OWN_ON_RESUME = ("dtype", "compile", "fused_adamw", "swiglu_kernel", "loss_chunk_size")
+
+
+def own_choices(config: TrainConfig, resolved_before: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A resumed run's own choices for the OWN_ON_RESUME settings it leaves to their defaults, from its
+    checkpoint's record: kept when the run continues on the same kind of device (a run moved from a GPU
+    to a CPU takes the CPU's defaults) and the choice can run here (bf16 on a CUDA GPU without it, or
+    compiling on a CPU without a C++ compiler, are decided again)."""
+    if resolved_before.get("device") != device.type:
+        return {}
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    own = {
+        name: resolved_before[name]
+        for name in OWN_ON_RESUME
+        if name in resolved_before and getattr(config, name) == defaults[name]
+    }
+    if device.type == "cuda" and own.get("dtype") == "bf16" and not torch.cuda.is_bf16_supported():
+        del own["dtype"]
+    if device.type == "cpu" and own.get("compile") and not cpu_compile_works():
+        del own["compile"]
+    return own
+
+
+def say_what_the_resume_keeps(
+    settings: RunSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    fast_paths: FastPaths,
+    choose: Callable[..., FastPaths],
+) -> None:
+    """One line on stderr naming the settings a resumed run keeps (`settings.kept_derived`, `own_choices`)
+    where a new run with its settings would choose otherwise here; nothing when none differ. `choose` is
+    choose_fast_paths with the run's other arguments bound."""
+    config = settings.config
+    new_dtype = resolve_dtype(config.dtype, device, training=True)
+    new = choose(
+        dtype=new_dtype,
+        compile=config.compile,
+        fused_adamw=config.fused_adamw,
+        swiglu_kernel=config.swiglu_kernel,
+        loss_chunk_size=config.loss_chunk_size,
+    )
+    kept = dict(settings.kept_derived)
+    if dtype != new_dtype:
+        kept["dtype"] = (DTYPE_NAMES[dtype], DTYPE_NAMES[new_dtype])
+    for field in dataclasses.fields(FastPaths):
+        own, other = getattr(fast_paths, field.name), getattr(new, field.name)
+        if own != other:
+            kept[field.name] = (own, other)
+    if kept:
+        print(describe_kept(kept), file=sys.stderr)
+
+
+def describe_kept(kept: dict[str, tuple[Any, Any]]) -> str:
+    """One line naming the settings a resumed run keeps where a new run here would choose otherwise."""
+
+    def spoken(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    listed = ", ".join(
+        f"--{name.replace('_', '-')} {spoken(own)} (a new run here: {spoken(new)})"
+        for name, (own, new) in kept.items()
+    )
+    return f"resuming with the run's own {listed}; pass a flag to change one"
 
 
 def check_before_slow_work(

@@ -8,11 +8,14 @@ increasing priority:
     --resume:  the checkpoint's saved settings, then --config FILE, then the flags given
 
 and the run folder keeps the resolved settings in OUT/config.toml, which `--config` reads back to
-reproduce the run.
+reproduce the run. A resumed run also keeps the values its defaults came to when it started (the
+checkpoint's "resolved" record; `resumed_settings`, and build.py's `own_choices` for the device's), so a
+newer llama_mini with other defaults continues it as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE
 from llama_mini.train.tracking import DASHBOARDS
 
 __all__ = [
+    "DERIVED_FROM",
     "AttentionName",
     "OptimizerName",
     "ParallelName",
@@ -397,6 +401,16 @@ class TrainConfig:
         """A copy with `changes`, its derived values derived again (dataclasses.replace would freeze them)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
+    def with_derived_values(self, values: dict[str, Any]) -> TrainConfig:
+        """A copy whose derived settings named in `values` take those values and stay marked derived: a
+        resumed run's own (`resumed_settings`), which may predate a change of the defaults."""
+        kept = copy.copy(self)
+        for name, value in values.items():
+            if name not in self.derived:
+                raise ValueError(f"{name} is not a derived setting of this config")
+            setattr(kept, name, value)
+        return kept
+
 
 def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelArgs:
     """The model's settings: the preset (if any), then `overrides` (flags, a config file); the tokenizer
@@ -404,6 +418,15 @@ def model_args_for(config: TrainConfig, overrides: dict[str, Any], vocab_size: i
     base = dict(PRESETS[config.preset]) if config.preset else {}
     return ModelArgs.from_dict({**base, **overrides, "vocab_size": vocab_size})
 
+
+# What each setting derived by TrainConfig._resolve_schedule_defaults is derived from. A resumed run keeps
+# the values its checkpoint recorded (`resumed_settings`) unless one of these changes on resume.
+DERIVED_FROM = {
+    "lr": ("init_from", "lora_rank"),
+    "min_lr": ("lr", "init_from"),
+    "weight_decay": ("init_from",),
+    "warmup_steps": ("max_steps", "init_from"),
+}
 
 # Settings a resumed run cannot change: they decide which weights exist and where they came from, which
 # text the run reads (another corpus or tokenizer would silently replace the run's prepared data while its
@@ -415,11 +438,17 @@ FIXED_ON_RESUME = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "data
 
 def resumed_settings(
     saved: dict[str, Any], explicit: dict[str, Any], model_overrides: dict[str, Any], out: str
-) -> tuple[TrainConfig, dict[str, Any]]:
+) -> tuple[TrainConfig, dict[str, Any], dict[str, tuple[Any, Any]]]:
     """The settings of a resumed run: the checkpoint's `saved` trainer_state (its "train_config" and
     "model_args"), with the training settings given explicitly (`explicit`: flags, a config file) on top.
     The model's shape cannot change, nor the FIXED_ON_RESUME settings: a setting that disagrees with the
-    checkpoint is a ConfigError."""
+    checkpoint is a ConfigError.
+
+    A derived setting keeps the value the run trained with (the checkpoint's "resolved" record), so that a
+    newer llama_mini with other defaults continues the run as it was; it is derived again, as in a fresh
+    run, when one of its DERIVED_FROM inputs is given another value. A checkpoint written before that
+    record existed has its values derived by today's rules. Returns (config, model settings, the kept values
+    that today's rules would set otherwise: name -> (kept, today's))."""
     saved_model = dict(saved["model_args"])
     for name, value in model_overrides.items():
         if saved_model.get(name) != value:
@@ -436,7 +465,18 @@ def resumed_settings(
                 f"--{name.replace('_', '-')} {now} differs from the resumed run's {before}: drop the flag to "
                 "resume, or train into a new --out"
             )
-    return config, saved_model
+    recorded = {name: value for name, value in saved.get("resolved", {}).items() if name in DERIVED_FROM}
+    ran_with = {**saved["train_config"], **recorded}  # the values the run trained with
+    kept = {
+        name: recorded[name]
+        for name in config.derived
+        if name in recorded
+        and not any(key in explicit and explicit[key] != ran_with.get(key) for key in DERIVED_FROM[name])
+    }
+    differences = {
+        name: (value, getattr(config, name)) for name, value in kept.items() if value != getattr(config, name)
+    }
+    return config.with_derived_values(kept), saved_model, differences
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -38,6 +38,7 @@ saved by N processes resumes with M (the checkpoint's sharded state is resharded
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -64,10 +65,10 @@ from llama_mini.model.sizes import training_flops_per_token
 from llama_mini.model.transformer import Transformer
 from llama_mini.ops.fast_paths import attention_backend
 from llama_mini.ops.lora import trainable_parameters
-from llama_mini.runtime import DTYPES, autocast, clock, peak_flops, peak_memory_bytes
+from llama_mini.runtime import DTYPE_NAMES, autocast, clock, peak_flops, peak_memory_bytes
 from llama_mini.tokenizer.chat import chat_stop_ids, encode_chat
 from llama_mini.train.build import build_run
-from llama_mini.train.config import TrainConfig, write_run_config
+from llama_mini.train.config import DERIVED_FROM, TrainConfig, write_run_config
 from llama_mini.train.data_feed import batches
 from llama_mini.train.dpo import (
     accumulate_preference_gradients,
@@ -88,9 +89,6 @@ from llama_mini.train.tracking import Dashboards
 LAUNCHER_ECHO_S = 5.0
 
 __all__ = ["TrainSummary", "Trainer", "TrainingError", "accumulate_gradients"]
-
-
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 
 class TrainingError(LlamaMiniError):
@@ -588,6 +586,7 @@ class Trainer:
                 "best_val_loss": self.best_val_loss,
                 "train_config": self.config.to_dict(),
                 "model_args": self.model_args.to_dict(),
+                "resolved": self.resolved_settings(),
             },
             is_best=is_best,
             keep_last=self.config.keep_last,
@@ -595,6 +594,15 @@ class Trainer:
         if self.dist.is_main:
             self.last_checkpoint = folder
         self.last_saved_step = self.step
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """What the run's settings came to: the schedule's values (set or derived) and the device, dtype and
+        fast paths the defaults chose here. Recorded with each checkpoint, so that a resume keeps the ones
+        its settings leave to a default although a newer llama_mini may choose otherwise (build.py's
+        resolve_settings and own_choices)."""
+        schedule = {name: getattr(self.config, name) for name in DERIVED_FROM}
+        runtime = {"device": self.device.type, "dtype": DTYPE_NAMES[self.dtype]}
+        return {**schedule, **runtime, **dataclasses.asdict(self.fast_paths)}
 
     def _whole_model(self) -> Transformer | None:
         """The model with whole tensors, for the Hugging Face folder: `raw_model` itself, or under FSDP a
