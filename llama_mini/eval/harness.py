@@ -24,7 +24,9 @@ request's tokens start with bos, after the bos prefix, so ln p(bos | bos) is par
 What differs is the work: requests are sorted by length (longest first) and batched, right-padded (causal
 attention keeps real positions from reading the padding); one forward pass per batch computes the hidden
 states, and the output layer and a float32 log-softmax run only at the continuation's positions, not at
-every position of every row. Rolling windows of all requests are batched together. Generation uses
+every position of every row. Requests that differ only in their continuation (a multiple-choice
+question's choices) run their shared context once, and each continuation from its KV cache. Rolling
+windows of all requests are batched together. Generation uses
 llama_mini's KV-cached decode loop over the batch (llama_mini.generation.iter_new_tokens), stopped as soon
 as every row has reached a stop string, its eos or max_gen_toks.
 """
@@ -35,6 +37,7 @@ import contextlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +51,7 @@ from tqdm import tqdm
 from llama_mini.errors import ConfigError
 from llama_mini.eval.loading import load_model_and_tokenizer
 from llama_mini.generation import iter_new_tokens
+from llama_mini.model.cache import SlotKVCache
 from llama_mini.model.transformer import Transformer
 from llama_mini.runtime import resolve_device, resolve_dtype
 from llama_mini.tokenizer import Tokenizer
@@ -155,65 +159,106 @@ class LlamaMiniLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **_
     ) -> list[tuple[float, bool]]:
-        """(key, context ids, continuation ids) -> (ln p(continuation | context), is it the greedy one),
-        longest requests first, batch_size per forward pass."""
-        order = sorted(
-            range(len(requests)),
-            key=lambda i: (
-                -len(requests[i][1]) - len(requests[i][2]),
-                tuple(requests[i][1] + requests[i][2]),
-            ),
-        )
+        """(key, context ids, continuation ids) -> (ln p(continuation | context), is it the greedy one).
+
+        Each request is a row of tokens scored at its continuation's positions (`_Row`). Rows whose tokens
+        before those positions are the same (the choices of a multiple-choice question, after its passage)
+        are scored together: that prefix runs once, and each row's own tokens run after it, reading its
+        keys and values from a KV cache (`_score_shared`), instead of every row running the passage again.
+        The other rows (rolling windows, a lone request) run whole (`_score`), longest first. Either way a
+        forward pass takes at most batch_size rows."""
+        rows = [_Row.of(context, continuation, self.max_length) for _, context, continuation in requests]
+        by_prefix: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for number, row in enumerate(rows):
+            by_prefix[row.prefix].append(number)
+        groups: list[list[int]] = []
+        alone: list[int] = []
+        for prefix, numbers in by_prefix.items():
+            if prefix and len(numbers) > 1:
+                groups.append(numbers)
+            else:
+                alone += numbers
+        shared_batches = _pack(groups, self.batch_size, rows)
+        alone += [batch[0] for batch in shared_batches if len(batch) == 1]  # batch size 1: nothing to share
+        alone.sort(key=lambda n: (-len(rows[n].inputs), rows[n].inputs))
+        batches = [(True, batch) for batch in shared_batches if len(batch) > 1]
+        batches += [(False, alone[i : i + self.batch_size]) for i in range(0, len(alone), self.batch_size)]
+
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood requests")
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
-            scores = self._score([requests[i][1] for i in batch], [requests[i][2] for i in batch])
-            for i, score in zip(batch, scores, strict=True):
-                results[i] = score
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+        for shared, batch in batches:
+            score = self._score_shared if shared else self._score
+            for number, result in zip(batch, score([rows[n] for n in batch]), strict=True):
+                results[number] = result
+                if requests[number][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[number][0], result)
             bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """One forward pass for a batch of (context, continuation) ids."""
-        inputs, counts = [], []
-        for context, continuation in zip(contexts, continuations, strict=True):
-            if not context or not continuation:
-                raise ConfigError(
-                    "a loglikelihood request needs a context and a continuation of 1 token or more"
+    def _score(self, rows: list[_Row]) -> list[tuple[float, bool]]:
+        """One forward pass over whole rows, right-padded (causal attention keeps each row's positions from
+        reading the padding after them)."""
+        hidden = self.model.hidden_states(_padded([row.inputs for row in rows], self._device))
+        return self._log_likelihoods(hidden, rows, [len(row.inputs) - row.count for row in rows])
+
+    @torch.no_grad()
+    def _score_shared(self, rows: list[_Row]) -> list[tuple[float, bool]]:
+        """Rows that share prefixes: each distinct prefix runs once (a KV-cached pass over them all,
+        right-padded), then every row's own tokens run after its prefix, each row at its own position (a
+        SlotKVCache holding a copy of its prefix's keys and values). The result equals `_score`'s up to
+        rounding: the same attention over the same positions, computed in two passes.
+
+        The second pass pads every row to the longest row's tokens, and no position may lie past the
+        model's context (its RoPE table ends there): a row whose prefix ends too close to it starts that
+        much earlier, running its prefix's last few tokens again (their keys and values are written over
+        with the same ones)."""
+        prefixes = list(dict.fromkeys(row.prefix for row in rows))  # each once, in order
+        which = {prefix: number for number, prefix in enumerate(prefixes)}
+        longest = max(map(len, prefixes))
+        width = max(row.count for row in rows)
+        starts = [min(len(row.prefix), self.model.args.max_seq_len - width) for row in rows]
+        model = self.model
+        try:
+            with _eagerly():
+                model.setup_cache(len(prefixes), max_seq_len=longest)
+                model.hidden_states(_padded(prefixes, self._device))  # fills the caches
+                sources = torch.tensor([which[row.prefix] for row in rows], device=self._device)
+                tokens = _padded(
+                    [row.inputs[start:] for row, start in zip(rows, starts, strict=True)], self._device
                 )
-            # The last max_length + 1 tokens; the final one is only a target.
-            inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
-            counts.append(min(len(continuation), self.max_length))
-        longest = max(map(len, inputs))
-        tokens = torch.zeros((len(inputs), longest), dtype=torch.long)
-        rows, positions = [], []
-        for row, (ids, count) in enumerate(zip(inputs, counts, strict=True)):
-            tokens[row, : len(ids)] = torch.tensor(ids)
-            rows += [row] * count
-            positions += range(len(ids) - count, len(ids))
-        hidden = self.model.hidden_states(tokens.to(self._device))
-        index = torch.tensor(rows, device=self._device), torch.tensor(positions, device=self._device)
-        log_probs = F.log_softmax(self.model.output(hidden[index]).float(), dim=-1)  # (N, V)
-        targets = torch.tensor(
-            [
-                t
-                for continuation, count in zip(continuations, counts, strict=True)
-                for t in continuation[-count:]
-            ],
-            device=self._device,
+                end = max(starts) + tokens.shape[1]
+                for layer in model.layers:
+                    layer.attention.cache = SlotKVCache.gathered(layer.attention.cache, sources, longest, end)
+                hidden = model.hidden_states(tokens, torch.tensor(starts, device=self._device)[:, None])
+        finally:
+            model.clear_cache()
+        return self._log_likelihoods(
+            hidden, rows, [len(row.prefix) - start for row, start in zip(rows, starts, strict=True)]
         )
+
+    def _log_likelihoods(
+        self, hidden: torch.Tensor, rows: list[_Row], firsts: list[int]
+    ) -> list[tuple[float, bool]]:
+        """(ln p, greedy) of each row's targets, predicted at positions firsts[b] .. firsts[b] + count - 1
+        of hidden's row b: the output layer and a float32 log-softmax at those positions only."""
+        index = (
+            torch.tensor([b for b, row in enumerate(rows) for _ in range(row.count)], device=self._device),
+            torch.tensor(
+                [p for row, first in zip(rows, firsts, strict=True) for p in range(first, first + row.count)],
+                device=self._device,
+            ),
+        )
+        log_probs = F.log_softmax(self.model.output(hidden[index]).float(), dim=-1)  # (N, V)
+        targets = torch.tensor([t for row in rows for t in row.targets], device=self._device)
         chosen = log_probs.gather(1, targets[:, None]).squeeze(1)
         greedy = log_probs.argmax(dim=-1) == targets
         scores, first = [], 0
-        for count in counts:
-            span = slice(first, first + count)
+        for row in rows:
+            span = slice(first, first + row.count)
             scores.append((float(chosen[span].sum()), bool(greedy[span].all())))
-            first += count
+            first += row.count
         return scores
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
@@ -308,6 +353,62 @@ class LlamaMiniLM(TemplateLM):
             postprocess_generated_text(self.tokenizer.decode(ids), until, think_end_token=None)
             for ids in new_ids
         ]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One loglikelihood request as the model reads it: `inputs`, the last max_length + 1 tokens of context
+    + continuation without the final one (only a target), scored at its last `count` positions, where
+    they predict `targets`, the continuation's last `count` tokens. `prefix` is what comes before those
+    positions, `own` the tokens at them."""
+
+    inputs: list[int]
+    count: int
+    targets: list[int]
+
+    @classmethod
+    def of(cls, context: list[int], continuation: list[int], max_length: int) -> _Row:
+        if not context or not continuation:
+            raise ConfigError("a loglikelihood request needs a context and a continuation of 1 token or more")
+        count = min(len(continuation), max_length)
+        return cls((context + continuation)[-(max_length + 1) :][:-1], count, continuation[-count:])
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return tuple(self.inputs[: -self.count])
+
+    @property
+    def own(self) -> list[int]:
+        return self.inputs[-self.count :]
+
+
+def _pack(groups: list[list[int]], batch_size: int, rows: list[_Row]) -> list[list[int]]:
+    """Batches of at most batch_size request numbers that keep each group (rows of one prefix) together,
+    longest prefixes first; a group larger than a batch is split, each part running its prefix."""
+    groups = sorted(groups, key=lambda numbers: (-len(rows[numbers[0]].inputs), rows[numbers[0]].prefix))
+    parts = [group[i : i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+    batches: list[list[int]] = []
+    for part in parts:
+        if batches and len(batches[-1]) + len(part) <= batch_size:
+            batches[-1] += part
+        else:
+            batches.append(list(part))
+    return batches
+
+
+def _padded(sequences, device: torch.device) -> torch.Tensor:
+    """Token id lists as one right-padded (zeros) int64 tensor (len(sequences), longest)."""
+    tokens = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return tokens.to(device)
+
+
+def _eagerly() -> contextlib.AbstractContextManager:
+    """A context in which compiled modules run eagerly (torch >= 2.6; a no-op before): the KV-cached passes
+    of a model whose blocks training compiled (--eval-tasks) would otherwise recompile for every shape."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _generator(tokens: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:

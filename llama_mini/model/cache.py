@@ -133,6 +133,18 @@ class SlotKVCache(KVCache):
         mask = key_positions <= positions[:, :, None]  # (B, T, S)
         return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end], mask[:, None]
 
+    @classmethod
+    def gathered(cls, source: KVCache, rows: torch.Tensor, length: int, max_seq_len: int) -> SlotKVCache:
+        """A cache of len(rows) rows and max_seq_len positions whose row b holds positions 0 .. length-1 of
+        `source`'s row rows[b]: several sequences that go on from one prefilled prefix (the choices of a
+        question after its passage, llama_mini.eval.harness). A row whose own prefix is shorter than
+        `length` starts its positions at its prefix's end and overwrites what lies beyond it."""
+        _, n_kv_heads, _, head_dim = source.k_cache.shape
+        cache = cls(len(rows), max_seq_len, n_kv_heads, head_dim, source.k_cache.dtype, source.k_cache.device)
+        cache.k_cache[:, :, :length] = source.k_cache[rows, :, :length]
+        cache.v_cache[:, :, :length] = source.v_cache[rows, :, :length]
+        return cache
+
     def copy_row_from(self, row: int, source: KVCache, length: int, source_row: int = 0) -> None:
         """Make row `row` hold positions 0 .. length-1 of `source`'s row `source_row` (a prefilled cache)."""
         self.k_cache[row, :, :length] = source.k_cache[source_row, :, :length]
