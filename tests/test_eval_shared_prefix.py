@@ -75,9 +75,10 @@ def test_shared_contexts_give_the_log_likelihoods_of_whole_recomputation(
 
 
 def test_a_questions_context_runs_once_for_its_four_choices(model, sentencepiece_model, monkeypatch):
-    """6 questions, each a 20-token context and 4 choices of 3 tokens, in batches of 8 rows: each batch runs
-    its 2 questions' prefixes (the context but its last token: 19 positions) once, then 8 rows of 3."""
-    lm = harness(model, sentencepiece_model, batch_size=8)
+    """6 questions, each a 20-token context and 4 choices of 3 tokens, at batch size 4: a pass runs at most 4
+    prefixes (the contexts but their last token: 19 positions), once each, then their 16 rows of 3 tokens
+    (48 tokens, less than 4 whole rows of 22)."""
+    lm = harness(model, sentencepiece_model, batch_size=4)
     generator = random.Random(1)
     requests = []
     for _ in range(6):
@@ -91,7 +92,7 @@ def test_a_questions_context_runs_once_for_its_four_choices(model, sentencepiece
         lambda tokens, *rest: fed.append(tokens.numel()) or hidden_states(tokens, *rest),
     )
     results = lm._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert fed == [2 * 19, 8 * 3] * 3  # whole, it would be 24 rows of 22 positions: 528
+    assert fed == [4 * 19, 16 * 3, 2 * 19, 8 * 3]  # whole, it would be 24 rows of 22 positions: 528
     assert all(layer.attention.cache is None for layer in model.layers)  # the caches are gone again
     _, context, continuation = requests[5]
     assert results[5][0] == pytest.approx(recomputed(model, context, continuation)[0], rel=1e-5, abs=1e-5)

@@ -165,8 +165,8 @@ class LlamaMiniLM(TemplateLM):
         before those positions are the same (the choices of a multiple-choice question, after its passage)
         are scored together: that prefix runs once, and each row's own tokens run after it, reading its
         keys and values from a KV cache (`_score_shared`), instead of every row running the passage again.
-        The other rows (rolling windows, a lone request) run whole (`_score`), longest first. Either way a
-        forward pass takes at most batch_size rows."""
+        The other rows (rolling windows, a lone request) run whole (`_score`), longest first, batch_size
+        rows per forward pass; `_pack` keeps the shared passes no larger than that."""
         rows = [_Row.of(context, continuation, self.max_length) for _, context, continuation in requests]
         by_prefix: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for number, row in enumerate(rows):
@@ -383,16 +383,32 @@ class _Row:
 
 
 def _pack(groups: list[list[int]], batch_size: int, rows: list[_Row]) -> list[list[int]]:
-    """Batches of at most batch_size request numbers that keep each group (rows of one prefix) together,
-    longest prefixes first; a group larger than a batch is split, each part running its prefix."""
-    groups = sorted(groups, key=lambda numbers: (-len(rows[numbers[0]].inputs), rows[numbers[0]].prefix))
-    parts = [group[i : i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+    """Groups of rows that share a prefix, in batches for `_score_shared`, longest rows first. A batch holds
+    at most batch_size prefixes, as `_score` holds batch_size rows, and as many rows as fit in the tokens of
+    batch_size of its longest rows, counting each row at the batch's widest own part (how the second pass
+    pads them): neither pass is larger than a `_score` pass of batch_size rows. A group that does not fit
+    is split, each part running its prefix."""
+    ordered = sorted(groups, key=lambda numbers: (-len(rows[numbers[0]].inputs), rows[numbers[0]].prefix))
     batches: list[list[int]] = []
-    for part in parts:
-        if batches and len(batches[-1]) + len(part) <= batch_size:
-            batches[-1] += part
-        else:
-            batches.append(list(part))
+    prefixes, width, longest = 0, 0, 0
+    for group in ordered:
+        new_group = True
+        for number in group:
+            row = rows[number]
+            grown_width, grown_longest = max(width, row.count), max(longest, len(row.inputs))
+            fits = (
+                batches
+                and prefixes + (1 if new_group else 0) <= batch_size
+                and (len(batches[-1]) + 1) * grown_width <= batch_size * grown_longest
+            )
+            if fits:
+                batches[-1].append(number)
+                prefixes += 1 if new_group else 0
+                width, longest = grown_width, grown_longest
+            else:
+                batches.append([number])
+                prefixes, width, longest = 1, row.count, len(row.inputs)
+            new_group = False
     return batches
 
 
