@@ -2,6 +2,7 @@
 
     python bench/decode.py                                    # stories15m at batch 1 and 8, CPU or GPU
     python bench/decode.py --preset stories110m llama3.2-1b --compile both --json decode.json
+    python bench/decode.py --preset llama3.2-1b --quantize none int8 int4 --compile both   # on a GPU
 
 At batch size B each decode step reads every weight once (and the KV cache of the positions so far) to
 produce B tokens, so when memory bandwidth is the limit:  tokens/s <= B * bandwidth / bytes read per step.
@@ -24,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.timing import print_table, run_info, time_call, write_json  # noqa: E402
 from llama_mini import Transformer, get_preset  # noqa: E402
 from llama_mini.generation import GenerationStats, generate  # noqa: E402
+from llama_mini.ops.quantize import Int4Linear, Int8Linear, quantize  # noqa: E402
+
+QUANTIZED = (Int8Linear, Int4Linear)
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float | None:
@@ -45,15 +49,18 @@ def read_bandwidth(device: torch.device, megabytes: int = 512) -> float:
 
 
 def bytes_per_decode_step(model: Transformer, batch: int, context: int, dtype: torch.dtype) -> int:
-    """Weights read once per step (the embedding table only B rows, unless tied to the output matrix),
-    plus the keys and values of `context` positions for each of the batch's rows."""
-    element = torch.finfo(dtype).bits // 8
+    """Weights read once per step, in the bytes they are stored in (a quantized layer's int8 or packed
+    int4 values and its scales; the embedding table only B rows, unless tied to the output matrix), plus
+    the keys and values of `context` positions for each of the batch's rows, in `dtype`."""
     args = model.args
-    weights = sum(p.numel() for p in model.parameters())
-    if not args.tie_embeddings:
-        weights -= args.vocab_size * args.dim  # a lookup of B rows, not a read of the table
+    stored = [*model.parameters(), *(buffer for module in model.modules() if isinstance(module, QUANTIZED)
+                                     for buffer in module.buffers(recurse=False))]  # fmt: skip
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in stored)
+    if not args.tie_embeddings:  # a lookup of B rows, not a read of the table
+        table = model.tok_embeddings.weight
+        weights -= table.numel() * table.element_size()
     kv_cache = 2 * args.n_layers * args.n_kv_heads * args.head_dim * context * batch
-    return (weights + kv_cache) * element
+    return weights + kv_cache * (torch.finfo(dtype).bits // 8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    parser.add_argument(
+        "--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+        help="weights as stored: the model's dtype (none), or generate.py --quantize's int8 / int4",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -76,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else read_bandwidth(device)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
-    for preset in args.preset:
+    for preset, scheme in ((preset, scheme) for preset in args.preset for scheme in args.quantize):
         torch.manual_seed(0)
         # Keep the context at prompt + new tokens: a 128K-position cache would not fit batch 8.
         model_args = get_preset(preset, max_seq_len=args.prompt_len + args.new_tokens)
-        model = Transformer(model_args).to(device=device, dtype=dtype).eval()
+        model = quantize(Transformer(model_args).to(device=device, dtype=dtype).eval(), scheme)
         for compiled in modes:
             for batch in args.batch_sizes:
                 prompts = torch.randint(1, model_args.vocab_size, (batch, args.prompt_len)).tolist()
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 time_call(run, device, warmup=2, repeats=3)
                 row = {
                     "preset": preset,
+                    "weights": dtype_name if scheme == "none" else scheme,
                     "mode": "compiled" if compiled else "eager",
                     "batch": batch,
                     "prefill tok/s": stats.prefill_tokens_per_second,

@@ -2,6 +2,7 @@
 
     python bench/serve.py                                  # stories15m shape, vocab 4096, 1 and 8 clients
     python bench/serve.py --clients 1 4 8 16 --new-tokens 64 --json serve.json
+    python bench/serve.py --device cuda --dtype bf16 --clients 1 8 64 --servers llama_mini   # a GPU
 
 On a machine shared with other jobs, run it under `flock /tmp/llama_mini_cpu.lock` (the lock the other CPU
 benchmarks here take), so that they take turns.
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="each server's CPU threads")
     parser.add_argument(
+        "--device", default="cpu", help="llama_mini's device (llama.cpp's build is the CPU's)"
+    )
+    parser.add_argument("--dtype", default="fp32", help="llama_mini's weights: fp32 (as llama.cpp's) or bf16")
+    parser.add_argument(
         "--servers", nargs="+", choices=SERVERS, default=list(SERVERS), help="which servers to measure"
     )
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("llama_mini"):
                 batch = max(args.clients)
                 command = [sys.executable, "-m", "llama_mini.cli", "serve", str(folder), "--port", str(port),
-                           "--max-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu",
+                           "--max-batch-size", str(batch), "--dtype", args.dtype, "--device", args.device,
                            "--threads", str(args.threads)]  # fmt: skip
                 if name == "llama_mini compiled":
                     command.append("--compile")

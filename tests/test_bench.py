@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import synthetic_corpus
 
 from bench import (
     data_prep,
@@ -20,12 +21,17 @@ from bench import (
     decode_cpu,
     demo_step_cost,
     ffn,
+    gpu_check,
     profile_cpu,
     serve,
     tracking_overhead,
     train_throughput,
     vs_transformers,
 )
+from llama_mini import Transformer, get_preset
+from llama_mini.ops.aot_step import cpp_compiler_available
+from llama_mini.ops.quantize import quantize
+from llama_mini.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +95,23 @@ def test_decode_bench_reports_eager_and_compiled_at_each_batch_size(tmp_path, qu
         ("compiled", 1),
         ("compiled", 2),
     ]
+
+
+def test_decode_bench_counts_the_bytes_of_quantized_weights():
+    """The bandwidth bound reads each weight in the bytes it is stored in: int8 layers a quarter of float32's
+    (plus one scale per row); the embedding table is looked up, not read."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny"))
+    step = decode.bytes_per_decode_step(model, batch=1, context=0, dtype=torch.float32)
+    matrices = sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("layers") and p.dim() == 2
+    )
+    rows = sum(
+        p.shape[0] for name, p in model.named_parameters() if name.startswith("layers") and p.dim() == 2
+    )
+    assert step == 4 * (sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel())
+    int8_step = decode.bytes_per_decode_step(quantize(model, "int8"), batch=1, context=0, dtype=torch.float32)
+    assert step - int8_step == 4 * matrices - (matrices + 4 * rows)
 
 
 def test_ffn_bench_times_each_activation_kernel(tmp_path, quick_compile, monkeypatch):
@@ -162,6 +185,39 @@ def test_gpu_suite_script_is_valid_bash_and_refuses_an_unknown_part(tmp_path):
         ["bash", str(script), str(tmp_path), "nonsense"], capture_output=True, text=True
     )
     assert finished.returncode == 2 and "unknown part nonsense" in finished.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not cpp_compiler_available(), reason="generate.py --compile builds a step with a C++ compiler"
+)
+def test_gpu_check_runs_train_and_generate_both_ways_and_finds_them_agreeing(tmp_path, monkeypatch):
+    """bench/gpu_check.py end to end on the CPU: two 6-step train.py runs (the defaults, the plain paths)
+    and two greedy generations (eager, compiled), compared and written out."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = synthetic_corpus(documents=8)
+    for index, text in enumerate(texts):
+        (corpus / f"doc{index}.txt").write_text(text)
+    train_tokenizer(texts, tmp_path / "tokenizer.model", vocab_size=300)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the compiled step, kept out of ~/.cache
+    out = tmp_path / "check.json"
+    argv = ["--out", str(tmp_path / "runs"), "--data", str(corpus), "--steps", "6", "--device", "cpu",
+            "--new-tokens", "8", "--json", str(out), "--", "--tokenizer", str(tmp_path / "tokenizer.model"),
+            "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-seq-len", "16", "--batch-size", "2",
+            "--eval-steps", "1"]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["losses_agree"] and report["texts_agree"]
+    commands = [row["command"] for row in report["rows"]]
+    assert commands == [
+        "train.py (defaults)",
+        "train.py (plain)",
+        "generate.py (eager)",
+        "generate.py (compiled)",
+    ]
+    defaults, plain = report["rows"][:2]
+    assert defaults["val_loss"] > 0 and defaults["tokens/s"] > 0 and "attention math" in plain["how"]
 
 
 def test_decode_cpu_bench_runs_every_engine_on_the_same_weights(tmp_path, quick_compile, capsys):
