@@ -127,8 +127,9 @@ def test_a_run_with_the_devices_defaults_stops_and_resumes_where_it_stopped(
 ):
     """train.py's Trainer with --device DEVICE and every other default of the device (--dtype auto, the fast
     paths): interrupted after step 3 and resumed, it gives the losses of a run never stopped. Exactly on
-    a CPU; on a GPU within float32 rounding, since some CUDA kernels (the embedding's backward) add in
-    any order."""
+    a CPU; on a GPU within 1e-3, since some CUDA kernels (the embedding's backward) add in any order, and
+    bf16 rounds those float32 differences up now and then (a lost optimizer state or a shifted batch moves
+    the losses by 1e-2 and more)."""
     corpus, tokenizer = corpus_and_tokenizer
     settings = dict(max_steps=8, eval_interval=4, device=device, dtype="auto")
     Trainer(
@@ -158,4 +159,4 @@ def test_a_run_with_the_devices_defaults_stops_and_resumes_where_it_stopped(
     if device == "cpu":
         assert losses(tmp_path / "broken") == expected
     else:
-        assert losses(tmp_path / "broken") == pytest.approx(expected, rel=1e-4)
+        assert losses(tmp_path / "broken") == pytest.approx(expected, rel=1e-3)

@@ -339,6 +339,70 @@ def test_dpo_without_init_from_is_refused():
         TrainConfig(dpo=True)
 
 
+class _Pairs:
+    """A stand-in for a PreferenceSplit of 3 pairs: rows of zeros (the scoring below ignores them)."""
+
+    tokens = np.zeros(30)
+
+    def __len__(self):
+        return 3
+
+    def rows(self, indices, seq_len):
+        rows = torch.zeros((2 * len(indices), seq_len), dtype=torch.long)
+        return rows, rows
+
+
+class _Scores(torch.nn.Module):
+    """A loss module giving each row a fixed log-probability, counting its calls."""
+
+    calls = 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        return torch.arange(len(x), dtype=torch.float32)
+
+
+class _Processes:
+    """The Distributed calls reference_log_probs makes, as the main process of two, the other of which
+    finds (or does not find) the recorded log-probabilities."""
+
+    is_main = True
+
+    def __init__(self, other_lacks_them: bool):
+        self.other_lacks_them, self.barriers = other_lacks_them, 0
+
+    def any(self, flag, device):
+        return flag or self.other_lacks_them
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_every_process_reads_or_computes_the_reference_together(tmp_path):
+    """Under torchrun a slow process could find OUT/reference/ written by the main process during this very
+    call, skip the forward passes and the barrier the others wait at, and hang the run: a process uses the
+    recorded values only where every process found them."""
+    from llama_mini.train.dpo import reference_log_probs
+
+    def reference(processes, scores):
+        return reference_log_probs(
+            tmp_path, {"train": _Pairs()}, torch.nn.Linear(1, 1), scores, seq_len=4, batch_size=2,
+            source="m", lora=False, resuming=False, dist=processes, device=torch.device("cpu"),
+            dtype=torch.float32,
+        )  # fmt: skip
+
+    first, scores = _Processes(other_lacks_them=True), _Scores()
+    computed = reference(first, scores)["train"]
+    assert scores.calls == 2 and first.barriers == 1  # 3 pairs in batches of 2, then written
+    assert computed.tolist() == [[0, 2], [1, 3], [0, 1]]  # a batch: its chosen rows, then its rejected
+    found_by_all, scores = _Processes(other_lacks_them=False), _Scores()
+    assert reference(found_by_all, scores)["train"].tolist() == computed.tolist()
+    assert scores.calls == 0 and found_by_all.barriers == 0
+    found_here_only, scores = _Processes(other_lacks_them=True), _Scores()
+    assert reference(found_here_only, scores)["train"].tolist() == computed.tolist()
+    assert scores.calls == 2 and found_here_only.barriers == 1  # computed with the others, and waited
+
+
 def test_with_adapters_off_a_lora_model_is_its_base():
     model = tiny_model()
     x, _ = pair_rows()

@@ -154,6 +154,25 @@ def evaluate_preferences(
     return {f"val_{name}": dist.mean(value, device) for name, value in named}
 
 
+def _stored_reference(
+    folder: Path, splits: dict[str, PreferenceSplit], expected: dict, resuming: bool
+) -> dict[str, np.ndarray] | None:
+    """The log-probabilities recorded in `folder` for these pairs (any, when resuming), or None."""
+    try:
+        recorded = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+        if recorded != expected and not resuming:
+            return None
+        stored = {}
+        for split, data in splits.items():
+            values = np.load(folder / f"{split}.npy", allow_pickle=False)
+            if values.shape != (len(data), 2):
+                return None
+            stored[split] = values
+        return stored
+    except (OSError, ValueError):
+        return None
+
+
 def _reference_key(data: PreferenceSplit, seq_len: int, source: str) -> dict:
     return {"pairs": int(len(data)), "tokens": int(len(data.tokens)), "seq_len": seq_len, "model": source}
 
@@ -181,18 +200,11 @@ def reference_log_probs(
     run the same forward passes."""
     folder = out / REFERENCE_FOLDER
     expected = {split: _reference_key(data, seq_len, source) for split, data in splits.items()}
-    try:
-        recorded = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
-        if recorded == expected or resuming:
-            stored = {}
-            for split, data in splits.items():
-                values = np.load(folder / f"{split}.npy", allow_pickle=False)
-                if values.shape != (len(data), 2):
-                    raise ValueError(f"{split}.npy holds {values.shape}")
-                stored[split] = values
-            return stored
-    except (OSError, ValueError):
-        pass
+    stored = _stored_reference(folder, splits, expected, resuming)
+    # Every process takes the same path: one that read the folder after the main process wrote it (this
+    # call's own writing, on a slow process) would otherwise skip the forward passes and the barrier.
+    if not dist.any(stored is None, device):
+        return stored
     if resuming and not lora:
         raise DataError(
             f"{folder} lacks the reference log-probabilities this run started with, and the weights they "
