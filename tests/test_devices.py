@@ -13,15 +13,15 @@ import json
 
 import pytest
 import torch
+from test_fast_paths import corpus_and_tokenizer  # noqa: F401 (a fixture)
 from test_generation import PROMPTS, tiny_model
-from test_training import TINY_MODEL, make_config, synthetic_corpus
+from test_training import TINY_MODEL, make_config, stop_after
 
 from llama_mini.generation import generate
 from llama_mini.ops.fast_paths import apply_fast_paths, attention_backend, choose_fast_paths
 from llama_mini.ops.loss import NextTokenLoss
 from llama_mini.ops.quantize import Int4Linear, Int8Linear, int4_kernel_available
 from llama_mini.runtime import autocast, resolve_dtype
-from llama_mini.tokenizer import train_tokenizer
 from llama_mini.train import METRICS, TrainConfig, Trainer, make_optimizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -111,17 +111,6 @@ def test_int8_and_int4_layers_equal_their_dequantized_weights(device):
     torch.testing.assert_close(got, x @ dequantized.T, rtol=tolerance, atol=tolerance)
 
 
-@pytest.fixture(scope="module")
-def corpus_and_tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    texts = synthetic_corpus()
-    for index, text in enumerate(texts):
-        (folder / f"doc{index:02d}.txt").write_text(text)
-    tokenizer = folder.parent / "tokenizer.model"
-    train_tokenizer(texts, tokenizer, vocab_size=300)
-    return folder, tokenizer
-
-
 def test_a_run_with_the_devices_defaults_stops_and_resumes_where_it_stopped(
     device, corpus_and_tokenizer, tmp_path
 ):
@@ -139,13 +128,7 @@ def test_a_run_with_the_devices_defaults_stops_and_resumes_where_it_stopped(
         make_config(corpus, tokenizer, tmp_path / "broken", **settings), TINY_MODEL, show_progress=False
     )
     assert broken.device.type == device
-    step = broken.train_step
-
-    def stop_after_step_3(index):
-        broken.stop_requested = index == 2
-        return step(index)
-
-    broken.train_step = stop_after_step_3
+    stop_after(broken, 3)
     assert broken.run().step == 3
     resumed = make_config(corpus, tokenizer, tmp_path / "broken", **settings)
     Trainer(resumed, {}, resume=True, show_progress=False).run()

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import TINY_MODEL, cli_flags, corpus_dir, make_config, read_metrics, tokenizer_path  # noqa: F401
+from test_training import (  # noqa: F401 (fixtures)
+    TINY_MODEL,
+    cli_flags,
+    corpus_dir,
+    make_config,
+    read_metrics,
+    stop_after,
+    tokenizer_path,
+)
 
 import train as train_cli
 from llama_mini import runtime as runtime_module
@@ -155,13 +163,7 @@ def test_a_run_resumed_after_the_defaults_changed_equals_an_uninterrupted_one(
     broken = Trainer(make_config(corpus_dir, tokenizer_path, tmp_path / "broken", **settings), TINY_MODEL,
                      show_progress=False)  # fmt: skip
     assert (broken.config.lr, broken.config.warmup_steps, broken.dtype) == (4e-3, 1, torch.float32)
-    step = broken.train_step
-
-    def stop_after_step_3(index):
-        broken.stop_requested = index == 2
-        return step(index)
-
-    broken.train_step = stop_after_step_3
+    stop_after(broken, 3)
     assert broken.run().step == 3
     capsys.readouterr()
 

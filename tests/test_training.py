@@ -89,6 +89,17 @@ def make_config(corpus_dir, tokenizer_path, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+def stop_after(trainer: Trainer, steps: int) -> None:
+    """Make `trainer` stop, as on Ctrl-C, once it has taken `steps` steps (it then saves a checkpoint)."""
+    step = trainer.train_step
+
+    def stopping(index: int) -> float:
+        trainer.stop_requested = index == steps - 1
+        return step(index)
+
+    trainer.train_step = stopping
+
+
 def read_metrics(out: Path, kind: str = "train") -> list[dict]:
     lines = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     return [line for line in lines if line["type"] == kind]
