@@ -144,6 +144,8 @@ def test_a_resume_keeps_the_machines_choices_on_the_same_kind_of_device_where_th
                    "loss_chunk_size": 1024}  # fmt: skip
     given = TrainConfig(dtype="fp32", compile=False, loss_chunk_size=0)  # flags win over the record
     assert build_module.own_choices(given, recorded, cpu) == {"fused_adamw": False, "swiglu_kernel": "eager"}
+    again = build_module.own_choices(TrainConfig(), recorded, cpu, given={"dtype": "auto", "compile": None})
+    assert "dtype" not in again and "compile" not in again  # --dtype auto on resume: today's choice
     assert build_module.own_choices(TrainConfig(), {**recorded, "device": "cuda"}, cpu) == {}  # moved
     assert build_module.own_choices(TrainConfig(), {}, cpu) == {}  # a checkpoint without the record
     monkeypatch.setattr(build_module, "cpu_compile_works", lambda: False)  # no C++ compiler here

@@ -119,7 +119,7 @@ def build_run(
     dist = setup_distributed(config.device)
     run_folder.dist = dist
     device = resolve_device(config.device, dist.local_rank)
-    own = own_choices(config, settings.resolved_before, device)
+    own = own_choices(config, settings.resolved_before, device, given=resume_overrides or {})
     dtype = resolve_dtype(own.get("dtype", config.dtype), device, training=True)
     parallel = parallel_mode(config.parallel, dist.world_size)
     try:
@@ -241,10 +241,16 @@ def resolve_settings(
 OWN_ON_RESUME = ("dtype", "compile", "fused_adamw", "swiglu_kernel", "loss_chunk_size")
 
 
-def own_choices(config: TrainConfig, resolved_before: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A resumed run's own choices for the OWN_ON_RESUME settings it leaves to their defaults, from its
-    checkpoint's record: kept when the run continues on the same kind of device (a run moved from a GPU
-    to a CPU takes the CPU's defaults) and the choice can run here (bf16 on a CUDA GPU without it, or
+def own_choices(
+    config: TrainConfig,
+    resolved_before: dict[str, Any],
+    device: torch.device,
+    given: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A resumed run's own choices for the OWN_ON_RESUME settings it leaves to their defaults and the resume
+    does not set (`given`: its flags and config file; `--dtype auto` there asks for today's choice), from
+    its checkpoint's record: kept when the run continues on the same kind of device (a run moved from a
+    GPU to a CPU takes the CPU's defaults) and the choice can run here (bf16 on a CUDA GPU without it, or
     compiling on a CPU without a C++ compiler, are decided again)."""
     if resolved_before.get("device") != device.type:
         return {}
@@ -252,7 +258,7 @@ def own_choices(config: TrainConfig, resolved_before: dict[str, Any], device: to
     own = {
         name: resolved_before[name]
         for name in OWN_ON_RESUME
-        if name in resolved_before and getattr(config, name) == defaults[name]
+        if name in resolved_before and name not in (given or {}) and getattr(config, name) == defaults[name]
     }
     if device.type == "cuda" and own.get("dtype") == "bf16" and not torch.cuda.is_bf16_supported():
         del own["dtype"]
