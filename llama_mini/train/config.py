@@ -491,8 +491,12 @@ def read_run_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return tables["train"], model
 
 
-def write_run_config(path: str | Path, config: TrainConfig, model_args: ModelArgs) -> None:
-    """OUT/config.toml: the run's resolved settings, which `train.py --config` reads back to reproduce it."""
+def write_run_config(
+    path: str | Path, config: TrainConfig, model_args: ModelArgs, ran_with: str | None = None
+) -> None:
+    """OUT/config.toml: the run's resolved settings, which `train.py --config` reads back to reproduce it.
+    `ran_with` says what the settings left to auto came to (the device, dtype and fast paths), in the
+    header: a rerun elsewhere may choose otherwise."""
     model = model_args.to_dict()
     del model["vocab_size"]  # the tokenizer's: [train] tokenizer / vocab_size reproduce it
     header = (
@@ -500,5 +504,10 @@ def write_run_config(path: str | Path, config: TrainConfig, model_args: ModelArg
         "run again; flags given on the command line override the values here. Values shown as comments\n"
         "marked (derived) were not set but derived from the others, and are derived again when read."
     )
+    if ran_with:
+        header += (
+            f"\n\nThis run trained on\n    {ran_with}.\nAnother machine or a newer llama_mini may choose "
+            "otherwise for the settings left to auto\nor none: set them in [train] to keep them."
+        )
     derived = {"train": {name: getattr(config, name) for name in config.derived}}
     write_config_file(path, {"train": config.to_dict(), "model": model}, header=header, derived=derived)

@@ -216,7 +216,7 @@ class Trainer:
         self.reference = self._reference_log_probs() if self.config.dpo else None
         self.train_metrics: dict[str, float] = {}  # a --dpo step's metrics beside its loss
         if self.dist.is_main:  # on resume too: the record follows the settings the run goes on with
-            write_run_config(self.out / RUN_CONFIG, self.config, self.model_args)
+            write_run_config(self.out / RUN_CONFIG, self.config, self.model_args, self.describe_place())
         if self.parallel == "ddp":  # after loading: DDP broadcasts the main process's weights
             self.loss_module = replicate(self.loss_module, self.device)
 
@@ -275,11 +275,7 @@ class Trainer:
     def _train(self, start_step: int, started: float, metrics: MetricsLog, dashboards: Dashboards):
         config = self.config
         progress = Progress(config.max_steps, start_step, enabled=self.show_progress and self.dist.is_main)
-        precision = "float32" if self.dtype == torch.float32 else f"{DTYPE_NAMES[self.dtype]} autocast"
-        progress.write(
-            f"{self.device.type}, {precision}; fast paths: {self.fast_paths.describe()} "
-            "(train.py --help tells how to switch)"
-        )
+        progress.write(f"{self.describe_place()} (train.py --help tells how to switch)")
         if config.init_from:
             progress.write(self._describe_fine_tuning())
         epochs = SourceEpochs(self.train_data, config, self.model_args.max_seq_len, start_step)
@@ -594,6 +590,12 @@ class Trainer:
         if self.dist.is_main:
             self.last_checkpoint = folder
         self.last_saved_step = self.step
+
+    def describe_place(self) -> str:
+        """'cpu, bf16 autocast; fast paths: compile off, fused AdamW off, ...': where and how the run
+        computes."""
+        precision = "float32" if self.dtype == torch.float32 else f"{DTYPE_NAMES[self.dtype]} autocast"
+        return f"{self.device.type}, {precision}; fast paths: {self.fast_paths.describe()}"
 
     def resolved_settings(self) -> dict[str, Any]:
         """What the run's settings came to: the schedule's values (set or derived) and the device, dtype and
