@@ -198,6 +198,29 @@ def test_a_run_resumed_after_the_defaults_changed_equals_an_uninterrupted_one(
     )  # what auto came to
 
 
+def test_a_damaged_record_of_the_resolved_settings_is_one_line_naming_the_file(
+    corpus_dir, tokenizer_path, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert (
+        run_cli(cli_flags(corpus_dir, tokenizer_path, out=out, max_steps=2, eval_interval=2), capsys)[0] == 0
+    )
+    state_file = out / "step-0000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(
+        json.dumps({**state, "resolved": {**state["resolved"], "dtype": "fp64", "lr": "x"}})
+    )
+    code, _, err = run_cli(["--out", out, "--resume", "--max-steps", 3], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"error: {state_file} is damaged: resolved lr = 'x' must be a number")
+        and "fp64" in err
+    )
+    del state["resolved"]  # as the line says: without it, the run resumes on today's defaults
+    state_file.write_text(json.dumps(state))
+    assert run_cli(["--out", out, "--resume", "--max-steps", 3], capsys)[0] == 0
+
+
 def test_a_default_warmup_is_at_most_a_tenth_of_the_run():
     assert TrainConfig(max_steps=20).warmup_steps == 2  # the README's 20-step run leaves its warmup
     assert TrainConfig(max_steps=600).warmup_steps == FROM_SCRATCH_WARMUP == 20

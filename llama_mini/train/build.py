@@ -45,7 +45,7 @@ from llama_mini.ops.kernels import check_triton_kernel
 from llama_mini.ops.lora import LoRASettings
 from llama_mini.runtime import DTYPE_NAMES, Distributed, resolve_device, resolve_dtype, setup_distributed
 from llama_mini.tokenizer import Tokenizer
-from llama_mini.train.config import TrainConfig, model_args_for, resumed_settings
+from llama_mini.train.config import TrainConfig, check_resolved_record, model_args_for, resumed_settings
 from llama_mini.train.data_feed import prepare_shards, prepare_tokenizer
 from llama_mini.train.dpo import preference_objective
 from llama_mini.train.held_out import HeldOutCorpus, read_held_out
@@ -58,7 +58,7 @@ from llama_mini.train.initial_model import (
 )
 from llama_mini.train.optim import check_optimizer, make_optimizer
 from llama_mini.train.parallel import checkpoint_activations, materialize, parallel_mode, shard
-from llama_mini.train.run_folder import RunFolder
+from llama_mini.train.run_folder import TRAINER_STATE, RunFolder
 from llama_mini.train.tracking import check_dashboards_installed
 
 __all__ = ["Run", "RunSettings", "build_run", "resolve_settings"]
@@ -222,6 +222,7 @@ def resolve_settings(
                 "check --out, or drop --resume to start a new run"
             )
         saved = RunFolder.read_trainer_state(resume_from)
+        check_resolved_record(saved.get("resolved", {}), resume_from / TRAINER_STATE)
         config, model_overrides, kept_derived = resumed_settings(
             saved, resume_overrides, model_overrides, config.out
         )

@@ -30,7 +30,14 @@ from llama_mini.ops.kernels import SWIGLU_KERNELS
 from llama_mini.ops.lora import DEFAULT_LORA_TARGETS, parse_lora_targets
 from llama_mini.ops.preference import PreferenceLossName
 from llama_mini.runtime import DtypeName, device_setting, dtype_setting
-from llama_mini.settings import choice_problems, from_dict, read_config_file, setting, write_config_file
+from llama_mini.settings import (
+    choice_problems,
+    from_dict,
+    read_config_file,
+    setting,
+    type_problem,
+    write_config_file,
+)
 from llama_mini.tokenizer import DEFAULT_VOCAB_SIZE
 from llama_mini.train.tracking import DASHBOARDS
 
@@ -43,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "WandBMode",
     "model_args_for",
+    "check_resolved_record",
     "read_run_config",
     "resumed_settings",
     "write_run_config",
@@ -477,6 +485,27 @@ def resumed_settings(
         name: (value, getattr(config, name)) for name, value in kept.items() if value != getattr(config, name)
     }
     return config.with_derived_values(kept), saved_model, differences
+
+
+def check_resolved_record(resolved: Any, where: Path) -> None:
+    """ConfigError naming what is wrong with a checkpoint's "resolved" record (Trainer.resolved_settings)
+    where a value is not one its setting takes: a damaged file is refused, not half used."""
+    if not isinstance(resolved, dict):
+        problems = [f"resolved must be a table, got {type(resolved).__name__}"]
+    else:
+        settings = {field.name for field in dataclasses.fields(TrainConfig)} - {"device"}  # there: a type
+        problems = [
+            f"resolved {problem}"
+            for name, value in resolved.items()
+            if name in settings and (problem := type_problem(TrainConfig, name, value))
+        ]
+        if not isinstance(resolved.get("device", ""), str):
+            problems.append(f"resolved device = {resolved['device']!r} must be a string")
+    if problems:
+        raise ConfigError(
+            f'{where} is damaged: {"; ".join(problems)}; remove its "resolved" entry to resume with the '
+            "defaults of today"
+        )
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
