@@ -4,6 +4,7 @@ and the cases that used to end in tracebacks or misleading lines end in one line
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from test_training import (  # noqa: F401 (fixtures)
 import train as train_cli
 from llama_mini import runtime as runtime_module
 from llama_mini.convert import main as convert_main
+from llama_mini.errors import ConfigError
 from llama_mini.files import waiting_lock
 from llama_mini.model.args import ModelArgs
 from llama_mini.ops import fast_paths as fast_paths_module
@@ -37,6 +39,7 @@ from llama_mini.train.config import (
     FINE_TUNING_WEIGHT_DECAY,
     FROM_SCRATCH_WARMUP,
     TrainConfig,
+    check_resolved_record,
     read_run_config,
     resumed_settings,
     write_run_config,
@@ -219,6 +222,21 @@ def test_a_damaged_record_of_the_resolved_settings_is_one_line_naming_the_file(
     del state["resolved"]  # as the line says: without it, the run resumes on today's defaults
     state_file.write_text(json.dumps(state))
     assert run_cli(["--out", out, "--resume", "--max-steps", 3], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "resolved, message",
+    [
+        ({"lr": None}, "resolved lr = None must be a number"),
+        ({"device": 5}, "resolved device = 5 must be a string"),
+        ({"compile": "yes"}, "resolved compile = 'yes' must be true or false"),
+        ([1, 2], "resolved must be a table, got list"),
+    ],
+)
+def test_each_damaged_value_of_the_record_is_named(resolved, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'state.json'} is damaged: {message}")):
+        check_resolved_record(resolved, tmp_path / "state.json")
+    check_resolved_record({"lr": 4e-3, "device": "cpu", "dtype": "bf16", "loss_chunk_size": None}, tmp_path)
 
 
 def test_a_default_warmup_is_at_most_a_tenth_of_the_run():

@@ -222,11 +222,11 @@ def resolve_settings(
                 "check --out, or drop --resume to start a new run"
             )
         saved = RunFolder.read_trainer_state(resume_from)
-        check_resolved_record(saved.get("resolved", {}), resume_from / TRAINER_STATE)
+        resolved_before = saved.get("resolved", {})  # absent in checkpoints written before the record
+        check_resolved_record(resolved_before, resume_from / TRAINER_STATE)
         config, model_overrides, kept_derived = resumed_settings(
             saved, resume_overrides, model_overrides, config.out
         )
-        resolved_before = saved.get("resolved", {})
     lora = lora_from_config(config)
     init_folder = None
     if config.init_from is not None and resume_from is None:

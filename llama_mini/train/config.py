@@ -49,8 +49,8 @@ __all__ = [
     "SwiGLUKernelName",
     "TrainConfig",
     "WandBMode",
-    "model_args_for",
     "check_resolved_record",
+    "model_args_for",
     "read_run_config",
     "resumed_settings",
     "write_run_config",
@@ -493,14 +493,15 @@ def check_resolved_record(resolved: Any, where: Path) -> None:
     if not isinstance(resolved, dict):
         problems = [f"resolved must be a table, got {type(resolved).__name__}"]
     else:
-        settings = {field.name for field in dataclasses.fields(TrainConfig)} - {"device"}  # there: a type
+        settings = {field.name for field in dataclasses.fields(TrainConfig)}
         problems = [
             f"resolved {problem}"
             for name, value in resolved.items()
             if name in settings and (problem := type_problem(TrainConfig, name, value))
         ]
-        if not isinstance(resolved.get("device", ""), str):
-            problems.append(f"resolved device = {resolved['device']!r} must be a string")
+        # The schedule's values are recorded as numbers: none there is no value the run trained with.
+        problems += [f"resolved {name} = None must be a number" for name in DERIVED_FROM
+                     if name in resolved and resolved[name] is None]  # fmt: skip
     if problems:
         raise ConfigError(
             f'{where} is damaged: {"; ".join(problems)}; remove its "resolved" entry to resume with the '
