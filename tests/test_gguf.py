@@ -720,6 +720,7 @@ CHAT = [
 def test_llama_cpp_renders_the_embedded_chat_template_as_we_do(llama3_export, llama3_tokenizer):
     import ctypes
 
+    pytest.importorskip("llama_cpp")  # as every llama.cpp test: .ci/run installs it, `make test` may not
     from llama_cpp import llama_chat_format, llama_cpp
 
     from llama_mini.tokenizer import chat_stop_ids, encode_chat, render_chat
